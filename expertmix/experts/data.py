@@ -1,0 +1,204 @@
+"""Reading domain data (text, JSONL, Aya layouts, saved ``datasets``) and packing it into token blocks.
+
+Every reader yields :class:`Document` objects. Bad input fails early with the file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+AYA_INPUT, AYA_TARGET = "inputs", "targets"
+
+
+@dataclass
+class Document:
+    """One training document. ``prompt`` is set for instruction data (Aya): its tokens are not trained on."""
+
+    text: str
+    prompt: str | None = None
+    language: str | None = None
+    script: str | None = None
+    domain: str | None = None
+    source: str = ""
+    line: int = 0
+
+    @property
+    def full_text(self) -> str:
+        return f"{self.prompt}\n{self.text}" if self.prompt is not None else self.text
+
+
+def _decode(raw: bytes, path: Path, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start + 1})") from exc
+
+
+def _record_to_document(rec: dict, path: Path, line: int, text_field: str | None) -> Document:
+    """A JSON record as a Document: the named field, ``text``, or the Aya ``inputs``/``targets`` pair."""
+    lang = rec.get("language_code") or rec.get("language")
+    extra = {"language": str(lang) if lang is not None else None,
+             "script": rec.get("script"), "domain": rec.get("domain"), "source": str(path), "line": line}
+    if text_field is None and AYA_INPUT in rec and AYA_TARGET in rec:
+        inputs, targets = rec[AYA_INPUT], rec[AYA_TARGET]
+        for key, val in ((AYA_INPUT, inputs), (AYA_TARGET, targets)):
+            if not isinstance(val, str):
+                raise DataError(f"{path} line {line}: field '{key}' must be a string, got {type(val).__name__}")
+        return Document(text=targets, prompt=inputs, **extra)
+    field = text_field or "text"
+    if field not in rec:
+        fields = ", ".join(sorted(rec)) or "none"
+        raise DataError(f"{path} line {line}: no field '{field}' (fields: {fields}); "
+                        f"name the text field with --text-field")
+    val = rec[field]
+    if not isinstance(val, str):
+        raise DataError(f"{path} line {line}: field '{field}' must be a string, got {type(val).__name__}")
+    return Document(text=val, **extra)
+
+
+def read_jsonl(path: Path, text_field: str | None = None) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            line = _decode(raw, path, i).strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(rec, dict):
+                raise DataError(f"{path} line {i}: expected a JSON object, got {type(rec).__name__}")
+            yield _record_to_document(rec, path, i, text_field)
+
+
+def read_text(path: Path, split: str = "paragraph") -> Iterator[Document]:
+    """Plain text: one document per blank-line-separated paragraph, per line, or the whole file."""
+    raw = path.read_bytes()
+    for i, line in enumerate(raw.split(b"\n"), start=1):  # locate bad bytes by line
+        _decode(line, path, i)
+    text = raw.decode("utf-8")
+    if split == "file":
+        if text.strip():
+            yield Document(text=text.strip(), source=str(path), line=1)
+        return
+    if split not in ("paragraph", "line"):
+        raise DataError(f"unknown text split {split!r}: use paragraph, line or file")
+    sep = "\n\n" if split == "paragraph" else "\n"
+    line_no = 1
+    for chunk in text.split(sep):
+        if chunk.strip():
+            yield Document(text=chunk.strip(), source=str(path), line=line_no)
+        line_no += chunk.count("\n") + sep.count("\n")
+
+
+def read_saved_dataset(path: Path, text_field: str | None = None, split: str = "train") -> Iterator[Document]:
+    """A folder written by ``datasets``' ``save_to_disk`` (Dataset or DatasetDict)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split '{split}' (splits: {', '.join(ds)})")
+        ds = ds[split]
+    for i, rec in enumerate(ds, start=1):
+        yield _record_to_document(rec, path, i, text_field)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
+        or (path / "state.json").is_file()
+
+
+def read_documents(path: str | Path, text_field: str | None = None, text_split: str = "paragraph",
+                   domain: str | None = None) -> list[Document]:
+    """Read every document under ``path`` (a file or a folder of files); an empty result is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir() and _is_saved_dataset(path):
+        docs = list(read_saved_dataset(path, text_field))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: folder holds no .txt, .md or .jsonl files")
+        docs = [d for f in files for d in read_documents(f, text_field, text_split)]
+    elif path.suffix.lower() in JSONL_SUFFIXES:
+        docs = list(read_jsonl(path, text_field))
+    elif path.suffix.lower() in TEXT_SUFFIXES:
+        docs = list(read_text(path, text_split))
+    else:
+        raise DataError(f"{path}: unknown data format '{path.suffix}' (expected .txt, .md, .jsonl or a "
+                        f"datasets folder saved with save_to_disk)")
+    if not docs:
+        raise DataError(f"{path}: no documents (the file is empty)")
+    if domain is not None:
+        for d in docs:
+            d.domain = domain
+    return docs
+
+
+@dataclass
+class TokenizedDocument:
+    input_ids: list[int]
+    labels: list[int]  # -100 where the loss is masked (instruction inputs)
+
+
+IGNORE_INDEX = -100
+
+
+def tokenize_documents(docs: Sequence[Document], tokenizer, add_eos: bool = True,
+                       batch_size: int = 512) -> list[TokenizedDocument]:
+    """Tokenize with the seed's tokenizer; instruction inputs get label -100 so only targets train."""
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    out: list[TokenizedDocument] = []
+    for start in range(0, len(docs), batch_size):
+        batch = docs[start:start + batch_size]
+        texts = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        prompts = [d.prompt + "\n" if d.prompt is not None else "" for d in batch]
+        has_prompt = [d.prompt is not None for d in batch]
+        prompt_ids = tokenizer([p for p in prompts], add_special_tokens=False)["input_ids"] if any(has_prompt) \
+            else [[] for _ in batch]
+        for ids, pids in zip(texts, prompt_ids, strict=True):
+            full = list(pids) + list(ids) + eos
+            labels = [IGNORE_INDEX] * len(pids) + list(ids) + eos
+            out.append(TokenizedDocument(full, labels))
+    return out
+
+
+def pack(tokenized: Iterable[TokenizedDocument], seq_len: int, drop_last: bool = True) -> dict[str, torch.Tensor]:
+    """Concatenate documents and cut the stream into blocks of ``seq_len`` tokens.
+
+    Returns ``input_ids`` and ``labels`` of shape [blocks, seq_len]. Without ``drop_last`` the final
+    partial block is padded (labels -100 on the padding).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for t in tokenized:
+        ids.extend(t.input_ids)
+        labels.extend(t.labels)
+    n_full = len(ids) // seq_len
+    rem = len(ids) - n_full * seq_len
+    if rem and not drop_last:
+        pad = seq_len - rem
+        ids.extend([0] * pad)
+        labels.extend([IGNORE_INDEX] * pad)
+        n_full += 1
+    if n_full == 0:
+        raise DataError(f"not enough text to fill one block of {seq_len} tokens ({len(ids)} tokens in all)")
+    n = n_full * seq_len
+    return {"input_ids": torch.tensor(ids[:n]).view(n_full, seq_len),
+            "labels": torch.tensor(labels[:n]).view(n_full, seq_len)}
+
+
+def count_tokens(tokenized: Iterable[TokenizedDocument]) -> int:
+    return sum(len(t.input_ids) for t in tokenized)

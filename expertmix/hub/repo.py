@@ -1,0 +1,90 @@
+"""An expert repo on disk: its files, its domain embedding, and the checks made before it is shared."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import StoreError
+from ..fsutil import atomic_path
+from .card import CARD_FILE, EMBEDDING_FILE, ExpertCard, read_card
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# Weights travel as safetensors only: pickled formats can run code when loaded.
+FORBIDDEN_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+
+
+def validate_name(name: str) -> str:
+    """An expert name is ``NAME`` or ``ORG/NAME`` of letters, digits, '.', '_' and '-'."""
+    if not NAME_RE.match(name) or ".." in name or name.endswith((".", ".git")):
+        raise StoreError(f"invalid expert name {name!r}: use NAME or ORG/NAME with letters, digits, '.', '_', '-'")
+    return name
+
+
+def save_domain_embedding(folder: str | Path, embedding: torch.Tensor, model: str, documents: int) -> Path:
+    """Write ``domain_embedding.safetensors`` (one float32 vector, embedder id in the metadata)."""
+    path = Path(folder) / EMBEDDING_FILE
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file({"embedding": embedding.detach().float().cpu().contiguous().reshape(-1)}, str(tmp),
+                  metadata={"model": model, "documents": str(documents), "format": "expertmix-domain-embedding"})
+    return path
+
+
+def load_domain_embedding(folder: str | Path) -> torch.Tensor:
+    """Read an expert's domain embedding vector."""
+    path = Path(folder) / EMBEDDING_FILE
+    if not path.is_file():
+        raise StoreError(f"{folder}: no {EMBEDDING_FILE}")
+    with safe_open(path, framework="pt") as f:
+        if "embedding" not in f.keys():
+            raise StoreError(f"{path}: no tensor named 'embedding'")
+        return f.get_tensor("embedding")
+
+
+@dataclass(frozen=True)
+class ExpertFolder:
+    """A validated expert repo folder."""
+
+    path: Path
+    card: ExpertCard
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not _hidden(p.relative_to(self.path)))
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def validate_expert_folder(folder: str | Path) -> ExpertFolder:
+    """Check a folder is a complete expert repo (card, weights, embedding) before it is shared."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StoreError(f"{folder}: not a folder")
+    card = read_card(folder)
+    info = card.expert
+    for p in folder.rglob("*"):
+        if p.is_file() and not _hidden(p.relative_to(folder)) and p.suffix.lower() in FORBIDDEN_SUFFIXES:
+            raise StoreError(f"{p}: pickled weight files are refused; weights must be safetensors")
+    if info.kind == "dense":
+        needed = ["config.json"]
+        if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+            raise StoreError(f"{folder}: dense expert has no model.safetensors")
+    else:
+        needed = ["adapter_config.json", "adapter_model.safetensors"]
+    for name in needed + [CARD_FILE, EMBEDDING_FILE]:
+        if not (folder / name).is_file():
+            raise StoreError(f"{folder}: {info.kind} expert is missing {name}")
+    emb = load_domain_embedding(folder)
+    if emb.numel() != info.embedding.dim:
+        raise StoreError(f"{folder / EMBEDDING_FILE}: embedding has {emb.numel()} values but the card's "
+                         f"field 'expert.embedding.dim' says {info.embedding.dim}")
+    if not torch.isfinite(emb).all():
+        raise StoreError(f"{folder / EMBEDDING_FILE}: embedding holds NaN or infinite values")
+    return ExpertFolder(folder, card)
