@@ -235,13 +235,18 @@ class LocalStore:
         return hits[:limit]
 
 
-def open_registry(url: str | None = None) -> Registry:
-    """The registry named by ``url`` or ``$EXPERTMIX_REGISTRY``: a local store path by default."""
+def open_registry(url: str | None = None, token: str | None = None) -> Registry:
+    """The registry named by ``url`` or ``$EXPERTMIX_REGISTRY``: a local store path by default, a
+    ``RemoteRegistry`` for http(s) URLs (``token`` or ``$EXPERTMIX_TOKEN`` authorises publishing)."""
     url = url or os.environ.get("EXPERTMIX_REGISTRY") or ""
     if url in ("", "local"):
         return LocalStore()
     if url.startswith("file://"):
         return LocalStore(url[len("file://"):])
+    if url.startswith(("http://", "https://")):
+        from .remote import RemoteRegistry
+
+        return RemoteRegistry(url, token=token)
     if "://" not in url:
         return LocalStore(url)
-    raise StoreError(f"registry URL {url!r}: this build knows only local stores (a path or file://PATH)")
+    raise StoreError(f"registry URL {url!r}: use a local store path, file://PATH or an http(s):// URL")

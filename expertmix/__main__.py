@@ -1,0 +1,5 @@
+"""``python -m expertmix`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,248 @@
+"""``expertmix align``: DPO or RLOO on a mix or any causal LM, logged every step, saved as a checkpoint.
+
+The output folder holds the aligned model (same class and dtype as the input, its tokenizer, ``mix.json``
+and other side files of the input), ``align_log.jsonl`` (one line of metrics per step) and ``alignment.json``
+(settings and summary). It appears only when the run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import ExpertmixError
+from ..fsutil import atomic_dir, write_json_atomic
+from .dpo import dpo_step
+from .policy import evaluate_policy, freeze_router, load_policy, load_reference, save_aligned
+from .preferences import (
+    PromptRecord,
+    filter_languages,
+    prompt_columns,
+    read_preferences,
+    read_prompts,
+    write_prompts,
+)
+from .rewards import RewardFn, load_reward
+from .rloo import rloo_step
+
+DEFAULT_BETA = {"rloo": 0.05, "dpo": 0.1}  # TRL's defaults for RLOOTrainer and DPOTrainer
+DEFAULT_AUX_LOSS_COEF = 0.05  # DESIGN.md's load-balancing coefficient, for models whose config names none
+T = TypeVar("T")
+
+
+@dataclass
+class AlignConfig:
+    """Settings of one alignment run (the CLI's options)."""
+
+    model: Path
+    out: Path
+    method: Literal["dpo", "rloo"] = "rloo"
+    prompts: Path | None = None  # RLOO training prompts
+    prefs: Path | None = None  # DPO preference pairs
+    reward: str | RewardFn | None = None  # RLOO's reward; for DPO, optional, scores the monitoring samples
+    k: int = 4  # RLOO samples per prompt
+    beta: float | None = None  # KL coefficient (default per method: DEFAULT_BETA)
+    lr: float = 1e-5
+    steps: int = 100
+    batch_size: int = 8  # prompts (RLOO) or pairs (DPO) per step
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    train_router: bool = True
+    aux_loss_coef: float | None = None  # default: the model config's router_aux_loss_coef
+    languages: list[str] | None = None  # train only on these languages' prompts/pairs
+    monitor: bool = True  # DPO: sample one completion per prompt each step to log KL (and the reward)
+    eval_prompts: Path | None = None  # held-out prompts: reward and KL before and after, per language
+    eval_samples: int = 4
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # recorded in alignment.json as is
+
+    @property
+    def kl_beta(self) -> float:
+        return DEFAULT_BETA[self.method] if self.beta is None else self.beta
+
+
+def _cycle(items: Sequence[T], batch_size: int, seed: int) -> Iterator[list[T]]:
+    """Endless shuffled batches, reshuffled every pass."""
+    rng, order = random.Random(seed), list(range(len(items)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            yield [items[j] for j in order[i:i + batch_size]]
+
+
+def _check(cfg: AlignConfig) -> None:
+    if Path(cfg.out).exists():
+        raise ExpertmixError(f"output folder {cfg.out} already exists; choose another --out or remove it")
+    if cfg.method not in DEFAULT_BETA:
+        raise ExpertmixError(f"unknown method {cfg.method!r}: use dpo or rloo")
+    if cfg.method == "rloo" and (cfg.prompts is None or cfg.reward is None):
+        raise ExpertmixError("--method rloo needs --prompts FILE and --reward SPEC")
+    if cfg.method == "rloo" and cfg.k < 2:
+        raise ExpertmixError(f"--k must be at least 2 for RLOO (leave-one-out baseline), got {cfg.k}")
+    if cfg.method == "dpo" and cfg.prefs is None:
+        raise ExpertmixError("--method dpo needs --prefs FILE (make one with `expertmix prefs generate`)")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ExpertmixError(f"--steps, --batch-size and --lr must be positive (got {cfg.steps}, "
+                             f"{cfg.batch_size}, {cfg.lr})")
+
+
+def _evaluate(policy, reference, tokenizer, records: list[PromptRecord], reward, cfg: AlignConfig) -> dict:
+    return evaluate_policy(policy, reference, tokenizer, [r.prompt for r in records], prompt_columns(records),
+                           reward, cfg.eval_samples, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed + 1)
+
+
+def _dpo_monitor(policy, reference, tokenizer, pairs, reward, cfg: AlignConfig, step: int) -> dict:
+    """DPO never samples: measure the KL to the reference (and the reward) on one fresh sample per prompt."""
+    rows = [PromptRecord(p.prompt, p.language, p.fields) for p in pairs]
+    m = evaluate_policy(policy, reference, tokenizer, [r.prompt for r in rows], prompt_columns(rows), reward,
+                        1, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed + step)
+    out = {"kl": m["kl"], "kl_per_language": {lang: v["kl"] for lang, v in m["per_language"].items()}}
+    if reward is not None:
+        out["sample_reward"] = m["reward"]
+        out["sample_reward_per_language"] = {lang: v["reward"] for lang, v in m["per_language"].items()}
+    return out
+
+
+def _summary(history: list[dict]) -> dict:
+    """Mean of each scalar metric over the first and the last quarter of the steps (at most 10 steps each)."""
+    n = max(1, min(10, len(history) // 4))
+    keys = [k for k, v in history[0].items() if isinstance(v, int | float) and k != "step"]
+
+    def mean(rows):
+        return {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
+
+    return {"first_steps": mean(history[:n]), "last_steps": mean(history[-n:]), "steps_averaged": n}
+
+
+def _settings(cfg: AlignConfig) -> dict:
+    """The run's settings as JSON values (a reward function or model by its name)."""
+    out = {}
+    for f in fields(cfg):  # not asdict(): it deep-copies every value, a loaded reward model included
+        v = getattr(cfg, f.name)
+        if f.name == "reward" and v is not None and not isinstance(v, str):
+            v = getattr(v, "__name__", type(v).__name__)
+        if f.name != "progress":
+            out[f.name] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def _progress_text(m: dict) -> str:
+    parts = [f"{k} {m[k]:.3f}" for k in ("reward", "kl", "loss") if k in m]
+    langs = m.get("reward_per_language") or m.get("sample_reward_per_language") or {}
+    if 1 < len(langs) <= 6:
+        parts.append(" ".join(f"{lang}:{v:.2f}" for lang, v in langs.items()))
+    return "  ".join(parts)
+
+
+def align(cfg: AlignConfig, log=print) -> dict:
+    """Run DPO or RLOO on ``cfg.model``, write the aligned checkpoint to ``cfg.out``; returns the summary."""
+    _check(cfg)
+    torch.manual_seed(cfg.seed)
+    reward = load_reward(cfg.reward, cfg.device) if cfg.reward is not None else None
+    if cfg.method == "rloo":
+        train_rows = filter_languages(read_prompts(cfg.prompts), cfg.languages, cfg.prompts)
+    else:
+        train_rows = filter_languages(read_preferences(cfg.prefs), cfg.languages, cfg.prefs)
+    eval_rows = read_prompts(cfg.eval_prompts) if cfg.eval_prompts is not None else None
+    if eval_rows is not None and reward is None:
+        raise ExpertmixError("--eval-prompts needs a --reward to score the samples")
+
+    policy, tokenizer = load_policy(cfg.model, cfg.device)
+    reference = load_reference(cfg.model, cfg.device)
+    frozen = 0 if cfg.train_router else freeze_router(policy)
+    aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else \
+        getattr(policy.config, "router_aux_loss_coef", DEFAULT_AUX_LOSS_COEF)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    beta = cfg.kl_beta
+    n_trainable = sum(p.numel() for p in trainable) / 1e6
+    log(f"align: {cfg.method} on {cfg.model} ({n_trainable:.2f}M trainable parameters"
+        f"{f', router frozen ({frozen} parameters)' if frozen else ''}), {len(train_rows)} "
+        f"{'prompts' if cfg.method == 'rloo' else 'pairs'}, beta {beta}, lr {cfg.lr}, {cfg.steps} steps")
+
+    before = _evaluate(policy, reference, tokenizer, eval_rows, reward, cfg) if eval_rows else None
+    if before is not None:
+        log(f"held-out reward before: {before['reward']:.4f}")
+    batches = _cycle(train_rows, cfg.batch_size, cfg.seed)
+    history: list[dict] = []
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with atomic_dir(cfg.out) as tmp, open(tmp / "align_log.jsonl", "w", encoding="utf-8") as logf, \
+            Progress(*columns, disable=not cfg.progress, transient=True) as bar:
+        task = bar.add_task(cfg.method, total=cfg.steps, info="")
+        policy.train()
+        for step in range(1, cfg.steps + 1):
+            batch = next(batches)
+            if cfg.method == "rloo":
+                loss, metrics = rloo_step(policy, reference, tokenizer, [r.prompt for r in batch],
+                                          prompt_columns(batch), reward, cfg.k, beta, cfg.max_new_tokens,
+                                          cfg.temperature, aux_coef)
+            else:
+                loss, metrics = dpo_step(policy, reference, tokenizer, batch, beta, aux_coef)
+            if not math.isfinite(loss.item()):
+                raise ExpertmixError(f"step {step}: the loss is {loss.item()}; lower --lr (now {cfg.lr})")
+            loss.backward()
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.method == "dpo" and cfg.monitor:
+                metrics.update(_dpo_monitor(policy, reference, tokenizer, batch, reward, cfg, step))
+            metrics = {"step": step, **metrics}
+            history.append(metrics)
+            logf.write(json.dumps(metrics, ensure_ascii=False) + "\n")
+            logf.flush()
+            bar.update(task, advance=1, info=_progress_text(metrics))
+        policy.eval()
+        after = _evaluate(policy, reference, tokenizer, eval_rows, reward, cfg) if eval_rows else None
+        if after is not None:
+            log(f"held-out reward after: {after['reward']:.4f} (KL {after['kl']:.3f})")
+        save_aligned(policy, tokenizer, cfg.model, tmp)
+        summary = {"method": cfg.method, "beta": beta, "aux_loss_coef": aux_coef, "router_frozen": frozen > 0,
+                   "train_rows": len(train_rows), **_summary(history),
+                   "eval_before": before, "eval_after": after}
+        write_json_atomic(tmp / "alignment.json", {"settings": _settings(cfg), "summary": summary})
+    return summary
+
+
+# -- quickstart stage ---------------------------------------------------------------------------------
+
+def arithmetic_prompts(n: int, seed: int) -> list[PromptRecord]:
+    """Few-shot sums from the quickstart's arithmetic domain, ending in an unanswered ``a OP b =``."""
+    from ..experts.synthetic import arithmetic_documents
+
+    out = []
+    for doc in arithmetic_documents(n, seed):
+        *shots, last = doc.splitlines()
+        question, answer = last.rsplit("=", 1)
+        out.append(PromptRecord("\n".join(shots + [question + "="]), None, {"answer": int(answer)}))
+    return out
+
+
+def align_quickstart_stage(model: Path, workdir: Path, steps: int = 30, lr: float = 2e-4, log=print) -> dict:
+    """Quickstart's alignment stage: RLOO on arithmetic correctness; held-out reward and KL before and after.
+
+    Writes ``workdir/align/{prompts,eval}.jsonl`` and the aligned model to ``workdir/aligned``; a finished
+    stage is reused.
+    """
+    out = Path(workdir) / "aligned"
+    if (out / "alignment.json").is_file():
+        log(f"align: reusing {out}")
+        return json.loads((out / "alignment.json").read_text())["summary"]
+    data = Path(workdir) / "align"
+    data.mkdir(parents=True, exist_ok=True)
+    write_prompts(data / "prompts.jsonl", arithmetic_prompts(64, seed=11))
+    write_prompts(data / "eval.jsonl", arithmetic_prompts(32, seed=12))
+    return align(AlignConfig(model=Path(model), out=out, method="rloo", prompts=data / "prompts.jsonl",
+                             eval_prompts=data / "eval.jsonl", reward="arithmetic", k=4, lr=lr, steps=steps,
+                             batch_size=8, max_new_tokens=6), log=log)

@@ -1,0 +1,221 @@
+"""Preference data: prompts (plain or Aya-style), pairs ``prompt/chosen/rejected/language``, generation.
+
+``generate_preferences`` samples k completions per prompt from a policy, scores them with a reward and keeps
+the best and the worst as a pair, with every sample and score written beside it for audit (Dang et al. 2024:
+completions are generated in each prompt's language, not translated).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from ..errors import DataError
+from ..fsutil import write_text_atomic
+from .rewards import RewardFn, score
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "language", "chosen_score", "rejected_score", "samples")
+
+
+@dataclass
+class PromptRecord:
+    """One prompt; ``fields`` holds the file's other columns, handed to reward functions (``keyword``...)."""
+
+    prompt: str
+    language: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PreferencePair:
+    """A preferred and a dispreferred completion of one prompt, with the scores that ranked them."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    language: str | None = None
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+    samples: list[dict] | None = None  # every sampled completion with its score
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        row = {k: getattr(self, k) for k in PAIR_FIELDS}
+        return {**self.fields, **{k: v for k, v in row.items() if v is not None}}
+
+
+def _read_rows(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {i}: not valid UTF-8") from exc
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+def _string(row: dict, key: str, path: Path, line: int) -> str:
+    if key not in row:
+        raise DataError(f"{path} line {line}: no field '{key}' (fields: {', '.join(sorted(row)) or 'none'})")
+    if not isinstance(row[key], str) or not row[key]:
+        raise DataError(f"{path} line {line}: field '{key}' must be a non-empty string, got {row[key]!r}")
+    return row[key]
+
+
+def _language(row: dict) -> str | None:
+    lang = row.get("language_code") or row.get("language")
+    return str(lang) if lang is not None else None
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    """Prompts from JSONL: ``prompt`` rows, or Aya rows (``inputs``, ``language``/``language_code``).
+
+    An Aya ``inputs`` prompt gets the newline that separates inputs from targets in training data, so
+    completions start where the targets would.
+    """
+    path = Path(path)
+    out = []
+    for i, row in _read_rows(path):
+        if "prompt" in row:
+            prompt = _string(row, "prompt", path, i)
+        elif "inputs" in row:
+            prompt = _string(row, "inputs", path, i) + "\n"
+        else:
+            raise DataError(f"{path} line {i}: no field 'prompt' or 'inputs' "
+                            f"(fields: {', '.join(sorted(row))})")
+        skip = {"prompt", "inputs", "targets", "language", "language_code", *PAIR_FIELDS}
+        out.append(PromptRecord(prompt, _language(row), {k: v for k, v in row.items() if k not in skip}))
+    if not out:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return out
+
+
+def write_prompts(path: str | Path, records: Sequence[PromptRecord]) -> None:
+    """Write prompts as JSONL (``prompt``, ``language``, extra fields), atomically."""
+    rows = ({"prompt": r.prompt, **({"language": r.language} if r.language else {}), **r.fields}
+            for r in records)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def filter_languages(rows: list, languages: Sequence[str] | None, source: str | Path) -> list:
+    """The prompts or pairs in ``languages`` (all of them when none are named); none left is an error."""
+    if not languages:
+        return rows
+    kept = [r for r in rows if r.language in languages]
+    if not kept:
+        found = sorted({str(r.language) for r in rows})
+        raise DataError(f"{source}: no rows in language(s) {', '.join(languages)} "
+                        f"(found: {', '.join(found)})")
+    return kept
+
+
+def prompt_columns(records: Sequence[PromptRecord]) -> dict[str, list]:
+    """The records' ``language`` and extra fields as columns (TRL's reward-function keyword arguments)."""
+    keys = sorted({k for r in records for k in r.fields})
+    cols = {k: [r.fields.get(k) for r in records] for k in keys}
+    cols["language"] = [r.language for r in records]
+    return cols
+
+
+def read_preferences(path: str | Path) -> list[PreferencePair]:
+    """Pairs from JSONL rows with ``prompt``, ``chosen``, ``rejected`` (and ``language``, scores)."""
+    path = Path(path)
+    out = []
+    for i, row in _read_rows(path):
+        texts = [_string(row, key, path, i) for key in ("prompt", "chosen", "rejected")]
+        extra = {k: v for k, v in row.items() if k not in {*PAIR_FIELDS, "language_code"}}
+        out.append(PreferencePair(*texts, _language(row), row.get("chosen_score"), row.get("rejected_score"),
+                                  row.get("samples"), extra))
+    if not out:
+        raise DataError(f"{path}: no preference pairs (the file is empty)")
+    return out
+
+
+def write_preferences(path: str | Path, pairs: Sequence[PreferencePair]) -> None:
+    """Write pairs as JSONL, atomically."""
+    write_text_atomic(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs))
+
+
+def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], reward: RewardFn, k: int = 4,
+                         max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 8,
+                         min_margin: float = 0.0, seed: int = 0, progress: bool = True) -> tuple[list, dict]:
+    """Sample ``k`` completions per prompt, score them, keep best and worst as a pair if they differ.
+
+    A pair needs a score gap above ``min_margin``; prompts whose samples tie are skipped.
+
+    Returns the pairs and a per-language summary (prompts, pairs, ties skipped, mean scores).
+    """
+    import torch
+
+    from .policy import sample_completions
+
+    if k < 2:
+        raise DataError(f"k must be at least 2 to form a pair, got {k}")
+    torch.manual_seed(seed)
+    pairs: list[PreferencePair] = []
+    stats: dict[str, Counter] = {}
+    sums: dict[str, list[float]] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("sampling completions", total=len(records))
+        for start in range(0, len(records), batch_size):
+            batch = list(records[start:start + batch_size])
+            prompts = [r.prompt for r in batch]
+            s = sample_completions(policy, tokenizer, prompts, k, max_new_tokens, temperature, batch_size * k)
+            cols = prompt_columns(batch)
+            rep_cols = {key: [col[i] for i in s.prompt_index] for key, col in cols.items()}
+            scores = score(reward, [prompts[i] for i in s.prompt_index], s.texts, rep_cols)
+            for j, rec in enumerate(batch):
+                rows = list(zip(s.texts[j * k:(j + 1) * k], scores[j * k:(j + 1) * k], strict=True))
+                lang = rec.language or "unknown"
+                st = stats.setdefault(lang, Counter())
+                sums.setdefault(lang, []).extend(sc for _, sc in rows)
+                st["prompts"] += 1
+                best = max(rows, key=lambda r: r[1])
+                worst = min(rows, key=lambda r: r[1])
+                if best[1] - worst[1] <= min_margin:
+                    st["ties"] += 1
+                    continue
+                st["pairs"] += 1
+                pairs.append(PreferencePair(rec.prompt, best[0], worst[0], rec.language, best[1], worst[1],
+                                            [{"text": t, "score": sc} for t, sc in rows], dict(rec.fields)))
+            bar.advance(task, len(batch))
+    summary = {lang: {"prompts": st["prompts"], "pairs": st["pairs"], "ties": st["ties"],
+                      "mean_score": sum(sums[lang]) / len(sums[lang])} for lang, st in sorted(stats.items())}
+    return pairs, summary
+
+
+def generate_preference_file(policy: str | Path, prompts: str | Path, reward: str | RewardFn, out: str | Path,
+                             k: int = 4, languages: Sequence[str] | None = None, **options) -> dict:
+    """``expertmix prefs generate``: load the policy, make pairs from the prompt file, write them to ``out``.
+
+    Returns the per-language summary; ``options`` go to :func:`generate_preferences`.
+    """
+    from .policy import load_policy
+    from .rewards import load_reward
+
+    records = filter_languages(read_prompts(prompts), languages, prompts)
+    reward_fn = load_reward(reward)
+    model, tokenizer = load_policy(policy)
+    pairs, summary = generate_preferences(model, tokenizer, records, reward_fn, k, **options)
+    if not pairs:
+        raise DataError(f"{prompts}: every prompt's {k} samples scored the same; no pair to write "
+                        f"(raise --k or check the reward)")
+    write_preferences(out, pairs)
+    return summary

@@ -1,0 +1,191 @@
+"""``expertmix assemble``: pull experts, upcycle them into a mix, train its router (or all of it).
+
+Work happens in ``OUT.partial`` (the untrained upcycled checkpoint, Trainer checkpoints, the run's
+settings), so an interrupted run resumes with ``resume=True``; the mix appears at ``OUT`` only when done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import ExpertmixError
+from ..experts.data import TokenizedDocument, pack, read_documents, tokenize_documents
+from ..experts.mixing import mix_sources, parse_mix_spec
+from ..experts.training import Blocks, DataSource, TrainSettings, fit
+from ..fsutil import atomic_dir, write_json_atomic
+from .manifest import DataRef, MixManifest, read_manifest
+from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
+
+# Parameter groups of a mix that a training stage can unfreeze.
+GROUPS = ("router", "experts", "shared", "dense")
+GROUP_MARKERS = (("router", ".mlp.router."), ("experts", ".mlp.experts."), ("shared", ".mlp.shared_expert."))
+
+
+def param_group(name: str) -> str:
+    """Which group a parameter of a Nexus mix (or a dense model) belongs to."""
+    for group, marker in GROUP_MARKERS:
+        if marker in name:
+            return group
+    return "dense"
+
+
+def freeze_except(model: torch.nn.Module, groups: Iterable[str]) -> int:
+    """Train only the named parameter groups; returns the number of trainable parameters."""
+    groups = set(groups)
+    unknown = groups - set(GROUPS)
+    if unknown:
+        raise ExpertmixError(f"unknown parameter group(s) {', '.join(sorted(unknown))}: "
+                             f"choose from {', '.join(GROUPS)}")
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(param_group(name) in groups)
+        count += p.numel() if p.requires_grad else 0
+    if count == 0:
+        raise ExpertmixError(f"nothing to train: the model has no parameters in group(s) "
+                             f"{', '.join(sorted(groups))}")
+    return count
+
+
+def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | None = None
+                 ) -> dict[str, list[TokenizedDocument]]:
+    """Tokenized documents of each named data source."""
+    out: dict[str, list[TokenizedDocument]] = {}
+    for src in sources:
+        if src.name in out:
+            raise ExpertmixError(f"--data: source name '{src.name}' given twice")
+        out[src.name] = tokenize_documents(read_documents(src.path, text_field, domain=src.name), tokenizer)
+    return out
+
+
+def budget_tokens(settings: TrainSettings, seq_len: int) -> int | None:
+    """Training tokens the budget consumes (None when the budget is one pass over the data)."""
+    if settings.max_tokens is None and settings.max_steps is None:
+        return None
+    steps = settings.steps_for(1, seq_len)
+    return steps * settings.batch_size * settings.grad_accum * seq_len
+
+
+def mixture_blocks(tokenized: dict[str, list[TokenizedDocument]], shares: dict[str, float] | None,
+                   total_tokens: int | None, seq_len: int, seed: int = 0) -> tuple[Blocks, dict]:
+    """Sample the sources by token share (equal by default) and pack the mixture into blocks."""
+    shares = shares or {k: 1.0 / len(tokenized) for k in tokenized}
+    # One extra block per source so that truncation at the budget never leaves the Trainer short.
+    extra = seq_len * len(shares) if total_tokens is not None else 0
+    docs, report = mix_sources(tokenized, shares, total_tokens=total_tokens + extra if total_tokens else None,
+                               seed=seed)
+    return pack(docs, seq_len), report
+
+
+@dataclass
+class AssembleConfig:
+    """Everything ``expertmix assemble`` needs."""
+
+    seed: Path
+    experts: list[str]
+    data: list[DataSource]
+    out: Path
+    router: str = "nexus"
+    registry: str | None = None
+    seed_id: str | None = None
+    train_all: bool = False
+    mix: str | None = None
+    seq_len: int = 256
+    text_field: str | None = None
+    aux_loss_coef: float = 0.05
+    resume: bool = False
+    settings: TrainSettings = field(default_factory=TrainSettings)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d.pop("resume")
+        return json.loads(json.dumps(d, default=str))
+
+    @property
+    def train_groups(self) -> tuple[str, ...]:
+        return GROUPS if (self.train_all or self.router == "merge") else ("router",)
+
+
+def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path) -> None:
+    """Create (or, with ``resume``, reuse) the run's work folder; a resumed run must keep its settings."""
+    if out.exists():
+        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+    if work.exists() and not resume:
+        raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
+                             f"or delete that folder to start over")
+    run_file = work / "run.json"
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint)
+                             if previous.get(k) != fingerprint.get(k))
+            raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
+                                 f"(differs in: {', '.join(changed)})")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, fingerprint)
+
+
+def train_stage(model, blocks: Blocks, settings: TrainSettings, work: Path, resume: bool) -> dict:
+    """One budgeted Trainer run (none when the budget is zero steps)."""
+    if settings.max_steps == 0 or settings.max_tokens == 0:
+        return {"steps": 0, "tokens": 0}
+    metrics = fit(model, blocks, None, settings, work / "checkpoints", resume=resume)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) or v is None}
+
+
+def save_mix(model, source: Path, manifest: MixManifest, out: Path) -> Path:
+    """Write the trained mix: the checkpoint, the tokenizer and extra files of ``source``, and mix.json."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        for name in COPIED_FILES:
+            if (source / name).is_file() and not (tmp / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        manifest.save(tmp)
+    return out
+
+
+def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
+    """Pull and check the experts, upcycle them, train on their domains' mixture, write the mix."""
+    if cfg.router not in ("nexus", "linear", "merge"):
+        raise ExpertmixError(f"--router {cfg.router!r}: choose nexus, linear or merge")
+    if not cfg.data:
+        raise ExpertmixError("no training data given (--data NAME=PATH, one per domain)")
+    shares = parse_mix_spec(cfg.mix) if cfg.mix else None
+    work = cfg.work_dir
+    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out)
+    init = work / "init"
+    if not init.is_dir():
+        experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]
+        log(f"experts: {', '.join(f'{e.info.name} ({e.info.domain})' for e in experts)}")
+        upcycle(cfg.seed, experts, init, router=cfg.router, seed=seed_info(cfg.seed, cfg.seed_id),
+                aux_coef=cfg.aux_loss_coef, init_seed=cfg.settings.seed, progress=cfg.settings.progress,
+                log=log)
+    manifest = read_manifest(init)
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    trainable = freeze_except(model, cfg.train_groups)
+    tokenized = read_sources(cfg.data, tokenizer, cfg.text_field)
+    blocks, report = mixture_blocks(tokenized, shares, budget_tokens(cfg.settings, cfg.seq_len), cfg.seq_len,
+                                    cfg.settings.seed)
+    log(f"training {', '.join(cfg.train_groups)} ({trainable / 1e6:.2f}M parameters) on "
+        f"{blocks['input_ids'].shape[0]} blocks of {cfg.seq_len} tokens from {', '.join(tokenized)}")
+    metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume)
+    manifest.data = [DataRef(name=s.name, path=str(Path(s.path).resolve())) for s in cfg.data]
+    manifest.history.append({"stage": "assemble", "router": cfg.router, "train": list(cfg.train_groups),
+                             "trainable_parameters": trainable, "seq_len": cfg.seq_len,
+                             "settings": asdict(cfg.settings), "metrics": metrics,
+                             "mix": {k: v["actual_share"] for k, v in report.items()}})
+    save_mix(model, init, manifest, cfg.out)
+    shutil.rmtree(work, ignore_errors=True)
+    return cfg.out

@@ -1,0 +1,142 @@
+"""``expertmix export MIX --format qwen2-moe``: the mix as a stock ``Qwen2MoeForCausalLM`` checkpoint.
+
+At inference the expert embeddings ``E = P(D)`` do not depend on the input, so the Nexus router collapses
+to a linear gate ``[E, H]`` (a linear router already is one). A Llama- or Qwen2-family mix maps exactly:
+
+- attention, norms, embeddings and head are copied (Llama: ``qkv_bias=False``; Qwen2: ``qkv_bias=True``);
+- routed experts keep transformers' fused layout; ``num_experts_per_tok`` as the mix, no renormalisation;
+- the shared expert is always on and unweighted in Nexus, while Qwen2-MoE scales it by
+  ``sigmoid(shared_expert_gate . x)``: the gate's weights are 0 (sigmoid 0.5) and its ``down_proj`` is
+  doubled, which is exact in floating point.
+
+The result loads in plain transformers with no custom code. More formats (``onnx``) plug into ``FORMATS``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
+
+from ..errors import ExpertmixError
+from ..fsutil import atomic_dir
+from .configuration_nexus import NexusConfig
+from .manifest import MIX_FILE, read_manifest
+from .modeling_nexus import ROUTERS
+from .upcycling import COPIED_FILES, WEIGHTS_FILE, MoeLayout, require_mix_folder, save_checkpoint
+
+EXPORTABLE_FAMILIES = ("llama", "qwen2")
+
+
+def qwen2_moe_config(config: NexusConfig) -> Qwen2MoeConfig:
+    """The Qwen2-MoE config that holds a Llama- or Qwen2-family mix exactly; refuses what does not map."""
+    text = config.text_config
+    family = text.model_type
+    if family not in EXPORTABLE_FAMILIES:
+        raise ExpertmixError(f"export --format qwen2-moe: the mix's seed is a '{family}' model; only "
+                             f"{' and '.join(EXPORTABLE_FAMILIES)} seeds map onto Qwen2-MoE exactly")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    problems = []
+    if head_dim * text.num_attention_heads != text.hidden_size:
+        problems.append(f"head_dim {head_dim} x {text.num_attention_heads} heads != hidden_size {text.hidden_size}")
+    if family == "llama" and getattr(text, "attention_bias", False):
+        problems.append("attention_bias=True (Qwen2-MoE has no o_proj bias)")
+    if getattr(text, "mlp_bias", False):
+        problems.append("mlp_bias=True")
+    if getattr(text, "use_sliding_window", False):
+        problems.append("use_sliding_window=True")
+    if text.hidden_act not in ("silu", "swish"):
+        problems.append(f"hidden_act={text.hidden_act}")
+    if problems:
+        raise ExpertmixError(f"export --format qwen2-moe: the seed's config does not map: {'; '.join(problems)}")
+    return Qwen2MoeConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, hidden_act="silu",
+        max_position_embeddings=text.max_position_embeddings, initializer_range=text.initializer_range,
+        rms_norm_eps=text.rms_norm_eps, tie_word_embeddings=bool(text.tie_word_embeddings),
+        rope_parameters=dict(text.rope_parameters), use_sliding_window=False,
+        attention_dropout=float(getattr(text, "attention_dropout", 0.0)), decoder_sparse_step=1,
+        moe_intermediate_size=config.moe_intermediate_size, shared_expert_intermediate_size=text.intermediate_size,
+        num_experts_per_tok=config.num_experts_per_tok, num_experts=config.num_experts, norm_topk_prob=False,
+        router_aux_loss_coef=config.router_aux_loss_coef, qkv_bias=family == "qwen2", mlp_only_layers=[],
+        pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+        architectures=["Qwen2MoeForCausalLM"], dtype=torch.float32)
+
+
+@torch.no_grad()
+def qwen2_moe_tensors(mix_dir: Path, config: NexusConfig) -> dict[str, torch.Tensor]:
+    """Rename the mix's tensors to Qwen2-MoE's, collapsing each router to its linear gate."""
+    layout = MoeLayout.for_config(config)
+    prefix = layout.dense_prefix
+    blocks = {p: i for i, p in enumerate(layout.block_prefix)}
+    out: dict[str, torch.Tensor] = {}
+    router_state: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(blocks))}
+    with safe_open(str(mix_dir / WEIGHTS_FILE), framework="pt") as sf:
+        for key in sf.keys():
+            t = sf.get_tensor(key)
+            block = next((p for p in blocks if key.startswith(p + ".")), None)
+            if block is None:
+                out[key[len(prefix):]] = t
+                continue
+            rest = key[len(block) + 1:]
+            dest = block[len(prefix):]
+            if rest.startswith("router."):
+                router_state[blocks[block]][rest[len("router."):]] = t
+            elif rest == "shared_expert.down_proj.weight":
+                out[f"{dest}.{rest}"] = t * 2  # cancels Qwen2-MoE's sigmoid(0) = 0.5 shared-expert gate
+            else:  # shared_expert.{gate,up}_proj.weight, experts.gate_up_proj, experts.down_proj
+                out[f"{dest}.{rest}"] = t
+    for p, i in blocks.items():
+        router = ROUTERS[config.router_type](config)
+        router.load_state_dict(router_state[i])
+        dest = p[len(prefix):]
+        out[f"{dest}.gate.weight"] = router.expert_embeddings().detach().float().contiguous()
+        out[f"{dest}.shared_expert_gate.weight"] = torch.zeros(1, config.text_config.hidden_size)
+    return {k: v.float() for k, v in out.items()}
+
+
+def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Write ``out``: a Qwen2-MoE checkpoint of the mix that stock transformers loads."""
+    mix_dir, out = require_mix_folder(mix), Path(out)
+    manifest = read_manifest(mix_dir)
+    if manifest.router == "merge":
+        raise ExpertmixError(f"{mix_dir}: a dense merge is already a plain {manifest.seed.architecture} model; "
+                             f"load it directly")
+    config = AutoConfig.from_pretrained(mix_dir)
+    q_config = qwen2_moe_config(config)
+    tensors = qwen2_moe_tensors(mix_dir, config)
+    log(f"exporting {config.num_experts} experts x {config.text_config.num_hidden_layers} layers to Qwen2-MoE")
+    with atomic_dir(out) as tmp:
+        q_config.save_pretrained(tmp)
+        save_checkpoint(tmp, tensors)
+        AutoTokenizer.from_pretrained(mix_dir).save_pretrained(tmp)
+        for name in (*COPIED_FILES, MIX_FILE):
+            if (mix_dir / name).is_file():
+                shutil.copyfile(mix_dir / name, tmp / name)
+    return out
+
+
+@torch.no_grad()
+def max_logit_difference(mix: str | Path, exported: str | Path, tokens: int = 64, seed: int = 0) -> float:
+    """Max |logit difference| (float32) between the mix and its export on random token ids."""
+    a = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, a.config.text_config.vocab_size, (2, tokens // 2), generator=gen)
+    return float((a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max())
+
+
+FORMATS: dict[str, Callable[..., Path]] = {"qwen2-moe": export_qwen2_moe}
+
+
+def export(mix: str | Path, out: str | Path, fmt: str = "qwen2-moe", log: Callable[[str], None] = lambda _: None
+           ) -> Path:
+    """Export a mix in format ``fmt`` (see ``FORMATS``)."""
+    if fmt not in FORMATS:
+        raise ExpertmixError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return FORMATS[fmt](mix, out, log=log)

@@ -1,0 +1,410 @@
+"""``expertmix extend``: append a new expert to a trained mix and finetune briefly on new + replayed old data.
+
+The new expert's FFN becomes routed expert ``n``; the old experts' weights never change (their gradients
+are masked and their rows are restored bit-exactly after finetuning). A recipe says the rest:
+
+- ``merge``: which non-FFN weights take in the new expert's, ``phi = (1 - lam) phi_mix + lam phi_new``:
+  ``all`` of them (the paper, ``lam = 1/(n+1)``), ``none``, or ``token-rows``: only the token embedding /
+  head rows, each with its own ``lam_v = f_new(v) / (f_new(v) + max_old f_old(v))`` from token frequencies
+  in the finetuning data (tokens only the new domain uses come from the new expert, shared ones stay);
+- ``train``: which parameter groups finetune (``experts`` = the new expert only);
+- ``placement``: where the new expert sits in the router. Nexus ``project``: ``e_new = P(d_new)`` with the
+  mix's standardisation (the paper); ``fit``: the router input of the new expert (an m-vector, no new
+  router parameters) is fitted so that tokens of the new domain pick it and old tokens keep their experts.
+  Linear ``reinit`` (the paper's baseline: a fresh router) or ``fit`` (a fitted new gate row per layer).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import ExpertmixError
+from ..experts.data import TokenizedDocument
+from ..experts.training import DataSource, TrainSettings
+from .assemble import (
+    Blocks,
+    budget_tokens,
+    freeze_except,
+    mixture_blocks,
+    read_sources,
+    save_mix,
+    start_work_dir,
+    train_stage,
+)
+from .configuration_nexus import NexusConfig
+from .manifest import MixManifest, read_manifest
+from .modeling_nexus import NexusForCausalLM
+from .upcycling import (
+    WEIGHTS_FILE,
+    ExpertSource,
+    MoeLayout,
+    check_experts,
+    fresh_router_tensors,
+    load_expert,
+    require_mix_folder,
+    save_checkpoint,
+    stream_tensors,
+)
+
+MergeScope = Literal["all", "none", "token-rows"]
+Placement = Literal["project", "fit", "reinit"]
+
+
+@dataclass(frozen=True)
+class ExtensionRecipe:
+    """What an extension merges, what it trains and where it places the new expert in the router."""
+
+    merge: MergeScope = "all"
+    merge_lambda: float | None = None  # None: 1/(n+1) with n the old experts
+    train: tuple[str, ...] = ("router", "experts", "shared", "dense")
+    placement: Placement = "project"
+    new_share: float = 0.5
+
+    def lam(self, n_old: int) -> float:
+        return 1.0 / (n_old + 1) if self.merge_lambda is None else self.merge_lambda
+
+    def for_router(self, router: str) -> ExtensionRecipe:
+        """The paper re-initialises a linear router; Nexus projects. Map the other kind's placement."""
+        if router == "linear" and self.placement == "project":
+            return replace(self, placement="reinit")
+        if router == "nexus" and self.placement == "reinit":
+            return replace(self, placement="project")
+        return self
+
+
+RECIPES: dict[str, ExtensionRecipe] = {
+    # Gritsch et al. 2024: merge every non-FFN weight with 1/(n+1), project the embedding, finetune all.
+    "paper": ExtensionRecipe(),
+    # The paper's finetuning without the merge (lambda = 0).
+    "paper-keep": ExtensionRecipe(merge_lambda=0.0),
+    # Take the new domain's own token rows, fit the new expert's router input, train the new expert only.
+    "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
+}
+DEFAULT_RECIPE = "isolated"
+
+
+@dataclass
+class ExtendConfig:
+    """Everything ``expertmix extend`` needs."""
+
+    mix: Path
+    expert: str
+    data: list[DataSource]
+    out: Path
+    replay: list[DataSource] | None = None  # default: the data the mix was trained on (mix.json)
+    recipe: ExtensionRecipe = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])
+    recipe_name: str = DEFAULT_RECIPE
+    registry: str | None = None
+    seq_len: int = 256
+    text_field: str | None = None
+    resume: bool = False
+    settings: TrainSettings = field(default_factory=lambda: TrainSettings(max_steps=15))
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d.pop("resume")
+        import json
+
+        return json.loads(json.dumps(d, default=str))
+
+
+# -- merging -----------------------------------------------------------------------------------------
+
+def token_row_lambdas(new: Sequence[TokenizedDocument], old: dict[str, Sequence[TokenizedDocument]],
+                      vocab_size: int) -> torch.Tensor:
+    """Per-token merge weight ``f_new / (f_new + max_d f_d)`` (0 for tokens no data uses)."""
+    def freq(docs: Sequence[TokenizedDocument]) -> torch.Tensor:
+        counts = Counter(t for d in docs for t in d.input_ids)
+        f = torch.zeros(vocab_size, dtype=torch.float64)
+        if counts:
+            ids = torch.tensor(list(counts), dtype=torch.long)
+            f[ids] = torch.tensor(list(counts.values()), dtype=torch.float64)
+        return f / max(f.sum().item(), 1.0)
+
+    f_new = freq(new)
+    f_old = torch.stack([freq(d) for d in old.values()]).amax(0) if old else torch.zeros_like(f_new)
+    total = f_new + f_old
+    return torch.where(total > 0, f_new / total.clamp_min(1e-30), torch.zeros_like(total)).float()
+
+
+def token_row_keys(layout: MoeLayout) -> set[str]:
+    """Checkpoint keys of the token embedding and the LM head (one key when they are tied)."""
+    model = layout.model
+    rows = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        rows.add(id(model.get_output_embeddings().weight))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in rows}
+
+
+# -- the extended checkpoint ---------------------------------------------------------------------------
+
+def extended_config(config: NexusConfig, name: str) -> NexusConfig:
+    d = config.to_dict()
+    d.update(num_experts=config.num_experts + 1, expert_names=[*config.expert_names, name])
+    for key in ("model_type", "transformers_version"):
+        d.pop(key, None)
+    return NexusConfig(**d)
+
+
+def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, expert: ExpertSource,
+                   manifest: MixManifest, recipe: ExtensionRecipe, row_lambdas: torch.Tensor | None,
+                   init_seed: int = 0) -> dict[str, torch.Tensor]:
+    """The mix's tensors with the new expert appended and the recipe's merge applied (streamed expert)."""
+    old_layout, layout = MoeLayout.for_config(config), MoeLayout.for_config(new_config)
+    tensors = load_file(str(mix_dir / WEIGHTS_FILE))
+    n_old = config.num_experts
+    lam = recipe.lam(n_old)
+    rows = token_row_keys(layout)
+    new_ffn: dict[str, dict[str, torch.Tensor]] = {p: {} for p in layout.block_prefix}
+    for name, t in stream_tensors(expert.folder):
+        where = layout.ffn_key(name)
+        key = layout.dense_prefix + name
+        if where is not None:
+            layer, proj = where
+            new_ffn[layout.block_prefix[layer]][proj] = t
+            continue
+        if key not in tensors:
+            raise ExpertmixError(f"expert '{expert.info.name}': tensor {name} is not in the mix {mix_dir}")
+        mine = tensors[key]
+        t = t.to(mine.dtype)
+        if recipe.merge == "all" and lam:
+            tensors[key] = (1 - lam) * mine + lam * t
+        elif recipe.merge == "token-rows" and key in rows:
+            w = row_lambdas.to(mine.dtype).unsqueeze(1)
+            tensors[key] = mine + w * (t - mine)
+    for p in layout.block_prefix:
+        got = new_ffn[p]
+        if set(got) != {"gate_proj", "up_proj", "down_proj"}:
+            raise ExpertmixError(f"expert '{expert.info.name}': FFN weights of {p} incomplete ({sorted(got)})")
+        gu, dn = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
+        dtype = tensors[gu].dtype
+        tensors[gu] = torch.cat([tensors[gu], torch.cat([got["gate_proj"], got["up_proj"]]).to(dtype)[None]])
+        tensors[dn] = torch.cat([tensors[dn], got["down_proj"].to(dtype)[None]])
+    if config.router_type == "nexus":
+        d_new = manifest.standardisation.apply(expert.embedding[None])
+        for p in layout.block_prefix:
+            k = f"{p}.router.domain_embeddings"
+            tensors[k] = torch.cat([tensors[k], d_new.to(tensors[k].dtype)])
+    elif recipe.placement == "reinit":
+        tensors.update(fresh_router_tensors(new_config, layout, None, init_seed))
+    else:  # linear, fit: a new gate row per layer, fitted later; starts at zero
+        for p in layout.block_prefix:
+            k = f"{p}.router.weight"
+            tensors[k] = torch.cat([tensors[k], torch.zeros_like(tensors[k][:1])])
+    assert old_layout.block_prefix == layout.block_prefix
+    return tensors
+
+
+# -- placement: fit the new expert's router input ---------------------------------------------------------
+
+@torch.no_grad()
+def collect_router_inputs(model: NexusForCausalLM, blocks: Blocks, max_blocks: int = 16,
+                          batch_size: int = 4) -> list[torch.Tensor]:
+    """Each MoE block's input (the hidden states it routes), per layer ``[tokens, H]`` float32."""
+    grabbed: list[list[torch.Tensor]] = [[] for _ in model.moe_blocks()]
+    hooks = [b.register_forward_pre_hook(lambda _m, args, i=i: grabbed[i].append(
+        args[0].reshape(-1, args[0].shape[-1]).float().cpu())) for i, b in enumerate(model.moe_blocks())]
+    device = next(model.parameters()).device
+    try:
+        was = model.training
+        model.eval()
+        ids = blocks["input_ids"][:max_blocks]
+        for s in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[s:s + batch_size].to(device))
+        model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(g) for g in grabbed]
+
+
+def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_inputs: list[torch.Tensor],
+                  steps: int = 300, lr: float = 0.05, progress: bool = True) -> dict[str, float]:
+    """Place the new (last) expert so that new-domain tokens pick it and old tokens keep their experts.
+
+    Nexus: only the new expert's router input (its standardised domain embedding, shared by all layers)
+    moves; linear: the new gate row of each layer. Old experts' router embeddings stay fixed. The loss is
+    a cross-entropy over experts on the recorded block inputs: target = new expert for new-domain tokens,
+    the current top-1 old expert for old tokens (so their routing does not change).
+    """
+    blocks = model.moe_blocks()
+    n = model.config.num_experts
+    nexus = model.config.router_type == "nexus"
+    with torch.no_grad():
+        old_e = [b.router.expert_embeddings()[: n - 1].float().cpu() for b in blocks]
+        targets_old = [(x @ e.T).argmax(-1) for x, e in zip(old_inputs, old_e, strict=True)]
+    if nexus:
+        routers = [b.router for b in blocks]
+        z = routers[0].domain_embeddings[n - 1].detach().float().cpu().clone().requires_grad_(True)
+        params = [z]
+        proj = [(r.up_proj.weight.detach().float().cpu(), r.down_proj.weight.detach().float().cpu()) for r in routers]
+
+        def new_embedding(layer: int) -> torch.Tensor:
+            w1, w2 = proj[layer]
+            gate, value = (w1 @ z).chunk(2)
+            return w2 @ (F.silu(gate) * value)
+    else:
+        rows = [torch.zeros(old_e[0].shape[1], requires_grad=True) for _ in blocks]
+        params = rows
+
+        def new_embedding(layer: int) -> torch.Tensor:
+            return rows[layer]
+    opt = torch.optim.Adam(params, lr=lr)
+    new_target = [torch.full((x.shape[0],), n - 1, dtype=torch.long) for x in new_inputs]
+    last = {}
+    for _ in tqdm(range(steps), desc="placing the new expert", unit="step", disable=not progress):
+        loss = torch.zeros(())
+        for layer in range(len(blocks)):
+            e = torch.cat([old_e[layer], new_embedding(layer)[None]])
+            loss = loss + F.cross_entropy(new_inputs[layer] @ e.T, new_target[layer]) \
+                + F.cross_entropy(old_inputs[layer] @ e.T, targets_old[layer])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        last["loss"] = float(loss) / len(blocks)
+    with torch.no_grad():
+        share_new, share_old = [], []
+        for layer, b in enumerate(blocks):
+            if nexus:
+                b.router.domain_embeddings[n - 1] = z.to(b.router.domain_embeddings.dtype)
+            else:
+                b.router.weight[n - 1] = rows[layer].to(b.router.weight.dtype)
+            e = b.router.expert_embeddings().float().cpu()
+            share_new.append(float(((new_inputs[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
+            share_old.append(float(((old_inputs[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
+    return {"placement_loss": last.get("loss", math.nan), "new_tokens_to_new": sum(share_new) / len(share_new),
+            "old_tokens_to_new": sum(share_old) / len(share_old)}
+
+
+# -- finetuning with the old experts frozen ---------------------------------------------------------------
+
+def mask_old_experts(model: NexusForCausalLM, n_old: int) -> list:
+    """Zero the gradient of the old experts' rows, so only the new expert's FFN moves."""
+    handles = []
+    for b in model.moe_blocks():
+        for p in (b.experts.gate_up_proj, b.experts.down_proj):
+            if p.requires_grad:
+                mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
+                mask[n_old:] = 1
+                handles.append(p.register_hook(lambda g, m=mask: g * m))
+    return handles
+
+
+@torch.no_grad()
+def restore_old_experts(model: NexusForCausalLM, source: Path, n_old: int) -> None:
+    """Copy the old experts' rows back from ``source`` (bit-exact; guards against weight decay)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    with safe_open(str(source / WEIGHTS_FILE), framework="pt") as sf:
+        for b in model.moe_blocks():
+            prefix = names[id(b)]
+            for attr in ("gate_up_proj", "down_proj"):
+                p = getattr(b.experts, attr)
+                p[:n_old] = sf.get_tensor(f"{prefix}.experts.{attr}")[:n_old].to(p.dtype)
+
+
+def replay_sources(cfg: ExtendConfig, manifest: MixManifest) -> list[DataSource]:
+    if cfg.replay is not None:
+        return cfg.replay
+    missing = [d.path for d in manifest.data if not Path(d.path).exists()]
+    if not manifest.data or missing:
+        raise ExpertmixError(f"{cfg.mix}/mix.json: the mix's training data "
+                             f"{'is not recorded' if not manifest.data else 'is gone: ' + ', '.join(missing)}; "
+                             f"give the old domains' data with --replay NAME=PATH")
+    return [DataSource(d.name, Path(d.path)) for d in manifest.data]
+
+
+def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
+    """Append the expert ``cfg.expert`` to the mix ``cfg.mix`` by ``cfg.recipe`` and write ``cfg.out``."""
+    mix_dir = require_mix_folder(cfg.mix)
+    manifest = read_manifest(mix_dir)
+    if manifest.router == "merge":
+        raise ExpertmixError(f"{mix_dir}: a dense merge has no experts to extend; extend a nexus or linear mix")
+    config = AutoConfig.from_pretrained(mix_dir)
+    recipe = cfg.recipe.for_router(manifest.router)
+    if not 0 < recipe.new_share <= 1:
+        raise ExpertmixError(f"new-domain share {recipe.new_share} must lie in (0, 1]")
+    work = cfg.work_dir
+    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out)
+    expert = load_expert(cfg.expert, cfg.registry)
+    check_experts(manifest.seed, [expert], f"the mix {mix_dir} (seed '{manifest.seed.id}')")
+    if expert.info.name in config.expert_names:
+        raise ExpertmixError(f"the mix {mix_dir} already holds an expert named '{expert.info.name}'")
+    if manifest.router == "nexus" and expert.embedding.numel() != config.embedding_dim:
+        raise ExpertmixError(f"expert '{expert.info.name}': domain embedding has {expert.embedding.numel()} "
+                             f"values, the mix's router takes {config.embedding_dim}")
+    n_old = config.num_experts
+    tokenizer = AutoTokenizer.from_pretrained(mix_dir)
+    new_docs = read_sources(cfg.data, tokenizer, cfg.text_field)
+    old_docs = read_sources(replay_sources(cfg, manifest), tokenizer, cfg.text_field)
+    clash = set(new_docs) & set(old_docs)
+    if clash:
+        raise ExpertmixError(f"data source name(s) {', '.join(sorted(clash))} used for both new and replay data")
+
+    init = work / "init"
+    if not init.is_dir():
+        new_config = extended_config(config, expert.info.name)
+        lambdas = token_row_lambdas([d for v in new_docs.values() for d in v], old_docs,
+                                    config.text_config.vocab_size) if recipe.merge == "token-rows" else None
+        log(f"appending '{expert.info.name}' as expert {n_old} (merge: {recipe.merge}, "
+            f"lambda {recipe.lam(n_old):.3g}; placement: {recipe.placement})")
+        tensors = extend_tensors(mix_dir, config, new_config, expert, manifest, recipe, lambdas,
+                                 cfg.settings.seed)
+        tmp = work / "init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        new_config.save_pretrained(tmp)
+        save_checkpoint(tmp, tensors)
+        del tensors
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(init)
+
+    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    shares = {k: recipe.new_share / len(new_docs) for k in new_docs}
+    shares.update({k: (1 - recipe.new_share) / len(old_docs) for k in old_docs})
+    blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, budget_tokens(cfg.settings, cfg.seq_len),
+                                    cfg.seq_len, cfg.settings.seed)
+    placement = {}
+    if recipe.placement == "fit":
+        new_blocks, _ = mixture_blocks(new_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
+        old_blocks, _ = mixture_blocks(old_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
+        placement = fit_placement(model, collect_router_inputs(model, new_blocks),
+                                  collect_router_inputs(model, old_blocks), progress=cfg.settings.progress)
+        log(f"placement: {placement['new_tokens_to_new']:.0%} of new-domain tokens pick the new expert, "
+            f"{placement['old_tokens_to_new']:.0%} of old tokens")
+    trainable = freeze_except(model, recipe.train)
+    handles = mask_old_experts(model, n_old)
+    log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
+        f"{blocks['input_ids'].shape[0]} blocks: {recipe.new_share:.0%} new domain, the rest replay")
+    metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume)
+    for h in handles:
+        h.remove()
+    restore_old_experts(model, init, n_old)
+
+    entry = expert.manifest_entry()
+    if recipe.placement == "fit" and manifest.router == "nexus":
+        entry.router_input = model.moe_blocks()[0].router.domain_embeddings[n_old].float().tolist()
+    manifest.experts.append(entry)
+    manifest.history.append({"stage": "extend", "expert": expert.info.name, "recipe": cfg.recipe_name,
+                             **asdict(recipe), "lambda": recipe.lam(n_old), "placement_fit": placement,
+                             "settings": asdict(cfg.settings), "metrics": metrics, "seq_len": cfg.seq_len,
+                             "mix": {k: v["actual_share"] for k, v in report.items()}})
+    save_mix(model, init, manifest, cfg.out)
+    shutil.rmtree(work, ignore_errors=True)
+    return cfg.out

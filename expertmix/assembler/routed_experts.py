@@ -1,0 +1,293 @@
+"""Routed-experts compute for the Nexus MoE block: an eager reference and fast expert-sorted paths.
+
+Weights follow transformers 5's fused layout: ``gate_up_proj [E, 2I, H]`` (gate = first I rows, up = the
+next I) and ``down_proj [E, H, I]``; expert ``e`` maps ``x`` to ``down_e(silu(gate_e x) * up_e x)``. A
+token's output is the sum over its top-k slots of ``weight * expert(x)``.
+
+Implementations (``impl=``); the fast ones sort the (token, slot) pairs by expert once:
+- ``eager``: loop over experts with boolean masks; the reference every other path is tested against.
+- ``grouped_mm``: one ``torch.nn.functional.grouped_mm`` per projection over all rows (no host sync, static
+  shapes: the GPU path, and the one that traces under ``torch.compile``).
+- ``blocked``: each expert's rows in blocks of a few hundred, every block taken through gather, both
+  projections, SwiGLU and scatter while it is in cache (one host sync for the expert offsets). The CPU path:
+  whole-array stages stream ``[S, 2I]`` intermediates through memory and lose to it.
+- ``auto``: ``blocked`` on the CPU, ``grouped_mm`` where torch has a kernel for the device and dtype,
+  else ``blocked``.
+Both fast paths have hand-written backwards (autograd's version of the SwiGLU split zero-fills two ``[S, 2I]``
+gradient buffers and adds them, and its grouped-GEMM weight gradients come out transposed, one copy each).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "eager", "grouped_mm", "blocked")
+BLOCK_BYTES = 1 << 20  # a block's [rows, 2I] gate/up activations fit the CPU's per-core L2 cache
+
+
+def router_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts then top-k, probabilities not renormalised: ``(weights [T,k], index [T,k])``.
+
+    Top-1 skips the full softmax: its weight is ``exp(max - logsumexp)`` (same value and gradient).
+    """
+    logits32 = logits.float()
+    if k == 1:
+        top, index = logits32.max(dim=-1, keepdim=True)
+        weights = torch.exp(top - torch.logsumexp(logits32, dim=-1, keepdim=True))
+    else:
+        weights, index = torch.topk(torch.softmax(logits32, dim=-1), k, dim=-1)
+    return weights.to(logits.dtype), index
+
+
+def eager_experts_forward(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Reference: loop over experts that received tokens (the semantics every fast path must match)."""
+    num_experts, two_i, _ = gate_up_proj.shape
+    inter = two_i // 2
+    out = torch.zeros_like(hidden)
+    for expert in range(num_experts):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        x = hidden[token_idx]
+        gate_up = F.linear(x, gate_up_proj[expert])
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = F.linear(act, down_proj[expert]) * top_k_weights[token_idx, slot, None].to(hidden.dtype)
+        out = out.index_add(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether ``t`` starts on a 16-byte boundary and its row stride is a multiple of 16 bytes."""
+    return t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0
+
+
+def grouped_mm_supported(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM has a kernel for these tensors' device, dtype and alignment."""
+    if not hasattr(F, "grouped_mm") or not hidden.dtype == gate_up_proj.dtype == down_proj.dtype:
+        return False
+    if hidden.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(hidden.device)
+        ok_device = hidden.dtype == torch.bfloat16 and capability >= (8, 0)
+    elif hidden.device.type == "cpu":
+        ok_device = hidden.dtype in (torch.float32, torch.bfloat16)
+    else:
+        ok_device = False
+    # The kernels need 16-byte aligned rows in every operand, the [S, I] and [S, 2I] intermediates included.
+    step = 16 // hidden.element_size()
+    dims_ok = hidden.shape[-1] % step == 0 and down_proj.shape[-1] % step == 0
+    return ok_device and dims_ok and all(_aligned(t) for t in (hidden, gate_up_proj, down_proj))
+
+
+def _pick_impl(impl: str, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> str:
+    """Resolve ``auto`` to the fastest implementation for the device (measured: benchmarks/moe_speed.py)."""
+    if impl not in IMPLS:
+        raise ValueError(f"experts_forward: impl={impl!r} is not one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        if hidden.device.type == "cpu":
+            return "blocked"
+        return "grouped_mm" if grouped_mm_supported(hidden, gate_up_proj, down_proj) else "blocked"
+    if impl == "grouped_mm" and not grouped_mm_supported(hidden, gate_up_proj, down_proj):
+        raise ValueError(
+            f"experts_forward: impl='grouped_mm' has no kernel for device={hidden.device.type} "
+            f"dtype={hidden.dtype} hidden={hidden.shape[-1]} width={down_proj.shape[-1]} (use impl='auto')"
+        )
+    return impl
+
+
+def _combine(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int, by_gather: bool) -> torch.Tensor:
+    """Sum expert-sorted rows into their tokens: ``[S, H]`` -> ``[T, H]``; row r is flat pair ``order[r]``.
+
+    ``by_gather``: gather the rows into (token, slot) order and sum the k slots instead of ``index_add_``.
+    On CUDA ``index_add_`` accumulates with atomics in the row dtype (run-to-run differences in bf16); the
+    gather is deterministic and its sum accumulates in float32.
+    """
+    if top_k == 1:  # rows are a permutation of the tokens: a plain copy back, no zero-fill or accumulation
+        return rows.new_empty(num_tokens, rows.shape[1]).index_copy_(0, order, rows)
+    if by_gather:
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        return rows.index_select(0, inverse).view(num_tokens, top_k, -1).sum(dim=1)
+    return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, order // top_k, rows)
+
+
+def _swiglu_backward(grad_act: torch.Tensor, gate_up: torch.Tensor, silu_gate: torch.Tensor, out: torch.Tensor):
+    """Gradient of ``silu(gate) * up`` w.r.t. ``gate_up = [gate | up]``, written into ``out``; clobbers grad_act."""
+    inter = silu_gate.shape[1]
+    torch.mul(grad_act, silu_gate, out=out[:, inter:])
+    grad_act.mul_(gate_up[:, inter:])
+    torch.ops.aten.silu_backward.grad_input(grad_act, gate_up[:, :inter], grad_input=out[:, :inter])
+    return out
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """All rows at once: gather, grouped gate_up, SwiGLU, grouped down, weight, combine."""
+
+    @staticmethod
+    def forward(ctx, hidden, gate_up_proj, down_proj, row_weights, order, offs, top_k, keep):
+        inter, num_tokens, by_gather = down_proj.shape[2], hidden.shape[0], hidden.is_cuda
+        x = hidden.index_select(0, order // top_k if top_k > 1 else order)
+        gate_up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offs)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        if not keep:  # inference: reuse the buffers in place
+            del x
+            y = F.grouped_mm(F.silu(gate, inplace=True).mul_(up), down_proj.transpose(-2, -1), offs=offs)
+            del gate_up, gate, up
+            return _combine(y.mul_(row_weights[:, None]), order, num_tokens, top_k, by_gather)
+        silu_gate = F.silu(gate)
+        act = silu_gate * up
+        y = F.grouped_mm(act, down_proj.transpose(-2, -1), offs=offs)
+        out = _combine(y * row_weights[:, None], order, num_tokens, top_k, by_gather)
+        ctx.save_for_backward(x, gate_up, silu_gate, act, y, row_weights, order, offs, gate_up_proj, down_proj)
+        ctx.top_k, ctx.num_tokens, ctx.by_gather = top_k, num_tokens, by_gather
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_up, silu_gate, act, y, row_weights, order, offs, gate_up_proj, down_proj = ctx.saved_tensors
+        top_k = ctx.top_k
+        grad_rows = grad_out.index_select(0, order // top_k if top_k > 1 else order)
+        grad_weights = (grad_rows * y).sum(dim=1) if ctx.needs_input_grad[3] else None
+        grad_rows.mul_(row_weights[:, None])
+        grad_down = F.grouped_mm(grad_rows.t(), act, offs=offs) if ctx.needs_input_grad[2] else None
+        grad_act = F.grouped_mm(grad_rows, down_proj, offs=offs)
+        del grad_rows
+        grad_gate_up = _swiglu_backward(grad_act, gate_up, silu_gate, torch.empty_like(gate_up))
+        del grad_act
+        grad_gate_up_proj = F.grouped_mm(grad_gate_up.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad_gate_up, gate_up_proj, offs=offs)
+            grad_hidden = _combine(grad_x, order, ctx.num_tokens, top_k, ctx.by_gather)
+        return grad_hidden, grad_gate_up_proj, grad_down, grad_weights, None, None, None, None
+
+
+def _blocks(offs: torch.Tensor, block_rows: int) -> list[tuple[int, int, int]]:
+    """(expert, start, end) row blocks of at most ``block_rows`` rows, expert by expert."""
+    blocks, start = [], 0
+    for expert, end in enumerate(offs.tolist()):
+        blocks.extend((expert, a, min(a + block_rows, end)) for a in range(start, end, block_rows))
+        start = end
+    return blocks
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` or ``out += a @ b`` without a temporary."""
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+class _BlockedExperts(torch.autograd.Function):
+    """Expert-sorted rows in cache-sized blocks, each block through the whole expert chain (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, hidden, gate_up_proj, down_proj, row_weights, order, offs, top_k, keep):
+        num_tokens, dim = hidden.shape
+        inter = down_proj.shape[2]
+        rows_total = order.shape[0]
+        block_rows = max(16, BLOCK_BYTES // (2 * inter * hidden.element_size()))
+        blocks = _blocks(offs, block_rows)
+        token_of_row = order // top_k if top_k > 1 else order
+        out = hidden.new_empty(num_tokens, dim) if top_k == 1 else hidden.new_zeros(num_tokens, dim)
+        if keep:  # whole-array buffers that backward reads; filled block by block
+            x = hidden.new_empty(rows_total, dim)
+            gate_up = hidden.new_empty(rows_total, 2 * inter)
+            silu_gate = hidden.new_empty(rows_total, inter)
+            act = hidden.new_empty(rows_total, inter)
+            y = hidden.new_empty(rows_total, dim)
+        else:  # inference: one block's worth of scratch, reused
+            x_buf = hidden.new_empty(block_rows, dim)
+            gate_up_buf = hidden.new_empty(block_rows, 2 * inter)
+            act_buf = hidden.new_empty(block_rows, inter)
+            y_buf = hidden.new_empty(block_rows, dim)
+        for expert, a, b in blocks:
+            n = b - a
+            tokens = token_of_row[a:b]
+            if keep:
+                xb, gub, sb, ab, yb = x[a:b], gate_up[a:b], silu_gate[a:b], act[a:b], y[a:b]
+            else:
+                xb, gub, ab, yb = x_buf[:n], gate_up_buf[:n], act_buf[:n], y_buf[:n]
+                sb = ab
+            torch.index_select(hidden, 0, tokens, out=xb)
+            torch.mm(xb, gate_up_proj[expert].t(), out=gub)
+            torch.ops.aten.silu.out(gub[:, :inter], out=sb)
+            torch.mul(sb, gub[:, inter:], out=ab)
+            torch.mm(ab, down_proj[expert].t(), out=yb)
+            weighted = yb * row_weights[a:b, None]
+            if top_k == 1:
+                out.index_copy_(0, tokens, weighted)
+            else:
+                out.index_add_(0, tokens, weighted)
+        if keep:
+            ctx.save_for_backward(x, gate_up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj)
+            ctx.blocks, ctx.block_rows, ctx.top_k = blocks, block_rows, top_k
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj = ctx.saved_tensors
+        num_tokens, dim = grad_out.shape
+        inter = act.shape[1]
+        need_hidden, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = grad_out.new_empty(num_tokens, dim) if ctx.top_k == 1 else grad_out.new_zeros(num_tokens, dim)
+        grad_weights = row_weights.new_empty(row_weights.shape) if need_weights else None
+        grad_gate_up_proj = torch.zeros_like(gate_up_proj) if need_gate_up else None
+        grad_down = torch.zeros_like(down_proj) if need_down else None
+        rows_buf = grad_out.new_empty(ctx.block_rows, dim)
+        act_buf = grad_out.new_empty(ctx.block_rows, inter)
+        gate_up_buf = grad_out.new_empty(ctx.block_rows, 2 * inter)
+        x_buf = grad_out.new_empty(ctx.block_rows, dim)
+        seen = set()
+        for expert, a, b in ctx.blocks:
+            n = b - a
+            tokens = token_of_row[a:b]
+            first = expert not in seen  # the first block of an expert writes its weight gradient, the rest add
+            seen.add(expert)
+            grad_rows = torch.index_select(grad_out, 0, tokens, out=rows_buf[:n])
+            if need_weights:
+                torch.sum(grad_rows * y[a:b], dim=1, out=grad_weights[a:b])
+            grad_rows.mul_(row_weights[a:b, None])
+            if need_down:
+                _mm_into(grad_down[expert], grad_rows.t(), act[a:b], accumulate=not first)
+            grad_act = torch.mm(grad_rows, down_proj[expert], out=act_buf[:n])
+            grad_gate_up = _swiglu_backward(grad_act, gate_up[a:b], silu_gate[a:b], gate_up_buf[:n])
+            if need_gate_up:
+                _mm_into(grad_gate_up_proj[expert], grad_gate_up.t(), x[a:b], accumulate=not first)
+            if need_hidden:
+                grad_x = torch.mm(grad_gate_up, gate_up_proj[expert], out=x_buf[:n])
+                if ctx.top_k == 1:
+                    grad_hidden.index_copy_(0, tokens, grad_x)
+                else:
+                    grad_hidden.index_add_(0, tokens, grad_x)
+        return grad_hidden, grad_gate_up_proj, grad_down, grad_weights, None, None, None, None
+
+
+def experts_forward(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Weighted sum of each token's top-k SwiGLU experts: ``hidden [T,H]`` -> ``[T,H]`` (see module doc)."""
+    impl = _pick_impl(impl, hidden, gate_up_proj, down_proj)
+    if impl == "eager":
+        return eager_experts_forward(hidden, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    num_experts, k = gate_up_proj.shape[0], top_k_index.shape[1]
+    flat_index = top_k_index.reshape(-1)
+    order = torch.argsort(flat_index, stable=True)
+    offs = torch.cumsum(torch.bincount(flat_index, minlength=num_experts), 0, dtype=torch.int32)
+    row_weights = top_k_weights.reshape(-1).index_select(0, order).to(hidden.dtype)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, gate_up_proj, down_proj, row_weights))
+    function = _GroupedExperts if impl == "grouped_mm" else _BlockedExperts
+    return function.apply(hidden, gate_up_proj, down_proj, row_weights, order, offs, k, keep)

@@ -1,0 +1,127 @@
+"""``expertmix eval``: per-domain perplexity of a mix and its routing matrix (as a table and a PNG heatmap).
+
+The routing matrix holds, for each domain, the share of its tokens whose top-1 routed expert is each
+expert, averaged over the MoE layers (per-layer matrices are kept too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..experts.data import pack, read_documents, tokenize_documents
+from ..experts.training import Blocks, DataSource, perplexity
+from ..fsutil import atomic_path
+from .upcycling import require_mix_folder
+
+
+@dataclass
+class EvalReport:
+    """Perplexity per domain and, for MoE mixes, the routing matrix ``[domains, experts]``."""
+
+    domains: list[str]
+    perplexity: dict[str, float]
+    experts: list[str] = field(default_factory=list)
+    routing: torch.Tensor | None = None  # [domains, experts], rows sum to 1
+    routing_per_layer: torch.Tensor | None = None  # [layers, domains, experts]
+
+    def own_expert_share(self) -> dict[str, float]:
+        """For each domain that has an expert of the same name (or domain): the share routed to it."""
+        if self.routing is None:
+            return {}
+        return {d: float(self.routing[i, self.experts.index(d)]) for i, d in enumerate(self.domains)
+                if d in self.experts}
+
+    def to_dict(self) -> dict:
+        out = {"perplexity": self.perplexity}
+        if self.routing is not None:
+            out["experts"] = self.experts
+            out["routing"] = {d: dict(zip(self.experts, map(float, self.routing[i]), strict=True))
+                              for i, d in enumerate(self.domains)}
+        return out
+
+
+def eval_blocks(sources: Sequence[DataSource], tokenizer, seq_len: int, max_blocks: int | None,
+                text_field: str | None = None) -> dict[str, Blocks]:
+    """Each source's documents packed into at most ``max_blocks`` blocks (last one padded)."""
+    out = {}
+    for src in sources:
+        docs = tokenize_documents(read_documents(src.path, text_field, domain=src.name), tokenizer)
+        blocks = pack(docs, seq_len, drop_last=False)
+        out[src.name] = {k: v[:max_blocks] for k, v in blocks.items()} if max_blocks else blocks
+    return out
+
+
+@torch.no_grad()
+def routing_counts(model, blocks: Blocks, batch_size: int = 8) -> torch.Tensor:
+    """Top-1 expert counts per layer ``[layers, experts]`` over the blocks' real (label != -100) tokens."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(len(model.moe_blocks()), model.config.num_experts)
+    for s in range(0, blocks["input_ids"].shape[0], batch_size):
+        ids = blocks["input_ids"][s:s + batch_size].to(device)
+        keep = (blocks["labels"][s:s + batch_size] != -100).reshape(-1)
+        out = model(input_ids=ids, output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            top = logits.argmax(-1).cpu()[keep]
+            counts[layer] += torch.bincount(top, minlength=model.config.num_experts).float()
+    model.train(was)
+    return counts
+
+
+def evaluate(model, blocks: dict[str, Blocks], batch_size: int = 8) -> EvalReport:
+    """Perplexity on each domain's blocks, plus the routing matrix when ``model`` is a Nexus mix."""
+    ppl = {d: perplexity(model, b, batch_size) for d, b in blocks.items()}
+    report = EvalReport(domains=list(blocks), perplexity=ppl)
+    if hasattr(model, "moe_blocks"):
+        per_layer = torch.stack([routing_counts(model, b, batch_size) for b in blocks.values()], dim=1)
+        per_layer = per_layer / per_layer.sum(-1, keepdim=True).clamp_min(1)
+        report.experts = list(model.config.expert_names)
+        report.routing_per_layer = per_layer
+        report.routing = per_layer.mean(0)
+    return report
+
+
+def evaluate_mix(mix: str | Path, sources: Sequence[DataSource], seq_len: int = 256, max_blocks: int | None = 32,
+                 batch_size: int = 8, device: str | None = None, text_field: str | None = None) -> EvalReport:
+    """Load a mix folder (MoE or dense merge) and evaluate it on named data sources."""
+    mix = require_mix_folder(mix)
+    tokenizer = AutoTokenizer.from_pretrained(mix)
+    model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return evaluate(model, eval_blocks(sources, tokenizer, seq_len, max_blocks, text_field), batch_size)
+
+
+def save_heatmap(report: EvalReport, path: str | Path, title: str = "tokens routed to each expert") -> Path:
+    """Write the routing matrix as a PNG heatmap (rows: domains, columns: experts, cells: share)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if report.routing is None:
+        raise ValueError("this mix has no router (a dense merge): there is no routing matrix to draw")
+    m = report.routing.numpy()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 1.0 + 0.6 * m.shape[0]))
+    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(m.shape[1]), report.experts, rotation=30, ha="right")
+    ax.set_yticks(range(m.shape[0]), report.domains)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("domain")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.0%}", ha="center", va="center", color="white" if m[i, j] < 0.6 else "black",
+                    fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path

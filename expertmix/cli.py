@@ -1,0 +1,548 @@
+"""The ``expertmix`` command line: parses arguments, calls the library, prints results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ExpertmixError
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{msg}[/dim]", highlight=False)
+
+
+class _Group(click.Group):
+    """Turns expertmix's own errors into one clear line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ExpertmixError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="expertmix")
+def main() -> None:
+    """expertmix: train, publish, assemble, align, quantize and export mixtures of experts."""
+
+
+def _registry_option(f):
+    return click.option("--registry", envvar="EXPERTMIX_REGISTRY", default=None,
+                        help="Registry URL or local store path (default: the local store in $EXPERTMIX_HOME).")(f)
+
+
+def _token_option(f):
+    return click.option("--token", envvar="EXPERTMIX_TOKEN", default=None,
+                        help="Registry token (publishing, private experts); default: $EXPERTMIX_TOKEN.")(f)
+
+
+def _parse_data(values: tuple[str, ...], domain: str):
+    from .experts.training import DataSource
+
+    sources = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = (domain if len(values) == 1 else Path(v).stem.split(".")[0]), v
+        if not name or not path:
+            raise click.BadParameter(f"{v!r}: use PATH or NAME=PATH", param_hint="--data")
+        sources.append(DataSource(name=name, path=Path(path)))
+    return sources
+
+
+# -- contributor workflow ---------------------------------------------------------------------------
+
+@main.command()
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="Seed model folder.")
+@click.option("--data", "data", multiple=True, required=True,
+              help="Training data: PATH or NAME=PATH (.txt, .jsonl, Aya layout, datasets folder). Repeatable.")
+@click.option("--domain", required=True, help="Domain name recorded in the card.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output expert folder (must not exist).")
+@click.option("--name", default=None, help="Expert name (NAME or ORG/NAME); default: the domain.")
+@click.option("--base-id", default=None, help="Id of the base model written to the card (default: folder name).")
+@click.option("--peft", "kind", type=click.Choice(["dense", "lora", "ia3"]), default="dense", show_default=True,
+              help="Train the whole model (dense) or a PEFT adapter.")
+@click.option("--valid", type=click.Path(path_type=Path), default=None,
+              help="Validation data (default: hold out a fraction).")
+@click.option("--valid-fraction", type=float, default=0.05, show_default=True)
+@click.option("--text-field", default=None, help="JSONL field holding the text (default: text, or Aya inputs/targets).")
+@click.option("--prune", default=None, help="Perplexity pruning, e.g. middle:0.5, bottom:0.3, top:0.5.")
+@click.option("--prune-reference", type=click.Path(path_type=Path), default=None,
+              help="Reference model for pruning (default: the base).")
+@click.option("--mix", default=None, help="Token shares of the named sources, e.g. code=0.25,de=0.75.")
+@click.option("--mix-tokens", type=int, default=None, help="Total tokens of the mixture (repeats sources if needed).")
+@click.option("--embedder", default=None, help="'seed', 'minilm' or a sentence-transformers folder.")
+@click.option("--language", "languages", multiple=True, help="Languages for the card (default: from the data).")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Budget in optimizer steps.")
+@click.option("--max-tokens", type=int, default=None, help="Budget in training tokens (wins over --max-steps).")
+@click.option("--save-steps", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+def train(base, data, domain, out, name, base_id, kind, valid, valid_fraction, text_field, prune, prune_reference,
+          mix, mix_tokens, embedder, languages, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens,
+          save_steps, lora_r, seed, resume):
+    """Train a dense or PEFT expert from a seed and write an expert repo."""
+    from .experts.training import ExpertTrainConfig, TrainSettings, train_expert
+
+    cfg = ExpertTrainConfig(
+        base=base, data=_parse_data(data, domain), domain=domain, out=out, name=name, base_id=base_id, kind=kind,
+        valid=valid, valid_fraction=valid_fraction, seq_len=seq_len, text_field=text_field, prune=prune,
+        prune_reference=prune_reference, mix=mix, mix_tokens=mix_tokens, embedder=embedder,
+        languages=list(languages) or None, lora_r=lora_r, lora_alpha=2 * lora_r, resume=resume,
+        settings=TrainSettings(max_steps=max_steps, max_tokens=max_tokens, batch_size=batch_size,
+                               grad_accum=grad_accum, learning_rate=lr, save_steps=save_steps, seed=seed))
+    path = train_expert(cfg, log=_log)
+    from .hub.card import read_card
+
+    m = read_card(path).expert.metrics
+    stdout.print(f"expert written to {path}  (validation perplexity {m['valid_perplexity_before']:.2f} → "
+              f"{m['valid_perplexity_after']:.2f})", highlight=False)
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Documents to score.")
+@click.option("--reference", required=True, type=click.Path(path_type=Path), help="Reference model folder.")
+@click.option("--keep", required=True, help="Which fraction to keep: bottom|middle|top:FRACTION, e.g. middle:0.5.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned JSONL (scores go beside it).")
+@click.option("--text-field", default=None)
+def prune(data, reference, keep, out, text_field):
+    """Perplexity-prune a dataset; writes the kept documents and every document's score."""
+    from .experts.pruning import parse_prune_spec, prune_file
+
+    summary = prune_file(data, out, reference, parse_prune_spec(keep), text_field=text_field)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+# -- registry ---------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Publish under this name (default: the card's expert name).")
+@click.option("--tag", default=None, help="Also tag the new revision.")
+@click.option("--private", is_flag=True, help="Registry servers: readable only with the namespace's token.")
+@_registry_option
+@_token_option
+def publish(folder, name, tag, registry, private, token):
+    """Publish an expert folder as a new immutable revision."""
+    from .hub.store import open_registry
+
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # plain HTTP uploads to expertmix registries
+    entry = open_registry(registry, token=token).publish(folder, name=name, tag=tag,
+                                                         **({"private": True} if private else {}))
+    click.echo(f"published {entry.name}@{entry.revision}")
+
+
+@main.command()
+@click.argument("ref")
+@_registry_option
+@_token_option
+def pull(ref, registry, token):
+    """Fetch NAME[@REV] and print the local folder that transformers/peft load."""
+    from .hub.store import open_registry
+
+    click.echo(str(open_registry(registry, token=token).pull(ref)))
+
+
+@main.command(name="list")
+@_registry_option
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(registry, token, as_json):
+    """List the experts in the registry."""
+    from .hub.store import open_registry
+
+    entries = open_registry(registry, token=token).list()
+    if as_json:
+        click.echo(json.dumps([e.summary() for e in entries], indent=2))
+        return
+    table = Table("name", "revision", "domain", "kind", "languages", "base", "valid ppl")
+    for e in entries:
+        x = e.card.expert
+        ppl = x.metrics.get("valid_perplexity_after")
+        table.add_row(e.name, e.revision[:12], x.domain, x.kind, ",".join(x.languages), x.base_model,
+                      f"{ppl:.2f}" if ppl is not None else "")
+    stdout.print(table)
+
+
+@main.command()
+@click.argument("ref")
+@_registry_option
+@_token_option
+def show(ref, registry, token):
+    """Print an expert's card fields and files as JSON."""
+    from .hub.store import open_registry
+
+    e = open_registry(registry, token=token).show(ref)
+    click.echo(json.dumps({**e.summary(), "refs": e.refs, "card": e.card.expert.model_dump(mode="json"),
+                           "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in e.files]},
+                          indent=2))
+
+
+# -- registry service (issue 4) ---------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--database", default=None,
+              help="SQLAlchemy URL, e.g. postgresql+psycopg://USER:PW@HOST/DB (default: SQLite in "
+                   "$EXPERTMIX_HOME/registry).")
+@click.option("--blobs", default=None,
+              help="Blob folder or fsspec URL (default: $EXPERTMIX_HOME/registry/blobs).")
+@click.option("--max-upload-bytes", type=int, default=None, help="Refuse larger files (default 20 GiB).")
+@click.option("--public-url", default=None, help="URL clients reach the server at, if not the one asked.")
+def serve(host, port, database, blobs, max_upload_bytes, public_url):
+    """Run the expert registry: a Hugging Face Hub-compatible server with expert search."""
+    from .server.registry import RegistrySettings
+    from .server.registry import serve as run_server
+
+    settings = RegistrySettings.from_env(database_url=database, blobs_url=blobs,
+                                         max_upload_bytes=max_upload_bytes, public_url=public_url)
+    _log(f"expertmix registry: database {settings.database_url.split('@')[-1]}, blobs {settings.blobs_url}")
+    run_server(settings, host=host, port=port)
+
+
+@main.group()
+def token() -> None:
+    """Registry write tokens."""
+
+
+@token.command(name="create")
+@click.option("--namespace", required=True, help="The namespace (ORG) the token may write to.")
+@click.option("--database", default=None, help="The registry's database URL (as given to `expertmix serve`).")
+@click.option("--label", default="", help="A note stored with the token.")
+def token_create(namespace, database, label):
+    """Create a token for NAMESPACE; it is printed once and stored only hashed."""
+    from .server.registry import RegistrySettings, create_token
+
+    click.echo(create_token(RegistrySettings.from_env(database_url=database).database_url, namespace, label))
+
+
+@main.command()
+@click.option("--domain", default=None)
+@click.option("--language", default=None)
+@click.option("--kind", type=click.Choice(["dense", "lora", "ia3"]), default=None)
+@click.option("--base-fingerprint", default=None, help="Base weights fingerprint (a prefix is enough).")
+@click.option("--like", "like", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Rank experts by similarity to the domain embedding of this data file or folder.")
+@click.option("--base", "seed_dir", type=click.Path(path_type=Path), default=None,
+              help="With --like: the seed folder, to embed the data like experts embedded with 'seed'.")
+@click.option("--text-field", default=None, help="With --like: the JSONL field holding the text.")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_registry_option
+@_token_option
+def search(domain, language, kind, base_fingerprint, like, seed_dir, text_field, limit, as_json, registry,
+           token):
+    """Find experts by domain, language, kind and base fingerprint, or nearest to your data (--like)."""
+    from .hub.similarity import search_like
+    from .hub.store import open_registry
+
+    reg = open_registry(registry, token=token)
+    filters = {"domain": domain, "language": language, "kind": kind, "base_fingerprint": base_fingerprint}
+    if like is not None:
+        hits = search_like(reg, like, seed_dir=seed_dir, text_field=text_field, limit=limit, **filters)
+    else:
+        hits = reg.search(limit=limit, **filters)
+    if as_json:
+        click.echo(json.dumps([{**e.summary(), "score": s} for e, s in hits], indent=2))
+        return
+    extra = ["similarity"] if like else []
+    table = Table("name", "revision", "domain", "kind", "languages", "base", *extra)
+    for e, s in hits:
+        x = e.card.expert
+        table.add_row(e.name, e.revision[:12], x.domain, x.kind, ",".join(x.languages), x.base_model,
+                      *([f"{s:.4f}"] if like else []))
+    stdout.print(table)
+
+
+# -- alignment --------------------------------------------------------------------------------------
+
+_REWARD_HELP = ("Reward: script, keyword, multilingual, arithmetic (built in), module:function, "
+                "file.py:function, or a sequence-classification reward-model folder.")
+
+
+@main.group()
+def prefs() -> None:
+    """Preference data for alignment."""
+
+
+@prefs.command(name="generate")
+@click.option("--policy", required=True, type=click.Path(path_type=Path), help="Model or mix to sample.")
+@click.option("--prompts", required=True, type=click.Path(path_type=Path),
+              help="Prompts JSONL: prompt (or Aya inputs), language, and fields the reward reads.")
+@click.option("--reward", required=True, help=_REWARD_HELP)
+@click.option("--k", type=int, default=4, show_default=True, help="Completions sampled per prompt.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Preference pairs JSONL.")
+@click.option("--language", "languages", multiple=True, help="Only prompts in this language (repeatable).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--min-margin", type=float, default=0.0, show_default=True,
+              help="Skip prompts whose best and worst scores differ by no more than this.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per generate call.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, temperature, min_margin,
+                   batch_size, seed):
+    """Sample k completions per prompt, score them, write best/worst pairs (all scores kept for audit)."""
+    from .alignment.preferences import generate_preference_file
+
+    summary = generate_preference_file(policy, prompts, reward, out, k, list(languages) or None,
+                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                       min_margin=min_margin, batch_size=batch_size, seed=seed)
+    table = Table("language", "prompts", "pairs", "ties", "mean score", title=f"preference pairs → {out}")
+    for lang, s in summary.items():
+        table.add_row(lang, str(s["prompts"]), str(s["pairs"]), str(s["ties"]), f"{s['mean_score']:.4f}")
+    stdout.print(table)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["dpo", "rloo"]), required=True)
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="RLOO: training prompts.")
+@click.option("--prefs", "prefs_file", type=click.Path(path_type=Path), default=None,
+              help="DPO: preference pairs JSONL (from `expertmix prefs generate`).")
+@click.option("--reward", default=None,
+              help=_REWARD_HELP + " Required for RLOO; for DPO it scores monitoring samples.")
+@click.option("--k", type=int, default=4, show_default=True, help="RLOO: samples per prompt.")
+@click.option("--beta", type=float, default=None, help="KL coefficient (default: 0.05 rloo, 0.1 dpo).")
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Prompts (RLOO) or pairs (DPO) per step.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--train-router/--freeze-router", default=True, show_default=True,
+              help="Whether the mix's router trains too.")
+@click.option("--language", "languages", multiple=True, help="Train only on this language (repeatable).")
+@click.option("--eval-prompts", type=click.Path(path_type=Path), default=None,
+              help="Held-out prompts: reward and KL per language before and after.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Aligned checkpoint folder (must not exist).")
+def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_size, max_new_tokens,
+          train_router, languages, eval_prompts, seed, out):
+    """Align a mix or causal LM with DPO or RLOO; logs reward, KL and per-language reward every step."""
+    from .alignment.align import AlignConfig
+    from .alignment.align import align as run_align
+
+    cfg = AlignConfig(model=model, out=out, method=method, prompts=prompts, prefs=prefs_file, reward=reward,
+                      k=k, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, train_router=train_router,
+                      languages=list(languages) or None, eval_prompts=eval_prompts, seed=seed)
+    s = run_align(cfg, log=_log)
+    first, last = s["first_steps"], s["last_steps"]
+    table = Table("metric", f"first {s['steps_averaged']} steps", f"last {s['steps_averaged']} steps",
+                  title=f"{method} (beta {s['beta']})")
+    for key in ("reward", "sample_reward", "kl", "loss"):
+        if key in first:
+            table.add_row(key, f"{first[key]:.4f}", f"{last[key]:.4f}")
+    stdout.print(table)
+    if s["eval_before"] is not None:
+        ev = Table("language", "reward before", "reward after", "KL after", title="held-out prompts")
+        before, after = s["eval_before"], s["eval_after"]
+        for lang, row in after["per_language"].items():
+            ev.add_row(lang, f"{before['per_language'][lang]['reward']:.4f}", f"{row['reward']:.4f}",
+                       f"{row['kl']:.4f}")
+        ev.add_row("all", f"{before['reward']:.4f}", f"{after['reward']:.4f}", f"{after['kl']:.4f}")
+        stdout.print(ev)
+    stdout.print(f"aligned model written to {out} (per-step log: {out / 'align_log.jsonl'})", highlight=False)
+
+
+# -- assembling mixes (Nexus) -----------------------------------------------------------------------
+
+def _named_sources(values: tuple[str, ...]):
+    """``NAME=PATH`` (or a PATH whose file name starts with the name, e.g. code.valid.jsonl)."""
+    if not values:
+        return []
+    first = values[0].partition("=")[2] or values[0]
+    return _parse_data(values, Path(first).name.split(".")[0])
+
+
+def _budget_options(f):
+    for opt in reversed([
+        click.option("--seq-len", type=int, default=256, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--grad-accum", type=int, default=1, show_default=True),
+        click.option("--lr", type=float, default=None, help="Peak learning rate (default: 3e-4, or the recipe's)."),
+        click.option("--max-steps", type=int, default=None, help="Budget in optimizer steps."),
+        click.option("--max-tokens", type=int, default=None, help="Budget in training tokens (wins over --max-steps)."),
+        click.option("--save-steps", type=int, default=100, show_default=True, help="Checkpoint every N steps."),
+        click.option("--random-seed", "run_seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed, default_steps=None):
+    from .experts.training import TrainSettings
+
+    return TrainSettings(max_steps=max_steps if max_steps is not None or max_tokens else default_steps,
+                         max_tokens=max_tokens, batch_size=batch_size, grad_accum=grad_accum,
+                         learning_rate=3e-4 if lr is None else lr, save_steps=save_steps, seed=run_seed)
+
+
+@main.command()
+@click.option("--seed", "seed_dir", required=True, type=click.Path(path_type=Path), help="The experts' seed model folder.")
+@click.option("--experts", "experts", multiple=True, required=True, metavar="NAME[@REV] [NAME[@REV] ...]",
+              help="Experts to mix: registry refs or expert folders (several may follow one --experts).")
+@click.argument("more_experts", nargs=-1, metavar="")
+@click.option("--data", multiple=True, required=True,
+              help="Router training data, one source per domain: NAME=PATH (repeatable; mixed by --mix).")
+@click.option("--mix", default=None, help="Token shares of the sources, e.g. code=0.25,de=0.75 (default: equal).")
+@click.option("--router", type=click.Choice(["nexus", "linear", "merge"]), default="nexus", show_default=True,
+              help="nexus: adaptive router; linear: BTX-style gate; merge: dense weight average.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
+@click.option("--train-all", is_flag=True, help="Train every weight, not only the router.")
+@click.option("--aux-loss", type=float, default=0.05, show_default=True, help="Load-balancing loss coefficient.")
+@click.option("--seed-id", default=None, help="Id of the seed recorded in mix.json (default: folder name).")
+@click.option("--text-field", default=None)
+@_registry_option
+@_budget_options
+def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all, aux_loss, seed_id, text_field,
+             registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed, resume):
+    """Upcycle experts of one seed into a Nexus MoE (or a baseline) and train it on their domains."""
+    from .assembler.assemble import AssembleConfig
+    from .assembler.assemble import assemble as run_assemble
+
+    cfg = AssembleConfig(seed=seed_dir, experts=[*experts, *more_experts], data=_named_sources(data), out=out,
+                         router=router, registry=registry, seed_id=seed_id, train_all=train_all, mix=mix,
+                         seq_len=seq_len, text_field=text_field, aux_loss_coef=aux_loss, resume=resume,
+                         settings=_settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps,
+                                            run_seed))
+    path = run_assemble(cfg, log=_log)
+    stdout.print(f"mix written to {path}", highlight=False)
+
+
+@main.command()
+@click.argument("mix", type=click.Path(path_type=Path))
+@click.option("--expert", required=True, help="The new expert: registry ref NAME[@REV] or an expert folder.")
+@click.option("--data", multiple=True, required=True, help="New-domain data: NAME=PATH or PATH (repeatable).")
+@click.option("--replay", multiple=True, help="Old domains' data NAME=PATH (default: the mix's own, from mix.json).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
+@click.option("--recipe", type=click.Choice(["isolated", "paper", "paper-keep"]), default="isolated",
+              show_default=True, help="isolated: measured best here; paper: Gritsch et al. (merge 1/(n+1), "
+                                      "finetune all); paper-keep: the paper without the merge.")
+@click.option("--merge", type=click.Choice(["all", "none", "token-rows"]), default=None,
+              help="Override the recipe: which non-FFN weights take in the new expert's.")
+@click.option("--merge-lambda", type=float, default=None, help="Override lambda (default 1/(n+1)).")
+@click.option("--train", "train_groups", default=None,
+              help="Override what finetunes: comma list of router,experts,shared,dense (experts = the new one).")
+@click.option("--placement", type=click.Choice(["project", "fit", "reinit"]), default=None,
+              help="Override where the new expert enters the router.")
+@click.option("--new-share", type=float, default=None, help="Share of new-domain tokens (default 0.5).")
+@click.option("--text-field", default=None)
+@_registry_option
+@_budget_options
+def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_groups, placement, new_share,
+           text_field, registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed,
+           resume):
+    """Add a new expert to a mix and finetune briefly on new plus replayed old data."""
+    from dataclasses import replace
+
+    from .assembler.extension import RECIPES, ExtendConfig
+    from .assembler.extension import extend as run_extend
+
+    overrides = {k: v for k, v in dict(merge=merge, merge_lambda=merge_lambda, placement=placement,
+                                       new_share=new_share).items() if v is not None}
+    if train_groups:
+        overrides["train"] = tuple(g.strip() for g in train_groups.split(",") if g.strip())
+    chosen = replace(RECIPES[recipe], **overrides)
+    cfg = ExtendConfig(mix=mix, expert=expert, data=_named_sources(data), out=out,
+                       replay=_named_sources(replay) or None, recipe=chosen,
+                       recipe_name=recipe + (" (modified)" if overrides else ""), registry=registry,
+                       seq_len=seq_len, text_field=text_field, resume=resume,
+                       settings=_settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed,
+                                          default_steps=15))
+    path = run_extend(cfg, log=_log)
+    stdout.print(f"extended mix written to {path}", highlight=False)
+
+
+@main.command()
+@click.argument("mix", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["qwen2-moe"]), default="qwen2-moe", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--no-check", is_flag=True, help="Skip comparing the export's logits with the mix's.")
+def export(mix, fmt, out, no_check):
+    """Export a mix to a format that standard tooling loads (qwen2-moe: stock transformers)."""
+    from .assembler.export import export as run_export
+    from .assembler.export import max_logit_difference
+
+    path = run_export(mix, out, fmt, log=_log)
+    stdout.print(f"exported to {path}", highlight=False)
+    if not no_check:
+        stdout.print(f"max |logit difference| against the mix (float32): {max_logit_difference(mix, path):.2e}",
+                     highlight=False)
+
+
+@main.command(name="eval")
+@click.argument("mix", type=click.Path(path_type=Path))
+@click.option("--data", multiple=True, required=True, help="Evaluation data per domain: NAME=PATH (repeatable).")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--max-blocks", type=int, default=32, show_default=True, help="Blocks per domain (0: all).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Save the routing matrix as PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--text-field", default=None)
+def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_field):
+    """Per-domain perplexity of a mix and its routing matrix (share of each domain's tokens per expert)."""
+    from .assembler.routing_report import evaluate_mix, save_heatmap
+
+    report = evaluate_mix(mix, _named_sources(data), seq_len=seq_len, max_blocks=max_blocks or None,
+                          batch_size=batch_size, text_field=text_field)
+    if heatmap is not None and report.routing is not None:
+        save_heatmap(report, heatmap, title=f"{Path(mix).name}: tokens routed to each expert")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table("domain", "perplexity", *report.experts, title="perplexity and routing (share of tokens)")
+    for i, d in enumerate(report.domains):
+        shares = [f"{float(x):.0%}" for x in report.routing[i]] if report.routing is not None else []
+        table.add_row(d, f"{report.perplexity[d]:.2f}", *shares)
+    stdout.print(table)
+    if heatmap is not None:
+        stdout.print(f"routing heatmap: {heatmap}" if report.routing is not None
+                     else "no routing heatmap: the mix is a dense merge", highlight=False)
+
+
+# -- quickstart -------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where to work (default: $EXPERTMIX_HOME/quickstart). Rerunning resumes.")
+@click.option("--seed-steps", type=int, default=300, show_default=True)
+@click.option("--expert-steps", type=int, default=150, show_default=True)
+@_registry_option
+def quickstart(workdir, seed_steps, expert_steps, registry):
+    """Build a tiny seed, train an expert per synthetic domain, publish them and compare perplexities."""
+    from .hub.store import expertmix_home, open_registry
+    from .quickstart import QuickstartConfig, run_quickstart
+
+    cfg = QuickstartConfig(workdir=workdir or expertmix_home() / "quickstart", seed_steps=seed_steps,
+                           expert_steps=expert_steps)
+    result = run_quickstart(cfg, open_registry(registry), log=_log)
+    table = Table("model", *next(iter(result["table"].values())).keys(), title="validation perplexity")
+    for label, row in result["table"].items():
+        best = {d: min(r[d] for r in result["table"].values()) for d in row}
+        table.add_row(label, *[f"[bold]{v:.2f}[/bold]" if v == best[d] else f"{v:.2f}" for d, v in row.items()])
+    stdout.print(table)
+    for domain, ref in result["published"].items():
+        stdout.print(f"{domain}: {ref}", highlight=False)
+
+
+if __name__ == "__main__":  # python -m expertmix.cli
+    sys.exit(main())

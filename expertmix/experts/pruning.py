@@ -1,0 +1,221 @@
+"""Perplexity pruning (Marion et al. 2023, "When Less is More"): keep one band of a reference LM's scores.
+
+Every document is scored by a reference causal LM's perplexity over its first ``max_tokens`` tokens; the
+bottom (easiest), middle or top (hardest) fraction is kept. Documents too short to score (fewer than two
+tokens) get perplexity +inf and are never kept; the fraction applies to the documents that could be scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+
+from ..errors import DataError, ExpertmixError
+from ..fsutil import atomic_path
+from .data import Document, read_documents
+
+Where = Literal["bottom", "middle", "top"]
+WHERES: tuple[str, ...] = get_args(Where)
+SPEC_SYNTAX = "WHERE:FRACTION with WHERE one of bottom, middle, top and 0 < FRACTION <= 1 (e.g. middle:0.5)"
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Which band of the perplexity distribution to keep, and how much of it."""
+
+    where: Where
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if self.where not in WHERES:
+            raise DataError(f"pruning band {self.where!r} is not one of {', '.join(WHERES)}")
+        if not (isinstance(self.fraction, int | float) and 0 < self.fraction <= 1):
+            raise DataError(f"pruning fraction {self.fraction!r} must be a number with 0 < fraction <= 1")
+
+    def __str__(self) -> str:
+        return f"{self.where}:{self.fraction:g}"
+
+
+def parse_prune_spec(text: str) -> PruneSpec:
+    """Parse ``middle:0.5``-style text into a PruneSpec; bad text names the value and the syntax."""
+    where, sep, frac = text.strip().partition(":")
+    where = where.strip().lower()
+    if not sep or where not in WHERES:
+        raise DataError(f"invalid pruning spec {text!r}: expected {SPEC_SYNTAX}")
+    try:
+        fraction = float(frac)
+    except ValueError:
+        raise DataError(f"invalid pruning spec {text!r}: fraction {frac.strip()!r} is not a number; "
+                        f"expected {SPEC_SYNTAX}") from None
+    if not (0 < fraction <= 1):  # also rejects nan
+        raise DataError(f"invalid pruning spec {text!r}: fraction {fraction:g} is outside (0, 1]; "
+                        f"expected {SPEC_SYNTAX}")
+    return PruneSpec(where, fraction)  # type: ignore[arg-type]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_tokens: int = 512,
+                    batch_size: int = 8, progress: bool = True) -> list[float]:
+    """Each document's perplexity under ``model``: exp of mean token NLL over its first ``max_tokens`` tokens.
+
+    Documents are batched by similar length with right padding and an attention mask; a document of fewer
+    than two tokens cannot be scored and gets +inf.
+    """
+    # Hand-written rather than `evaluate`'s perplexity metric: that one loads its own model by hub id,
+    # and we score with the caller's (already loaded, possibly local) reference model.
+    if max_tokens < 2:
+        raise DataError(f"max_tokens={max_tokens}: at least 2 tokens are needed to score a document")
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size}: must be at least 1")
+    scores = [math.inf] * len(docs)
+    if not docs:
+        return scores
+    encoded = tokenizer([d.full_text for d in docs], truncation=True, max_length=max_tokens)["input_ids"]
+    # Longest first so memory problems show at once; similar lengths share a batch to waste little padding.
+    order = sorted((i for i, ids in enumerate(encoded) if len(ids) >= 2), key=lambda i: -len(encoded[i]))
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(docs), desc="perplexity", unit="doc", disable=not progress)
+    bar.update(len(docs) - len(order))
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            seqs = [torch.tensor(encoded[i], dtype=torch.long) for i in idx]
+            # The padding value never reaches the loss (masked), so no pad token is required of the tokenizer.
+            ids = pad_sequence(seqs, batch_first=True, padding_value=0).to(device)
+            ones = [torch.ones_like(s) for s in seqs]
+            mask = pad_sequence(ones, batch_first=True, padding_value=0).to(device)
+            # A batch without padding needs no mask (same result); attention may use its plain causal kernel.
+            logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask).logits[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1),
+                                  reduction="none").view(ids.size(0), -1)
+            target_mask = mask[:, 1:].float()
+            mean_nll = (nll * target_mask).sum(1) / target_mask.sum(1)
+            for i, v in zip(idx, mean_nll.tolist(), strict=True):
+                scores[i] = math.exp(v)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return scores
+
+
+def select(scores: Sequence[float], spec: PruneSpec) -> list[int]:
+    """Indices of the kept scores, ``round(fraction * n)`` of them (at least one), in their original order.
+
+    Ties are broken by position; +inf ranks above every finite score; NaN is an error.
+    """
+    n = len(scores)
+    if n == 0:
+        return []
+    for i, s in enumerate(scores):
+        if math.isnan(s):
+            raise DataError(f"perplexity of document {i} is NaN: the reference model's output is not finite")
+    k = min(n, max(1, round(spec.fraction * n)))
+    ranked = sorted(range(n), key=lambda i: (scores[i], i))
+    if spec.where == "bottom":
+        kept = ranked[:k]
+    elif spec.where == "top":
+        kept = ranked[n - k:]
+    else:
+        lo = (n - k) // 2
+        kept = ranked[lo:lo + k]
+    return sorted(kept)
+
+
+def prune_documents(docs: Sequence[Document], model: Any, tokenizer: Any, spec: PruneSpec,
+                    **kw: Any) -> tuple[list[Document], list[dict]]:
+    """Score ``docs`` and keep the band ``spec`` asks for; also return one audit record per input document.
+
+    Extra keywords go to :func:`score_documents`. Unscorable documents are dropped and recorded with
+    perplexity ``None``.
+    """
+    scores = score_documents(docs, model, tokenizer, **kw)
+    scorable = [i for i, s in enumerate(scores) if math.isfinite(s)]
+    if docs and not scorable:
+        raise DataError(f"none of the {len(docs)} documents has two tokens or more: nothing to score")
+    kept = {scorable[j] for j in select([scores[i] for i in scorable], spec)}
+    records = [{"index": i, "source": d.source, "line": d.line,
+                "perplexity": scores[i] if math.isfinite(scores[i]) else None, "kept": i in kept}
+               for i, d in enumerate(docs)]
+    return [docs[i] for i in sorted(kept)], records
+
+
+def _write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
+    with atomic_path(path, ".jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_scores(path: str | Path, records: Sequence[dict]) -> None:
+    """Write the audit records as JSONL, atomically."""
+    _write_jsonl(path, records)
+
+
+def document_record(doc: Document) -> dict:
+    """A document as a JSONL row that ``read_documents`` reads back (Aya ones as ``inputs``/``targets``)."""
+    row: dict[str, Any] = {"inputs": doc.prompt, "targets": doc.text} if doc.prompt is not None \
+        else {"text": doc.text}
+    for key in ("language", "script", "domain"):
+        if getattr(doc, key) is not None:
+            row[key] = getattr(doc, key)
+    return row
+
+
+def scores_path_for(out_path: str | Path) -> Path:
+    """Where the audit scores of ``out_path`` go: ``<out stem>.scores.jsonl`` beside it."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.scores.jsonl")
+
+
+def _band(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir: str | Path,
+               spec: PruneSpec | str, text_field: str | None = None, *, max_tokens: int = 512,
+               batch_size: int = 8, device: str | None = None, progress: bool = True) -> dict:
+    """Prune a data file by a reference model's perplexity; write the kept documents and the scores beside."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(spec, str):
+        spec = parse_prune_spec(spec)
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise DataError(f"{out_path} already exists: choose another output path or remove it")
+    docs = read_documents(data_path, text_field=text_field)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(reference_model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(reference_model_dir), dtype=dtype).to(device)
+    except (OSError, ValueError) as exc:
+        raise ExpertmixError(f"cannot load the reference model from {reference_model_dir}: {exc}") from exc
+    kept, records = prune_documents(docs, model, tokenizer, spec, max_tokens=max_tokens,
+                                    batch_size=batch_size, progress=progress)
+    scores_path = scores_path_for(out_path)
+    write_scores(scores_path, records)
+    _write_jsonl(out_path, [document_record(d) for d in kept])
+    scored = [r["perplexity"] for r in records if r["perplexity"] is not None]
+    return {"spec": str(spec), "reference_model": str(reference_model_dir), "data": str(data_path),
+            "out": str(out_path), "scores": str(scores_path), "documents": len(docs), "kept": len(kept),
+            "unscorable": len(docs) - len(scored), "max_tokens": max_tokens,
+            "perplexity_all": _band(scored),
+            "perplexity_kept": _band([r["perplexity"] for r in records if r["kept"]])}

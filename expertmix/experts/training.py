@@ -1,0 +1,358 @@
+"""Training with the transformers Trainer: the shared ``fit`` loop and ``train_expert`` (dense or PEFT).
+
+The Trainer gives the progress bar, checkpoints, resume and multi-GPU (``accelerate launch`` / torchrun)
+for free; ``fit`` only turns token blocks and a budget into its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..errors import ExpertmixError
+from ..fsutil import atomic_dir, write_json_atomic
+from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
+from ..hub.fingerprint import architecture_of, fingerprint_tokenizer, fingerprint_weights
+from ..hub.repo import save_domain_embedding, validate_name
+from .data import Document, pack, read_documents, tokenize_documents
+
+Blocks = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings and budget. ``max_tokens`` wins over ``max_steps`` when both are set."""
+
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 5e-4
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    save_steps: int = 100
+    logging_steps: int = 10
+    seed: int = 0
+    bf16: bool | Literal["auto"] = "auto"
+    progress: bool = True
+
+    def steps_for(self, n_blocks: int, seq_len: int) -> int:
+        """Optimizer steps for the budget; one pass over the data when no budget is set."""
+        world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        per_step = self.batch_size * self.grad_accum * world
+        if self.max_tokens is not None:
+            return max(1, math.ceil(self.max_tokens / (per_step * seq_len)))
+        if self.max_steps is not None:
+            return max(1, self.max_steps)
+        return max(1, math.ceil(n_blocks / per_step))
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed token blocks as a map-style dataset for the Trainer."""
+
+    def __init__(self, blocks: Blocks):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks["input_ids"].shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.blocks.items()}
+
+
+def _use_bf16(flag: bool | str) -> bool:
+    if flag == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(flag)
+
+
+def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: TrainSettings, work_dir: str | Path,
+        resume: bool = False, callbacks: Sequence | None = None) -> dict:
+    """Train ``model`` on packed blocks with the Trainer; checkpoints go to ``work_dir``, resumable."""
+    work_dir = Path(work_dir)
+    seq_len = train_blocks["input_ids"].shape[1]
+    steps = settings.steps_for(train_blocks["input_ids"].shape[0], seq_len)
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.lr_scheduler,
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to="none",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=_use_bf16(settings.bf16),
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        disable_tqdm=not settings.progress,
+        dataloader_drop_last=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks),
+                      eval_dataset=BlockDataset(valid_blocks) if valid_blocks is not None else None,
+                      callbacks=list(callbacks or []))
+    checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    metrics.update(steps=steps, tokens=steps * settings.batch_size * settings.grad_accum * seq_len,
+                   resumed_from=Path(checkpoint).name if checkpoint else None)
+    return metrics
+
+
+@torch.no_grad()
+def perplexity(model, blocks: Blocks, batch_size: int = 8) -> float:
+    """Token-weighted perplexity of ``model`` on packed blocks (labels -100 are skipped)."""
+    nll, count = _nll(model, blocks, batch_size)
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def _nll(model, blocks: Blocks, batch_size: int) -> tuple[float, int]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, blocks["input_ids"].shape[0], batch_size):
+        ids = blocks["input_ids"][start:start + batch_size].to(device)
+        labels = blocks["labels"][start:start + batch_size].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return total, count
+
+
+# --------------------------------------------------------------------------------------------------
+# Expert training
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataSource:
+    """A named source of training documents (``NAME=PATH`` on the command line)."""
+
+    name: str
+    path: Path
+
+
+@dataclass
+class ExpertTrainConfig:
+    """Everything ``expertmix train`` needs; validated by :func:`train_expert` before any work starts."""
+
+    base: Path
+    data: list[DataSource]
+    domain: str
+    out: Path
+    name: str | None = None
+    base_id: str | None = None
+    kind: Literal["dense", "lora", "ia3"] = "dense"
+    valid: Path | None = None
+    valid_fraction: float = 0.05
+    seq_len: int = 256
+    text_field: str | None = None
+    prune: str | None = None
+    prune_reference: Path | None = None
+    mix: str | None = None
+    mix_tokens: int | None = None
+    embedder: str | None = None
+    embed_sample: int = 64
+    languages: list[str] | None = None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    resume: bool = False
+    settings: TrainSettings = field(default_factory=TrainSettings)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+    def fingerprint(self) -> dict:
+        """What must stay the same for ``--resume`` to continue a run."""
+        d = asdict(self)
+        d.pop("resume")
+        for budget in ("max_steps", "max_tokens", "save_steps", "logging_steps", "progress"):
+            d["settings"].pop(budget)  # a resumed run may train longer or checkpoint differently
+        return json.loads(json.dumps(d, default=str))
+
+
+def _split_valid(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    if len(docs) < 2:
+        raise ExpertmixError(f"{docs[0].source if docs else 'data'}: need at least 2 documents to hold out "
+                             f"validation data (or pass --valid FILE)")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, round(fraction * len(docs)))
+    held = set(order[:n_valid])
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def _saved_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a model folder stores its weights in (experts are saved like their seed)."""
+    dtype = AutoConfig.from_pretrained(model_dir).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return dtype or torch.float32
+
+
+def _peft_wrap(model, kind: str, r: int, alpha: int):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    if kind == "lora":
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    else:
+        cfg = IA3Config(task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
+    """Train a dense or PEFT expert from a seed and write the expert repo of DESIGN.md to ``cfg.out``.
+
+    Work happens in ``OUT.partial`` (checkpoints, audit files); the repo appears at ``OUT`` only when complete.
+    """
+    from .embedding import DEFAULT_EMBEDDER, domain_embedding, load_embedder
+    from .mixing import mix_sources, parse_mix_spec
+    from .pruning import parse_prune_spec, prune_documents, write_scores
+
+    out, work = Path(cfg.out), cfg.work_dir
+    name = validate_name(cfg.name or cfg.domain)
+    if out.exists():
+        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+    if work.exists() and not cfg.resume:
+        raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
+                             f"or delete that folder to start over")
+    if not (Path(cfg.base) / "config.json").is_file():
+        raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
+    if not cfg.data:
+        raise ExpertmixError("no training data given (--data)")
+    prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None
+    shares = parse_mix_spec(cfg.mix) if cfg.mix else None
+    run_file = work / "run.json"
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous != cfg.fingerprint():
+            changed = sorted(k for k in previous if previous.get(k) != cfg.fingerprint().get(k))
+            raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
+                                 f"(differs in: {', '.join(changed)})")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, cfg.fingerprint())
+    torch.manual_seed(cfg.settings.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    save_dtype = _saved_dtype(cfg.base)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32)
+
+    # -- data ---------------------------------------------------------------------------------------
+    sources: dict[str, list[Document]] = {}
+    for src in cfg.data:
+        if src.name in sources:
+            raise ExpertmixError(f"--data: source name '{src.name}' given twice")
+        sources[src.name] = read_documents(src.path, cfg.text_field, domain=src.name)
+    if cfg.valid is not None:
+        valid_docs = read_documents(cfg.valid, cfg.text_field)
+        train_sources = sources
+    else:
+        train_sources, valid_docs = {}, []
+        for k, docs in sources.items():
+            tr, va = _split_valid(docs, cfg.valid_fraction, cfg.settings.seed)
+            train_sources[k], valid_docs = tr, valid_docs + va
+
+    pruning_info = None
+    if prune_spec is not None:
+        ref_dir = cfg.prune_reference or cfg.base
+        ref = model if ref_dir == cfg.base else AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+        records_all = []
+        for k, docs in train_sources.items():
+            kept, records = prune_documents(docs, ref, tokenizer, prune_spec)
+            log(f"pruning {k}: kept {len(kept)} of {len(docs)} documents ({prune_spec.where} {prune_spec.fraction})")
+            train_sources[k] = kept
+            records_all += [{"source_name": k, **r} for r in records]
+        write_scores(work / "pruning_scores.jsonl", records_all)
+        pruning_info = {"where": prune_spec.where, "fraction": prune_spec.fraction,
+                        "reference": str(ref_dir if ref_dir != cfg.base else cfg.base_id or Path(cfg.base).name),
+                        "scores_file": "pruning_scores.jsonl"}
+
+    tokenized = {k: tokenize_documents(docs, tokenizer) for k, docs in train_sources.items()}
+    mix_report = None
+    if shares is not None or len(tokenized) > 1:
+        shares = shares or {k: 1.0 / len(tokenized) for k in tokenized}
+        train_tok, mix_report = mix_sources(tokenized, shares, total_tokens=cfg.mix_tokens, seed=cfg.settings.seed)
+    else:
+        train_tok = next(iter(tokenized.values()))
+    train_blocks = pack(train_tok, cfg.seq_len)
+    valid_blocks = pack(tokenize_documents(valid_docs, tokenizer), cfg.seq_len, drop_last=False)
+    n_docs = sum(len(d) for d in train_sources.values())
+    n_tokens = int((train_blocks["labels"] != -100).sum())
+    log(f"data: {n_docs} documents, {train_blocks['input_ids'].shape[0]} blocks of {cfg.seq_len} tokens; "
+        f"{valid_blocks['input_ids'].shape[0]} validation blocks")
+
+    # -- training -----------------------------------------------------------------------------------
+    ppl_before = perplexity(model, valid_blocks, cfg.settings.batch_size)
+    log(f"validation perplexity before: {ppl_before:.3f}")
+    train_model = _peft_wrap(model, cfg.kind, cfg.lora_r, cfg.lora_alpha) if cfg.kind != "dense" else model
+    if cfg.kind != "dense":
+        trainable, total = train_model.get_nb_trainable_parameters()
+    else:
+        trainable = total = sum(p.numel() for p in model.parameters())
+    metrics = fit(train_model, train_blocks, None, cfg.settings, work / "checkpoints", resume=cfg.resume)
+    ppl_after = perplexity(train_model, valid_blocks, cfg.settings.batch_size)
+    log(f"validation perplexity after: {ppl_after:.3f}")
+
+    # -- domain embedding ---------------------------------------------------------------------------
+    embedder_spec = cfg.embedder or DEFAULT_EMBEDDER
+    embedder = load_embedder(embedder_spec, cfg.base)
+    all_train_docs = [d for docs in train_sources.values() for d in docs]
+    embedding, n_embedded = domain_embedding(all_train_docs, embedder, sample=cfg.embed_sample,
+                                             seed=cfg.settings.seed)
+
+    # -- the repo -----------------------------------------------------------------------------------
+    languages = cfg.languages if cfg.languages is not None else \
+        sorted({d.language for d in all_train_docs if d.language})
+    info = ExpertInfo(
+        name=name, domain=cfg.domain, languages=languages, kind=cfg.kind,
+        base_model=cfg.base_id or Path(cfg.base).resolve().name,
+        base_fingerprint=fingerprint_weights(cfg.base), architecture=architecture_of(model.config),
+        tokenizer_fingerprint=fingerprint_tokenizer(tokenizer),
+        embedding=EmbeddingInfo(model=embedder.name, dim=int(embedding.numel()), documents=n_embedded),
+        data=DataInfo(documents=n_docs, tokens=n_tokens, sources=[str(s.path) for s in cfg.data],
+                      pruning=pruning_info, mix={k: v["actual_share"] for k, v in mix_report.items()}
+                      if mix_report else None),
+        metrics={"valid_perplexity_before": ppl_before, "valid_perplexity_after": ppl_after,
+                 "train_loss": float(metrics.get("train_loss", float("nan")))},
+        training={"steps": metrics["steps"], "tokens": metrics["tokens"], "seq_len": cfg.seq_len,
+                  "batch_size": cfg.settings.batch_size, "grad_accum": cfg.settings.grad_accum,
+                  "learning_rate": cfg.settings.learning_rate, "trainable_parameters": int(trainable),
+                  "total_parameters": int(total), "trainable_share": trainable / total},
+    )
+    with atomic_dir(out) as tmp:
+        if cfg.kind == "dense":
+            model.to(save_dtype).save_pretrained(tmp)
+        else:
+            train_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_domain_embedding(tmp, embedding, embedder.name, n_embedded)
+        if (work / "pruning_scores.jsonl").is_file():
+            shutil.copyfile(work / "pruning_scores.jsonl", tmp / "pruning_scores.jsonl")
+        ExpertCard(expert=info, datasets=[s.name for s in cfg.data]).save(tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,74 @@
+"""Namespace-scoped write tokens: created once, shown once, stored as a sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .db import init_db
+from .errors import HubError
+from .models import Token
+from .naming import check_namespace
+
+TOKEN_PREFIX = "emx_"
+
+
+def hash_token(token: str) -> str:
+    # Tokens are 256-bit random strings: a plain sha256 stores them safely (no password stretching needed).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the namespace its token may write to."""
+
+    namespace: str
+    label: str = ""
+
+
+def issue_token(db: Session, namespace: str, label: str = "") -> str:
+    """Create a token that may write to ``namespace``; the clear text is returned once and never stored."""
+    check_namespace(namespace)
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    db.add(Token(namespace=namespace, token_hash=hash_token(token), label=label))
+    db.commit()
+    return token
+
+
+def create_token(database_url: str, namespace: str, label: str = "") -> str:
+    """Open the registry database at ``database_url`` and issue a token for ``namespace``."""
+    factory = init_db(database_url)
+    with factory() as db:
+        return issue_token(db, namespace, label)
+
+
+def principal_for(db: Session, authorization: str | None) -> Principal | None:
+    """The principal named by an ``Authorization: Bearer TOKEN`` header; None without one, 401 if unknown."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HubError(401, "Invalid credentials in Authorization header")
+    row = db.scalar(select(Token).where(Token.token_hash == hash_token(token.strip())))
+    if row is None:
+        raise HubError(401, "Invalid credentials in Authorization header")
+    return Principal(namespace=row.namespace, label=row.label)
+
+
+def require_writer(principal: Principal | None, namespace: str) -> Principal:
+    """401 without a token, 403 with a token for another namespace."""
+    if principal is None:
+        raise HubError(401, f"writing to namespace {namespace!r} needs a token: create one with "
+                            f"`expertmix token create --namespace {namespace}` and pass it as a Bearer token")
+    if principal.namespace != namespace:
+        raise HubError(403, f"this token writes to namespace {principal.namespace!r}, not {namespace!r}")
+    return principal
+
+
+def can_read(principal: Principal | None, namespace: str, private: bool) -> bool:
+    """Public repos are readable by all; private ones only with a token for their namespace."""
+    return not private or (principal is not None and principal.namespace == namespace)

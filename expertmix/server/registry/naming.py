@@ -1,0 +1,60 @@
+"""Checks on everything a client names: repo ids, revisions and file paths (no traversal, no pickles)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from urllib.parse import unquote
+
+from ...errors import StoreError
+from ...hub.repo import FORBIDDEN_SUFFIXES, validate_name
+from .errors import HubError
+
+RESERVED_NAMESPACES = {"api", "datasets", "spaces", "kernels", "buckets", "models", "new", "settings"}
+REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+MAX_PATH = 1000
+
+
+def check_repo_id(namespace: str, name: str) -> str:
+    """``NAMESPACE/NAME`` of letters, digits, '.', '_', '-'; 400 otherwise."""
+    repo_id = f"{namespace}/{name}"
+    try:
+        validate_name(repo_id)
+    except StoreError as exc:
+        raise HubError(400, f"invalid repo id {repo_id!r}: use NAMESPACE/NAME with letters, digits, "
+                            f"'.', '_' and '-'") from exc
+    if namespace.lower() in RESERVED_NAMESPACES:
+        raise HubError(400, f"invalid repo id {repo_id!r}: namespace {namespace!r} is reserved")
+    return repo_id
+
+
+def check_namespace(namespace: str) -> str:
+    check_repo_id(namespace, "x")
+    return namespace
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit id: no slashes, no '..'."""
+    if not REVISION_RE.match(revision) or ".." in revision:
+        raise HubError(400, f"invalid revision {revision!r}: use a branch, a tag or a commit id")
+    return revision
+
+
+def check_path(path: object, field: str = "path") -> str:
+    """A relative POSIX path inside a repo: no absolute path, '..', '.git', backslash or control character."""
+    if not isinstance(path, str) or not path:
+        raise HubError(400, f"field {field!r}: expected a non-empty file path, got {path!r}")
+    if len(path) > MAX_PATH:
+        raise HubError(400, f"field {field!r}: path longer than {MAX_PATH} characters")
+    if path.startswith("/") or "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise HubError(400, f"field {field!r}: {path!r} must be a relative path without backslashes "
+                            f"or control characters")
+    for part in path.split("/"):
+        decoded = unquote(part)
+        if part in ("", ".", "..") or decoded in (".", "..") or "/" in decoded or decoded == ".git":
+            raise HubError(400, f"field {field!r}: {path!r} is not a plain path inside the repo "
+                                f"(empty, '.', '..' or '.git' segment)")
+    if PurePosixPath(path).suffix.lower() in FORBIDDEN_SUFFIXES:
+        raise HubError(400, f"{path}: pickled weight files are refused; weights must be safetensors")
+    return path

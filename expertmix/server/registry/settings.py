@@ -1,0 +1,54 @@
+"""Configuration of the expert registry service: where metadata and blobs live, and upload limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from ...errors import ExpertmixError
+from ...hub.store import expertmix_home
+
+ENV_PREFIX = "EXPERTMIX_REGISTRY_"
+
+
+def default_root() -> Path:
+    """The embedded default's folder: ``$EXPERTMIX_HOME/registry``."""
+    return expertmix_home() / "registry"
+
+
+class RegistrySettings(BaseModel):
+    """Everything ``expertmix serve`` can be told; every field also reads ``EXPERTMIX_REGISTRY_<FIELD>``."""
+
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{default_root() / 'registry.db'}",
+                              description="SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://...")
+    blobs_url: str = Field(default_factory=lambda: str(default_root() / "blobs"),
+                           description="a folder (content-addressed blobs on disk) or any fsspec URL")
+    max_upload_bytes: int = Field(default=20 << 30, gt=0, description="largest file accepted in one upload")
+    max_commit_bytes: int = Field(default=64 << 20, gt=0,
+                                  description="largest commit payload (inline small files travel in it)")
+    inline_max_bytes: int = Field(default=1 << 20, ge=0,
+                                  description="text files up to this size travel inline in the commit; "
+                                              "larger or binary files go through the LFS upload")
+    upload_ttl_s: int = Field(default=3600, gt=0, description="how long an LFS upload URL stays valid")
+    tree_page_size: int = Field(default=1000, gt=0, description="entries per page of /tree listings")
+    verify_downloads: bool = Field(default=True,
+                                   description="hash whole-file downloads; cut them short on a mismatch")
+    public_url: str | None = Field(default=None,
+                                   description="URL clients reach the server at (default: the request's)")
+
+    @classmethod
+    def from_env(cls, **overrides) -> RegistrySettings:
+        """Settings from ``EXPERTMIX_REGISTRY_*`` variables, then ``overrides`` (None values are ignored)."""
+        values: dict = {}
+        for name in cls.model_fields:
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ExpertmixError(f"registry settings: {bad}") from exc

@@ -1,0 +1,187 @@
+"""Alignment on a tiny random Llama: DPO loss on a hand-built batch, frozen reference, RLOO, DPO, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
+
+from expertmix.alignment.align import AlignConfig, align
+from expertmix.alignment.dpo import dpo_step
+from expertmix.alignment.policy import load_policy, load_reference, pack_sequences, sequence_kl, token_logps
+from expertmix.alignment.preferences import PreferencePair, PromptRecord, read_preferences, write_prompts
+from expertmix.alignment.rloo import rloo_step
+from expertmix.cli import main
+from expertmix.experts.seed import tiny_config
+
+# A verifiable reward the tiny random model can learn in a few steps: the share of digits in the reply
+# (its tokenizer was trained on sums, code and prose, so digit tokens are common but not dominant).
+DIGITS_REWARD = "def digits(prompts, completions, **columns):\n" \
+                "    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\n"
+PROMPTS = [("the cat sat", "en"), ("def f1(x):", "py"), ("12 + 7 =", "en"), ("on a mat", "en"),
+           ("return x *", "py"), ("the dog ran", "en"), ("def f4(x):", "py"), ("3 + 40 =", "en")]
+
+
+def digits(prompts, completions, **columns):
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, [PromptRecord(p, lang) for p, lang in PROMPTS])
+    return path
+
+
+def _sequence_logp_by_hand(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """log pi(completion | prompt), one token at a time from the model's logits."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    total = 0.0
+    for j, tok in enumerate(completion_ids):
+        total += torch.log_softmax(logits[len(prompt_ids) + j - 1], -1)[tok].item()
+    return total
+
+
+def test_dpo_step_loss_matches_the_formula_on_a_hand_built_batch(llama_seed):
+    policy, tok = load_policy(llama_seed)
+    reference = load_reference(llama_seed)
+    with torch.no_grad():  # make the policy differ from its reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = [PreferencePair("the cat", " sat on a mat", " 12 + 7", "en"),
+             PreferencePair("def f1(x):", "\n    return x * 2", " far home", "py")]
+    beta = 0.3
+    loss, metrics = dpo_step(policy, reference, tok, pairs, beta)
+    eos = [tok.eos_token_id]
+    expected = []
+    for pair in pairs:
+        p_ids = tok(pair.prompt)["input_ids"]
+        c_ids = tok(pair.chosen, add_special_tokens=False)["input_ids"] + eos
+        r_ids = tok(pair.rejected, add_special_tokens=False)["input_ids"] + eos
+        pc, rc = (_sequence_logp_by_hand(m, p_ids, c_ids) for m in (policy, reference))
+        pr, rr = (_sequence_logp_by_hand(m, p_ids, r_ids) for m in (policy, reference))
+        margin = (pc - rc) - (pr - rr)
+        expected.append(math.log1p(math.exp(-beta * margin)))
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-4)
+    assert set(metrics["reward_per_language"]) == {"en", "py"}
+
+
+def test_kl_uses_the_frozen_reference(llama_seed):
+    policy, tok = load_policy(llama_seed)
+    reference = load_reference(llama_seed)
+    ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert not any(p.requires_grad for p in reference.parameters())
+    prompts = [p for p, _ in PROMPTS[:4]]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    kls = []
+    torch.manual_seed(0)
+    for _ in range(4):
+        loss, metrics = rloo_step(policy, reference, tok, prompts, {}, digits, k=4, beta=0.1,
+                                  max_new_tokens=8)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        kls.append(metrics["kl"])
+    assert kls[0] == 0.0  # the policy starts as its reference
+    assert all(abs(kl) > 1e-4 for kl in kls[1:])  # updates to the policy move the KL
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, ref_before[k]), f"reference weight {k} changed"
+    # and the KL is the policy's log-ratio against that reference, not against itself
+    ids, mask, cmask = pack_sequences([tok("the cat")["input_ids"]], [tok(" 12 3", add_special_tokens=False)
+                                                                      ["input_ids"]], tok.pad_token_id)
+    with torch.no_grad():
+        pol, _ = token_logps(policy, ids, mask, cmask)
+        ref, _ = token_logps(reference, ids, mask, cmask)
+        self_kl = sequence_kl(pol, pol, cmask)
+    assert self_kl.item() == 0.0 and sequence_kl(pol, ref, cmask).item() != 0.0
+
+
+def test_rloo_raises_a_verifiable_reward_and_keeps_kl_bounded(llama_seed, prompt_file, tmp_path):
+    out = tmp_path / "aligned"
+    s = align(AlignConfig(model=llama_seed, out=out, method="rloo", prompts=prompt_file,
+                          eval_prompts=prompt_file, reward=digits, k=4, beta=0.05, lr=5e-3, steps=30,
+                          batch_size=4, max_new_tokens=8, eval_samples=8, progress=False), log=lambda m: None)
+    before, after = s["eval_before"], s["eval_after"]
+    assert before["kl"] == 0.0
+    # measured over seeds 0-5: before 0.027-0.036, after 0.10-0.25 (KL 1.4-3.8)
+    assert after["reward"] > before["reward"] + 0.04 and after["reward"] > 2 * before["reward"]
+    assert 0.0 < after["kl"] < 10.0  # nats per completion of 8 tokens
+    assert set(after["per_language"]) == {"en", "py"}
+    assert s["last_steps"]["reward"] > s["first_steps"]["reward"]
+    model = AutoModelForCausalLM.from_pretrained(out)  # a checkpoint the rest of the CLI loads
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == \
+        AutoTokenizer.from_pretrained(llama_seed).get_vocab()
+    log = [json.loads(line) for line in (out / "align_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert all({"reward", "kl", "reward_per_language", "loss"} <= set(r) for r in log)
+
+
+def _reward_model(path, tokenizer):
+    """A tiny random sequence-classification reward model saved like a real one."""
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1)
+    cfg.num_labels = 1
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_prefs_generate_with_a_reward_model_then_dpo(llama_seed, tokenizer, prompt_file, tmp_path):
+    runner = CliRunner()
+    rm = _reward_model(tmp_path / "rm", tokenizer)
+    prefs = tmp_path / "prefs.jsonl"
+    res = runner.invoke(main, ["prefs", "generate", "--policy", str(llama_seed), "--prompts",
+                               str(prompt_file), "--reward", str(rm), "--k", "3", "--max-new-tokens", "6",
+                               "--out", str(prefs)])
+    assert res.exit_code == 0, res.output
+    pairs = read_preferences(prefs)
+    assert len(pairs) == len(PROMPTS) and {p.language for p in pairs} == {"en", "py"}
+    for p in pairs:
+        scores = [s["score"] for s in p.samples]
+        assert len(scores) == 3 and p.chosen_score == max(scores) > p.rejected_score == min(scores)
+    out = tmp_path / "dpo"
+    res = runner.invoke(main, ["align", str(llama_seed), "--method", "dpo", "--prefs", str(prefs), "--reward",
+                               str(rm), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--beta", "0.1",
+                               "--max-new-tokens", "6", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (out / "align_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3
+    assert all({"reward", "kl", "sample_reward", "reward_per_language"} <= set(r) for r in log)
+    assert json.loads((out / "alignment.json").read_text())["settings"]["method"] == "dpo"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+
+def test_cli_rloo_with_a_python_reward_file_prints_per_language_results(llama_seed, prompt_file, tmp_path):
+    reward_file = tmp_path / "rewards.py"
+    reward_file.write_text(DIGITS_REWARD)
+    out = tmp_path / "rloo"
+    res = CliRunner().invoke(main, ["align", str(llama_seed), "--method", "rloo", "--prompts",
+                                    str(prompt_file), "--reward", f"{reward_file}:digits", "--k", "2",
+                                    "--steps", "2", "--batch-size", "2", "--max-new-tokens", "4",
+                                    "--language", "py", "--eval-prompts", str(prompt_file),
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "held-out prompts" in res.output and "py" in res.output and "en" in res.output
+    log = [json.loads(line) for line in (out / "align_log.jsonl").read_text().splitlines()]
+    assert all(set(r["reward_per_language"]) == {"py"} for r in log)  # --language py trains on py only
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "rloo", "--reward", "script"], "--method rloo needs --prompts"),
+    (["--method", "dpo"], "--method dpo needs --prefs"),
+    (["--method", "rloo", "--reward", "nope", "--prompts", "{prompts}"], "unknown reward 'nope'"),
+    (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--k", "1"], "at least 2"),
+    (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--language", "xx"], "no rows in"),
+])
+def test_cli_align_reports_bad_input_in_one_line(llama_seed, prompt_file, tmp_path, args, msg):
+    args = [a.replace("{prompts}", str(prompt_file)) for a in args]
+    res = CliRunner().invoke(main, ["align", str(llama_seed), *args, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,178 @@
+"""The registry server driven by the stock huggingface_hub client and the expert endpoints (issue 4).
+
+One real ``expertmix serve`` process per database (SQLite always, PostgreSQL when
+EXPERTMIX_TEST_POSTGRES_URL is set) on a free loopback port; the tests talk to it over HTTP only.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from registry_helpers import DATABASES, database, make_expert, plain_http_uploads, serve
+
+from expertmix.fsutil import sha256_file
+from expertmix.hub.remote import RemoteRegistry
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def registry(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"registry-{request.param}")
+    # A small tree page size makes snapshot_download follow the Link pagination.
+    with database(request.param, tmp) as db_url, serve(tmp, db_url,
+                                                       env={"EXPERTMIX_REGISTRY_TREE_PAGE_SIZE": "3"}) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory, llama_seed):
+    root = tmp_path_factory.mktemp("experts")
+    e = torch.eye(64)
+    return {
+        "math": make_expert(root / "math", llama_seed, "math", "math", e[0] + e[1] / 10, ("en",)),
+        "code": make_expert(root / "code", llama_seed, "code", "code", e[2] + e[1] / 10, ("en", "de")),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _uploads(monkeypatch):
+    plain_http_uploads(monkeypatch)
+
+
+def _local_files(folder) -> dict[str, str]:
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_hub_client_creates_uploads_lists_and_downloads_by_commit_and_tag(registry, experts, tmp_path):
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    folder = experts["math"]
+    api.create_repo("acme/math-hub")
+    first = api.upload_folder(folder_path=folder, repo_id="acme/math-hub", commit_message="first")
+    assert re.fullmatch(r"[0-9a-f]{40}", first.oid)
+
+    info = api.model_info("acme/math-hub", files_metadata=True)
+    local = _local_files(folder)
+    assert info.sha == first.oid
+    assert {s.rfilename: s.size for s in info.siblings} == {k: (folder / k).stat().st_size for k in local}
+    assert info.expert["domain"] == "math" and "domain:math" in info.tags
+    assert sorted(api.list_repo_files("acme/math-hub")) == sorted(local)
+    weights = next(s for s in info.siblings if s.rfilename == "model.safetensors")
+    assert weights.lfs.sha256 == local["model.safetensors"]
+
+    api.create_tag("acme/math-hub", tag="v1", revision=first.oid)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "NOTES.md").write_text("second revision\n")
+    second = api.upload_folder(folder_path=tmp_path / "extra", repo_id="acme/math-hub", commit_message="2")
+    assert second.oid != first.oid
+    assert "NOTES.md" in api.list_repo_files("acme/math-hub")
+    assert "NOTES.md" not in api.list_repo_files("acme/math-hub", revision="v1")
+    assert [c.commit_id for c in api.list_repo_commits("acme/math-hub")][:2] == [second.oid, first.oid]
+
+    # A second machine: fresh cache, anonymous, by tag (snapshot) and by commit id (single file).
+    snap = snapshot_download("acme/math-hub", revision="v1", endpoint=registry.url, cache_dir=tmp_path / "c1",
+                             token=False)
+    assert _local_files(snap) == local
+    one = hf_hub_download("acme/math-hub", "config.json", revision=first.oid, endpoint=registry.url,
+                          cache_dir=tmp_path / "c2", token=False)
+    assert sha256_file(one) == local["config.json"]
+    latest = snapshot_download("acme/math-hub", endpoint=registry.url, cache_dir=tmp_path / "c3", token=False)
+    assert sha256_file(f"{latest}/NOTES.md") == sha256_file(tmp_path / "extra" / "NOTES.md")
+
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download("acme/math-hub", "config.json", revision="v9", endpoint=registry.url,
+                        cache_dir=tmp_path / "c4", token=False)
+
+
+def test_downloads_send_commit_sha256_etag_size_and_honour_range(registry, experts):
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    api.create_repo("acme/ranges")
+    commit = api.upload_folder(folder_path=experts["math"], repo_id="acme/ranges", commit_message="up").oid
+    path = experts["math"] / "model.safetensors"
+    data = path.read_bytes()
+    url = f"{registry.url}/acme/ranges/resolve/main/model.safetensors"
+    with httpx.Client() as http:
+        head = http.head(url)
+        assert head.status_code == 200
+        assert head.headers["x-repo-commit"] == commit
+        assert head.headers["etag"].strip('"') == sha256_file(path)
+        assert head.headers["x-linked-etag"].strip('"') == sha256_file(path)
+        assert int(head.headers["x-linked-size"]) == int(head.headers["content-length"]) == len(data)
+        assert "x-xet-hash" not in head.headers
+        whole = http.get(url)
+        assert whole.status_code == 200 and whole.content == data and "content-encoding" not in whole.headers
+        part = http.get(url, headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == data[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+        tail = http.get(url, headers={"Range": "bytes=-10"})
+        assert tail.status_code == 206 and tail.content == data[-10:]
+        resume = http.get(url, headers={"Range": f"bytes={len(data) - 5}-"})
+        assert resume.content == data[-5:]
+        past = http.get(url, headers={"Range": f"bytes={len(data)}-"})
+        assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(data)}"
+        missing = http.head(f"{registry.url}/acme/ranges/resolve/main/nope.json")
+        assert missing.status_code == 404 and missing.headers["x-error-code"] == "EntryNotFound"
+        assert missing.headers["x-repo-commit"] == commit
+
+
+def test_private_repos_are_invisible_without_a_token_for_their_namespace(registry, experts, tmp_path):
+    owner = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    owner.create_repo("acme/secret", private=True)
+    owner.upload_folder(folder_path=experts["code"], repo_id="acme/secret", commit_message="hidden")
+    assert owner.model_info("acme/secret").private is True
+    for token in (False, registry.token("other")):
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(endpoint=registry.url, token=token).model_info("acme/secret")
+        with pytest.raises(RepositoryNotFoundError):
+            hf_hub_download("acme/secret", "config.json", endpoint=registry.url, cache_dir=tmp_path / "c",
+                            token=token)
+    anonymous = httpx.get(f"{registry.url}/api/experts", params={"domain": "code"}).json()
+    assert "acme/secret" not in {e["id"] for e in anonymous}
+    mine = httpx.get(f"{registry.url}/api/experts", params={"domain": "code"},
+                     headers={"authorization": f"Bearer {registry.token('acme')}"}).json()
+    assert "acme/secret" in {e["id"] for e in mine}
+
+
+def test_expert_endpoints_search_fields_similarity_and_card_json(registry, experts):
+    remote = RemoteRegistry(registry.url, token=registry.token("lab"))
+    math = remote.publish(experts["math"], name="lab/math")
+    code = remote.publish(experts["code"], name="code", tag="v1")  # NAME goes under the token's namespace
+    assert code.name == "lab/code" and "v1" in code.refs
+    assert remote.publish(experts["math"], name="lab/math").revision == math.revision  # no empty commit
+
+    def names(hits):
+        return {e.name for e, _ in hits if e.name.startswith("lab/")}
+
+    assert names(remote.search(domain="code")) == {"lab/code"}
+    assert names(remote.search(language="de")) == {"lab/code"}
+    assert names(remote.search(kind="dense")) == {"lab/math", "lab/code"}
+    fp = math.card.expert.base_fingerprint
+    assert names(remote.search(base_fingerprint=fp[:12])) == {"lab/math", "lab/code"}
+    assert names(remote.search(base_fingerprint="0" * 12)) == set()
+    query = torch.eye(64)[2]
+    ranked = [(e.name, s) for e, s in remote.search(like=query, limit=50) if e.name.startswith("lab/")]
+    assert [n for n, _ in ranked] == ["lab/code", "lab/math"] and ranked[0][1] > ranked[1][1]
+
+    card = httpx.get(f"{registry.url}/api/experts/lab/code", params={"revision": "v1"}).json()
+    assert card["domain"] == "code" and card["languages"] == ["en", "de"] and card["kind"] == "dense"
+    assert card["card"]["expert"]["embedding"]["dim"] == 64
+    files = {f["path"]: f["sha256"] for f in card["files"]}
+    assert files == _local_files(experts["code"])
+    shown = remote.show("lab/math")
+    assert shown.card.expert == math.card.expert
+    assert {e.name for e in remote.list()} >= {"lab/math", "lab/code"}
+
+
+def test_blobs_on_an_fsspec_url(tmp_path, experts):
+    with database("sqlite", tmp_path) as db_url, serve(tmp_path, db_url, blobs="memory://emx-blobs") as reg:
+        remote = RemoteRegistry(reg.url, token=reg.token("acme"), cache_dir=tmp_path / "cache")
+        entry = remote.publish(experts["math"], name="acme/mem")
+        assert httpx.get(f"{reg.url}/health").json()["blobs"] == "memory://emx-blobs"
+        pulled = remote.pull(f"acme/mem@{entry.revision}")
+        assert _local_files(pulled) == _local_files(experts["math"])
+        assert not (tmp_path / "blobs").exists()

@@ -1,0 +1,351 @@
+"""Security and integrity of the registry server (issue 4): tokens, traversal, limits, hashes, atomicity.
+
+Each refusal must be a clear 4xx and leave nothing stored: the branch head does not move and no blob
+appears in the blob folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+import torch
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+from registry_helpers import DATABASES, blob_path, database, plain_http_uploads, serve
+from safetensors.torch import save_file
+
+LIMIT = 1_000_000
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def registry(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"registry-sec-{request.param}")
+    with database(request.param, tmp) as db_url, serve(tmp, db_url, max_upload_bytes=LIMIT) as reg:
+        yield reg
+
+
+@pytest.fixture(autouse=True)
+def _uploads(monkeypatch):
+    plain_http_uploads(monkeypatch)
+
+
+def auth(token: str | None) -> dict:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def new_repo(registry, name: str) -> str:
+    """Create ``acme/NAME`` and return its head commit."""
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    api.create_repo(f"acme/{name}")
+    return head(registry, f"acme/{name}")
+
+
+def head(registry, repo: str) -> str:
+    r = httpx.get(f"{registry.url}/api/models/{repo}", headers=auth(registry.token("acme")))
+    assert r.status_code == 200, r.text
+    return r.json()["sha"]
+
+
+def ndjson(*items) -> bytes:
+    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
+
+
+HEADER = {"key": "header", "value": {"summary": "test commit", "description": ""}}
+
+
+def op(key: str, **value) -> dict:
+    return {"key": key, "value": value}
+
+
+def inline(path: str, data: bytes = b"hello\n") -> dict:
+    return op("file", path=path, content=base64.b64encode(data).decode(), encoding="base64")
+
+
+def lfs(path: str, data: bytes) -> dict:
+    return op("lfsFile", path=path, algo="sha256", oid=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+def commit(registry, repo: str, body: bytes, token: str | None = "acme",
+           revision: str = "main") -> httpx.Response:
+    tok = registry.token(token) if token else None
+    return httpx.post(f"{registry.url}/api/models/{repo}/commit/{revision}", content=body,
+                      headers={"content-type": "application/x-ndjson", **auth(tok)})
+
+
+def lfs_batch(registry, repo: str, objects: list[dict], token: str = "acme") -> httpx.Response:
+    body = {"operation": "upload", "transfers": ["basic"], "objects": objects, "hash_algo": "sha256"}
+    url = f"{registry.url}/{repo}.git/info/lfs/objects/batch"
+    return httpx.post(url, headers=auth(registry.token(token)), json=body)
+
+
+def upload_href(registry, repo: str, data: bytes, declared: int | None = None) -> str:
+    r = lfs_batch(registry, repo, [{"oid": hashlib.sha256(data).hexdigest(), "size": declared or len(data)}])
+    assert r.status_code == 200, r.text
+    return r.json()["objects"][0]["actions"]["upload"]["href"]
+
+
+def raw(registry, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> int:
+    """Send ``path`` exactly as written (no client-side normalisation of '..') and return the status."""
+    u = urlparse(registry.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def stored(registry, data: bytes) -> bool:
+    return blob_path(registry.blobs, hashlib.sha256(data).hexdigest()).exists()
+
+
+def test_writes_need_a_token_for_their_namespace(registry, tmp_path):
+    start = new_repo(registry, "guarded")
+    writes = [
+        ("POST", "/api/repos/create", {"name": "another", "organization": "acme"}),
+        ("POST", "/api/models/acme/guarded/preupload/main",
+         {"files": [{"path": "a.txt", "sample": "", "size": 1}]}),
+        ("POST", "/acme/guarded.git/info/lfs/objects/batch",
+         {"operation": "upload", "objects": [{"oid": "a" * 64, "size": 1}]}),
+        ("POST", "/api/models/acme/guarded/tag/main", {"tag": "v1"}),
+        ("PUT", "/api/models/acme/guarded/settings", {"private": True}),
+        ("DELETE", "/api/repos/delete", {"name": "guarded", "organization": "acme"}),
+    ]
+    for method, path, body in writes:
+        for token, status in ((None, 401), ("emx_not-a-real-token", 401), (registry.token("other"), 403)):
+            r = httpx.request(method, registry.url + path, json=body, headers=auth(token))
+            assert r.status_code == status, (method, path, token, r.text)
+            assert r.headers["x-error-message"]
+    for token, status in ((None, 401), (registry.token("other"), 403)):
+        r = commit(registry, "acme/guarded", ndjson(HEADER, inline("a.txt")), token=token and "other")
+        assert r.status_code == status
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(endpoint=registry.url, token=registry.token("other")).upload_folder(
+            folder_path=tmp_path, repo_id="acme/guarded", commit_message="intruder")
+    assert err.value.response.status_code == 403
+    assert head(registry, "acme/guarded") == start
+    assert httpx.get(f"{registry.url}/api/models/acme/another").status_code == 404
+
+
+def test_path_traversal_in_repo_ids_and_filenames_is_refused(registry):
+    start = new_repo(registry, "paths")
+    tok = registry.token("acme")
+    for name in ("..", "../evil", "a/b", ".hidden", "%2e%2e", "x.git", "-x", "a" * 97):
+        r = httpx.post(f"{registry.url}/api/repos/create", json={"name": name, "organization": "acme"},
+                       headers=auth(tok))
+        assert r.status_code == 400, (name, r.text)
+    for org in ("../acme", "api", ".."):
+        r = httpx.post(f"{registry.url}/api/repos/create", json={"name": "ok", "organization": org},
+                       headers=auth(tok))
+        assert r.status_code == 400, (org, r.text)
+    for path in ("/api/models/acme/../../etc/passwd", "/api/models/%2e%2e/%2e%2e",
+                 "/%2e%2e/paths/resolve/main/x", "/acme/paths/resolve/main/../../../etc/passwd",
+                 "/acme/paths/resolve/main/%2e%2e/%2e%2e/etc/passwd", "/acme/paths/resolve/main//etc/passwd",
+                 "/acme/paths/resolve/..%2F..%2Fmain/config.json", "/api/models/acme/paths/tree/main/%2e%2e"):
+        for method in ("GET", "HEAD"):
+            status = raw(registry, method, path)
+            assert 400 <= status < 500, (method, path, status)
+    for bad in ("../evil.txt", "/etc/passwd", "a/../../b.txt", "a/%2e%2e/b.txt", ".git/config",
+                "a\\..\\b.txt", "a//b.txt", "./x.txt", "", "x\x00.txt"):
+        r = commit(registry, "acme/paths", ndjson(HEADER, inline(bad)))
+        assert r.status_code == 400, (bad, r.text)
+        pre = httpx.post(f"{registry.url}/api/models/acme/paths/preupload/main", headers=auth(tok),
+                         json={"files": [{"path": bad, "sample": "", "size": 3}]})
+        assert pre.status_code == 400, (bad, pre.text)
+    assert head(registry, "acme/paths") == start
+    assert not stored(registry, b"hello\n")
+
+
+def test_oversize_uploads_are_refused_with_nothing_stored(registry, tmp_path):
+    start = new_repo(registry, "big")
+    big = os.urandom(LIMIT + 1)
+    (tmp_path / "big.dat").write_bytes(big)
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
+            folder_path=tmp_path, repo_id="acme/big", commit_message="too big")
+    assert err.value.response.status_code == 413
+    r = lfs_batch(registry, "acme/big", [{"oid": hashlib.sha256(big).hexdigest(), "size": len(big)}])
+    assert r.status_code == 413 and str(LIMIT) in r.headers["x-error-message"]
+    # A client that declares a small file and then sends more is cut off at the declared size.
+    href = upload_href(registry, "acme/big", big[:10])
+    assert httpx.put(href, content=big[:20]).status_code == 413
+    chunked = httpx.put(upload_href(registry, "acme/big", big[:10]), content=iter([big[:8], big[8:30]]))
+    assert chunked.status_code == 413
+    assert commit(registry, "acme/big", ndjson(HEADER, inline("big.txt", big))).status_code == 413
+    assert head(registry, "acme/big") == start
+    assert not stored(registry, big) and not stored(registry, big[:10])
+
+
+def test_wrong_sha256_or_size_is_refused_with_nothing_stored(registry):
+    start = new_repo(registry, "hashes")
+    data, other = os.urandom(4096), os.urandom(4096)
+    r = httpx.put(upload_href(registry, "acme/hashes", data), content=other)
+    assert r.status_code == 400 and "sha256" in r.headers["x-error-message"]
+    r = httpx.put(upload_href(registry, "acme/hashes", data), content=data[:100])
+    assert r.status_code == 400
+    assert not stored(registry, data) and not stored(registry, other)
+    r = commit(registry, "acme/hashes", ndjson(HEADER, lfs("w.dat", data)))
+    assert r.status_code == 400 and "not uploaded" in r.headers["x-error-message"]
+    bad = lfs_batch(registry, "acme/hashes", [{"oid": "not-a-sha", "size": 3}])
+    assert bad.status_code == 400
+    assert head(registry, "acme/hashes") == start
+
+
+def test_malformed_commit_payloads_are_refused(registry):
+    start = new_repo(registry, "payloads")
+    data = os.urandom(64)
+    cases = {
+        "empty body": b"",
+        "not JSON": b"{not json\n",
+        "no header": ndjson(inline("a.txt")),
+        "header without summary": ndjson(op("header"), inline("a.txt")),
+        "header only": ndjson(HEADER),
+        "a list": b"[1, 2]\n",
+        "unknown key": ndjson(HEADER, op("symlink", path="a")),
+        "bad base64": ndjson(HEADER, op("file", path="a.txt", content="@@@", encoding="base64")),
+        "bad encoding": ndjson(HEADER, op("file", path="a.txt", content="x", encoding="rot13")),
+        "content not a string": ndjson(HEADER, op("file", path="a.txt", content=5)),
+        "bad oid": ndjson(HEADER, op("lfsFile", path="w.dat", oid="xyz", size=1)),
+        "negative size": ndjson(HEADER, op("lfsFile", path="w.dat", oid="a" * 64, size=-1)),
+        "blob never uploaded": ndjson(HEADER, lfs("w.dat", data)),
+        "file and folder at once": ndjson(HEADER, inline("a"), inline("a/b")),
+        "delete a missing file": ndjson(HEADER, op("deletedFile", path="missing.txt")),
+        "stale parent": ndjson(op("header", summary="x", parentCommit="0" * 40), inline("a")),
+    }
+    for why, body in cases.items():
+        r = commit(registry, "acme/payloads", body)
+        assert 400 <= r.status_code < 500, (why, r.status_code, r.text)
+        assert r.json()["error"], why
+    tok = registry.token("acme")
+    assert httpx.post(f"{registry.url}/api/models/acme/payloads/preupload/main", headers=auth(tok),
+                      json={"files": "all of them"}).status_code == 400
+    assert httpx.post(f"{registry.url}/acme/payloads.git/info/lfs/objects/batch", headers=auth(tok),
+                      json={"operation": "upload", "objects": [{"oid": "a" * 64}]}).status_code == 400
+    assert head(registry, "acme/payloads") == start
+    assert not stored(registry, b"hello\n")
+
+
+def test_unknown_revisions_are_404_revision_not_found(registry, tmp_path):
+    new_repo(registry, "revs")
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    for rev in ("nope", "0" * 40, "v9.9"):
+        with pytest.raises(RevisionNotFoundError):
+            api.model_info("acme/revs", revision=rev)
+        with pytest.raises(RevisionNotFoundError):
+            api.list_repo_files("acme/revs", revision=rev)
+        with pytest.raises(RevisionNotFoundError):
+            hf_hub_download("acme/revs", "README.md", revision=rev, endpoint=registry.url,
+                            cache_dir=tmp_path / "c", token=False)
+    with pytest.raises(RevisionNotFoundError):
+        snapshot_download("acme/revs", revision="nope", endpoint=registry.url, cache_dir=tmp_path / "s",
+                          token=False)
+    r = commit(registry, "acme/revs", ndjson(HEADER, inline("a.txt")), revision="dev")
+    assert r.status_code == 404 and r.headers["x-error-code"] == "RevisionNotFound"
+    api.create_tag("acme/revs", tag="v1")
+    assert commit(registry, "acme/revs", ndjson(HEADER, inline("a.txt")), revision="v1").status_code == 400
+    assert raw(registry, "GET", "/api/models/acme/revs/revision/nope") == 404
+
+
+def _put_status(registry, repo: str, data: bytes) -> int:
+    return httpx.put(upload_href(registry, repo, data), content=data).status_code
+
+
+def test_pickles_are_refused_weights_must_be_safetensors(registry, tmp_path):
+    start = new_repo(registry, "pickles")
+    for name in ("pytorch_model.bin", "model.pt", "weights.PKL", "sub/model.ckpt"):
+        assert commit(registry, "acme/pickles", ndjson(HEADER, inline(name))).status_code == 400, name
+    pickled = b"\x80\x04\x95" + os.urandom(600)
+    assert _put_status(registry, "acme/pickles", pickled) == 400
+    torch.save({"w": torch.zeros(3)}, tmp_path / "t.zip")
+    assert _put_status(registry, "acme/pickles", (tmp_path / "t.zip").read_bytes()) == 400
+    assert not stored(registry, pickled)
+    not_safetensors = b"plain text pretending to be safetensors " * 20
+    assert _put_status(registry, "acme/pickles", not_safetensors) == 200  # harmless bytes; the name decides
+    r = commit(registry, "acme/pickles", ndjson(HEADER, lfs("model.safetensors", not_safetensors)))
+    assert r.status_code == 400 and "safetensors" in r.headers["x-error-message"]
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "pytorch_model.bin").write_bytes(pickled)
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
+            folder_path=tmp_path / "up", repo_id="acme/pickles", commit_message="pickle")
+    assert err.value.response.status_code == 400
+    save_file({"w": torch.ones(4)}, tmp_path / "ok.safetensors")
+    good = (tmp_path / "ok.safetensors").read_bytes()
+    assert _put_status(registry, "acme/pickles", good) == 200
+    r = commit(registry, "acme/pickles", ndjson(HEADER, lfs("model.safetensors", good)))
+    assert r.status_code == 200 and r.json()["commitOid"] != start
+
+
+def test_a_commit_is_atomic_all_files_or_none(registry):
+    start = new_repo(registry, "atomic")
+    keep = b"first file of a commit that fails later\n"
+    body = ndjson(HEADER, inline("notes.txt", keep), lfs("w.dat", os.urandom(99)))
+    r = commit(registry, "acme/atomic", body)
+    assert r.status_code == 400
+    assert head(registry, "acme/atomic") == start and not stored(registry, keep)
+    half_expert = b"---\nexpert:\n  name: x\n  domain: math\n  kind: dense\n---\n"
+    body = ndjson(HEADER, inline("README.md", half_expert), inline("notes.txt", keep))
+    r = commit(registry, "acme/atomic", body)
+    assert r.status_code == 400 and "expert" in r.headers["x-error-message"]
+    assert head(registry, "acme/atomic") == start and not stored(registry, keep)
+    r = commit(registry, "acme/atomic", ndjson(HEADER, inline("notes.txt", keep)))
+    assert r.status_code == 200 and head(registry, "acme/atomic") == r.json()["commitOid"]
+
+
+def test_a_killed_upload_leaves_nothing_visible_and_can_be_retried(registry, tmp_path):
+    start = new_repo(registry, "killed")
+    data = os.urandom(400_000)
+    href = urlparse(upload_href(registry, "acme/killed", data))
+    with socket.create_connection((href.hostname, href.port)) as s:
+        request = f"PUT {href.path} HTTP/1.1\r\nHost: {href.netloc}\r\nContent-Length: {len(data)}\r\n\r\n"
+        s.sendall(request.encode())
+        s.sendall(data[: len(data) // 2])
+    staging = registry.blobs / ".staging"
+    deadline = time.time() + 10
+    while staging.exists() and any(staging.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not staging.exists() or not any(staging.iterdir())
+    assert not stored(registry, data) and head(registry, "acme/killed") == start
+    again = lfs_batch(registry, "acme/killed", [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}])
+    assert "actions" in again.json()["objects"][0]  # the server still wants the whole blob
+    assert commit(registry, "acme/killed", ndjson(HEADER, lfs("w.dat", data))).status_code == 400
+    (tmp_path / "w.dat").write_bytes(data)
+    done = HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
+        folder_path=tmp_path, repo_id="acme/killed", commit_message="retry")
+    got = hf_hub_download("acme/killed", "w.dat", revision=done.oid, endpoint=registry.url,
+                          cache_dir=tmp_path / "c", token=False)
+    assert open(got, "rb").read() == data
+
+
+def test_a_corrupt_blob_is_never_delivered_whole(registry, tmp_path):
+    new_repo(registry, "rot")
+    data = os.urandom(LIMIT - 1000)
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "w.dat").write_bytes(data)
+    HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
+        folder_path=tmp_path / "up", repo_id="acme/rot", commit_message="bits")
+    blob = blob_path(registry.blobs, hashlib.sha256(data).hexdigest())
+    url = f"{registry.url}/acme/rot/resolve/main/w.dat"
+    os.chmod(blob, 0o644)
+    rotten = bytearray(data)
+    rotten[-1] ^= 0xFF
+    blob.write_bytes(bytes(rotten))
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream("GET", url) as resp:
+            assert resp.status_code == 200
+            b"".join(resp.iter_bytes())
+    # A client resuming the cut download asks for the rest: the server hashes the blob first and refuses.
+    rest = httpx.get(url, headers={"Range": f"bytes={len(data) - 10}-"})
+    assert rest.status_code == 500 and "does not match its sha256" in rest.headers["x-error-message"]
