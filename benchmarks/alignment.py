@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,65 +48,67 @@ WORD = re.compile(r"[^\W\d_]+")
 
 @dataclass
 class Budget:
-    """How much work each run does; the CPU preset fits about 10 minutes on 2 cores."""
+    """How much work each run does; the CPU preset fits in about 10 minutes on 2 shared cores."""
 
-    train_prompts: int = 64  # per language
-    eval_prompts: int = 24  # per language
+    train_prompts: int = 48  # per language
+    eval_prompts: int = 12  # per language
     eval_samples: int = 2
-    steps: int = 32
-    prompts_per_step: int = 8
+    steps: int = 12
+    prompts_per_step: int = 4
     k: int = 4
     max_new_tokens: int = 24
-    rloo_lr: float = 3e-4
-    dpo_lr: float = 3e-5
+    rloo_lr: float = 1e-4
+    dpo_lr: float = 1e-4
     rloo_beta: float = 0.05
     dpo_beta: float = 0.1
 
 
 PRESETS = {"cpu": Budget(),
-           "cuda": Budget(train_prompts=256, eval_prompts=64, eval_samples=4, steps=128, prompts_per_step=16,
+           "cuda": Budget(train_prompts=256, eval_prompts=64, eval_samples=4, steps=150, prompts_per_step=16,
                           max_new_tokens=32)}
 
 
-def keyword_of(text: str, language: str, rng: random.Random) -> str | None:
-    """A word of ``text`` in the language's script: 5+ letters, or 2 characters of a CJK/kana run."""
-    scripts = language_scripts(language)
-    cjk = bool(scripts & {"CJK", "HIRAGANA", "KATAKANA"})
-    words = [w for w in WORD.findall(text)
-             if script_fraction(w, scripts) == 1.0 and len(w) >= (2 if cjk else 5)]
-    if not words:
-        return None
-    w = rng.choice(words)
-    if cjk:
-        i = rng.randrange(len(w) - 1)
-        return w[i:i + 2]
-    return w
+def _words(text: str, scripts: frozenset[str], cjk: bool) -> list[str]:
+    """Candidate keywords: words (4+ letters) in the script, or for CJK/kana every 2-character run."""
+    out = []
+    for w in WORD.findall(text):
+        if script_fraction(w, scripts) < 1.0:
+            continue
+        if cjk:
+            out += [w[i:i + 2] for i in range(len(w) - 1)]
+        elif len(w) >= 4:
+            out.append(w.lower())
+    return out
 
 
 def make_prompts(corpus: Path, language: str, split: str, n: int, seed: int) -> list[PromptRecord]:
-    """``n`` snippets (whole lines, 60-200 characters, mostly in the language's script) with keywords."""
-    rng = random.Random(f"{language}-{split}-{seed}")
+    """``n`` snippets (whole lines, 40-120 characters, mostly in the language's script) with a keyword each.
+
+    The keyword is the snippet's word that the document's next lines repeat most: a reply that continues
+    the text the way the document does can earn it.
+    """
     scripts = language_scripts(language)
-    windows = []
+    cjk = bool(scripts & {"CJK", "HIRAGANA", "KATAKANA"})
+    rows = []
     for line in (corpus / f"{language}.{split}.jsonl").read_text(encoding="utf-8").splitlines():
         lines = json.loads(line)["text"].splitlines()
-        cur: list[str] = []
-        for ln in lines:
-            cur.append(ln)
+        i = 0
+        while i < len(lines):
+            cur: list[str] = []
+            while i < len(lines) and len("\n".join(cur)) < 40:
+                cur.append(lines[i])
+                i += 1
             text = "\n".join(cur)
-            if len(text) >= 60:
-                if len(text) <= 200 and script_fraction(text, scripts) >= 0.6:
-                    windows.append(text)
-                cur = []
-    rng.shuffle(windows)
-    out = []
-    for text in windows:
-        kw = keyword_of(text, language, rng)
-        if kw is not None:
-            out.append(PromptRecord(text + "\n", language, {"keyword": kw}))
-        if len(out) == n:
-            return out
-    raise SystemExit(f"{corpus}/{language}.{split}.jsonl: only {len(out)} usable snippets, {n} wanted")
+            if len(text) > 120 or script_fraction(text, scripts) < 0.6:
+                continue
+            later = Counter(_words("\n".join(lines[i:i + 6]), scripts, cjk))
+            candidates = sorted(w for w in set(_words(text, scripts, cjk)) if later[w])
+            if candidates:
+                keyword = max(candidates, key=lambda w: later[w])
+                rows.append(PromptRecord(text + "\n", language, {"keyword": keyword}))
+    if len(rows) < n:
+        raise SystemExit(f"{corpus}/{language}.{split}.jsonl: only {len(rows)} usable snippets, {n} wanted")
+    return random.Random(f"{language}-{split}-{seed}").sample(rows, n)
 
 
 class RecordingReward:

@@ -54,6 +54,11 @@ class Budget:
         return max(1, math.floor(self.ext_share * self.expert_steps + 1e-9))
 
 
+def safe_name(recipe: str) -> str:
+    """A folder name for a recipe spec."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -74,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=12, help="validation blocks per domain (0: all)")
     p.add_argument("--moe-train", choices=["all", "router"], default="all", help="what MoE training updates")
     p.add_argument("--recipes", default="paper,paper-keep,isolated",
-                   help="extension recipes (expertmix.assembler.extension.RECIPES), comma-separated")
+                   help="extension recipes, comma-separated: NAME or NAME:key=value;... (extension.parse_recipe)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="rebuild mixes and extensions (keeps the experts)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -97,7 +102,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from expertmix.assembler.assemble import AssembleConfig, assemble
-    from expertmix.assembler.extension import RECIPES, ExtendConfig, extend
+    from expertmix.assembler.extension import ExtendConfig, extend, parse_recipe
     from expertmix.assembler.routing_report import eval_blocks, evaluate
     from expertmix.experts.training import DataSource, ExpertTrainConfig, TrainSettings, train_expert
     from expertmix.hub.store import LocalStore
@@ -107,10 +112,7 @@ def main() -> None:
                     batch_size=args.batch_size, seq_len=args.seq_len, lr_expert=args.lr_expert,
                     lr_moe=args.lr_moe, lr_ext=args.lr_ext, eval_blocks=args.eval_blocks,
                     moe_train=args.moe_train, merge_steps=args.merge_steps, bf16=args.bf16)
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = [r for r in recipes if r not in RECIPES]
-    if unknown:
-        raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
+    recipes = {r.strip(): parse_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()}
     seed = args.shared / "seeds" / "seed-s"
     corpus = args.shared / "corpus"
     out = args.out
@@ -198,13 +200,13 @@ def main() -> None:
     print(f"extending with es: {budget.ext_steps} steps = {ext_tokens} tokens = {ext_tokens / es_tokens:.1%} "
           f"of the es expert's {es_tokens}", flush=True)
     for router in ("linear", "nexus"):
-        for name in recipes:
-            folder = mixes / f"{router}+es-{name}"
+        for name, recipe in recipes.items():
+            folder = mixes / f"{router}+es-{safe_name(name)}"
             if not folder.is_dir():
                 t = time.time()
                 extend(ExtendConfig(
                     mix=mixes / router, expert=refs[NEW], data=[DataSource(NEW, corpus / f"{NEW}.train.jsonl")],
-                    out=folder, recipe=RECIPES[name], recipe_name=name, registry=str(out / "store"),
+                    out=folder, recipe=recipe, recipe_name=name, registry=str(out / "store"),
                     seq_len=budget.seq_len, resume=folder.with_name(folder.name + ".partial").is_dir(),
                     settings=settings(budget.ext_steps, budget.lr_ext)), log=log)
                 timings[f"extend {router} {name}"] = time.time() - t

@@ -150,13 +150,20 @@ def publish(folder, name, tag, registry, private, token):
 
 @main.command()
 @click.argument("ref")
+@click.option("--for-base", type=click.Path(path_type=Path), default=None,
+              help="Refuse the expert unless it was trained from this seed folder (weights, architecture, tokenizer).")
 @_registry_option
 @_token_option
-def pull(ref, registry, token):
+def pull(ref, for_base, registry, token):
     """Fetch NAME[@REV] and print the local folder that transformers/peft load."""
+    from .hub.card import check_compatible, read_card
+    from .hub.fingerprint import model_signature
     from .hub.store import open_registry
 
-    click.echo(str(open_registry(registry, token=token).pull(ref)))
+    path = open_registry(registry, token=token).pull(ref)
+    if for_base is not None:
+        check_compatible(model_signature(for_base), read_card(path).expert, f"the seed {for_base}")
+    click.echo(str(path))
 
 
 @main.command(name="list")
@@ -397,7 +404,7 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
 
 
 @main.command()
-@click.option("--seed", "seed_dir", required=True, type=click.Path(path_type=Path), help="The experts' seed model folder.")
+@click.option("--seed", "seed_dir", required=True, type=click.Path(path_type=Path), help="Seed model folder.")
 @click.option("--experts", "experts", multiple=True, required=True, metavar="NAME[@REV] [NAME[@REV] ...]",
               help="Experts to mix: registry refs or expert folders (several may follow one --experts).")
 @click.argument("more_experts", nargs=-1, metavar="")
@@ -434,9 +441,9 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
 @click.option("--data", multiple=True, required=True, help="New-domain data: NAME=PATH or PATH (repeatable).")
 @click.option("--replay", multiple=True, help="Old domains' data NAME=PATH (default: the mix's own, from mix.json).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
-@click.option("--recipe", type=click.Choice(["isolated", "paper", "paper-keep"]), default="isolated",
-              show_default=True, help="isolated: measured best here; paper: Gritsch et al. (merge 1/(n+1), "
-                                      "finetune all); paper-keep: the paper without the merge.")
+@click.option("--recipe", default="isolated", show_default=True,
+              help="isolated: measured best here; paper: Gritsch et al. (merge 1/(n+1), finetune all); "
+                   "paper-keep: the paper without the merge. NAME:key=value;... changes fields of a recipe.")
 @click.option("--merge", type=click.Choice(["all", "none", "token-rows"]), default=None,
               help="Override the recipe: which non-FFN weights take in the new expert's.")
 @click.option("--merge-lambda", type=float, default=None, help="Override lambda (default 1/(n+1)).")
@@ -454,14 +461,14 @@ def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_gr
     """Add a new expert to a mix and finetune briefly on new plus replayed old data."""
     from dataclasses import replace
 
-    from .assembler.extension import RECIPES, ExtendConfig
+    from .assembler.extension import ExtendConfig, parse_recipe
     from .assembler.extension import extend as run_extend
 
     overrides = {k: v for k, v in dict(merge=merge, merge_lambda=merge_lambda, placement=placement,
-                                       new_share=new_share).items() if v is not None}
+                                       new_share=new_share, learning_rate=lr).items() if v is not None}
     if train_groups:
         overrides["train"] = tuple(g.strip() for g in train_groups.split(",") if g.strip())
-    chosen = replace(RECIPES[recipe], **overrides)
+    chosen = replace(parse_recipe(recipe), **overrides)
     cfg = ExtendConfig(mix=mix, expert=expert, data=_named_sources(data), out=out,
                        replay=_named_sources(replay) or None, recipe=chosen,
                        recipe_name=recipe + (" (modified)" if overrides else ""), registry=registry,
@@ -517,6 +524,91 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     if heatmap is not None:
         stdout.print(f"routing heatmap: {heatmap}" if report.routing is not None
                      else "no routing heatmap: the mix is a dense merge", highlight=False)
+
+
+# -- federated training (Flower) --------------------------------------------------------------------
+
+def _parse_nodes(values: tuple[str, ...]):
+    from .server.local_federation import LocalNode
+
+    nodes = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: use NAME=PATH", param_hint="--node")
+        nodes.append(LocalNode(name=name, data=Path(path)))
+    return nodes
+
+
+@main.command()
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="Seed model folder.")
+@click.option("--domain", required=True, help="Domain name recorded in the card.")
+@click.option("--node", "nodes", multiple=True, metavar="NAME=PATH",
+              help="A local node and its private data (repeatable; one SuperNode each).")
+@click.option("--work-dir", required=True, type=click.Path(path_type=Path),
+              help="Coordinator folder: checkpoints, logs, Flower state; rerunning resumes from the last round.")
+@click.option("--name", default=None, help="Expert name (NAME or ORG/NAME); default: the domain.")
+@click.option("--base-id", default=None, help="Id of the base model written to the card (default: folder name).")
+@click.option("--peft", "kind", type=click.Choice(["dense", "lora"]), default="dense", show_default=True,
+              help="dense: all weights travel; lora: only the adapter travels.")
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--local-steps", type=int, default=20, show_default=True, help="Optimizer steps per node and round.")
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
+@click.option("--proximal-mu", type=float, default=0.01, show_default=True, help="FedProx's proximal weight.")
+@click.option("--fraction-train", type=float, default=1.0, show_default=True, help="Share of nodes per round.")
+@click.option("--fraction-evaluate", type=float, default=1.0, show_default=True)
+@click.option("--min-nodes", type=int, default=2, show_default=True, help="Nodes a round needs.")
+@click.option("--evaluate-every", type=int, default=1, show_default=True,
+              help="Federated evaluation every N rounds (always after the last).")
+@click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds a round waits.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+              help="Learning rate over the rounds.")
+@click.option("--valid-fraction", type=float, default=0.05, show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--embedder", default="seed", show_default=True,
+              help="'seed', 'minilm' or a sentence-transformers folder.")
+@click.option("--dp-clip", type=float, default=0.0, help="Clip each node's update to this L2 norm (central DP).")
+@click.option("--dp-noise", type=float, default=0.0, help="Gaussian noise multiplier (needs --dp-clip).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Expert folder (default: WORK_DIR/expert).")
+@click.option("--no-publish", is_flag=True, help="Write the expert but do not publish it.")
+@click.option("--threads-per-node", type=int, default=1, show_default=True)
+@click.option("--debug-dir", type=click.Path(path_type=Path), default=None,
+              help="Nodes save every state they send here (for checking the aggregation).")
+@click.option("--app-only", is_flag=True,
+              help="Only write the Flower app (WORK_DIR/app) for a real deployment, and print how to run it.")
+@_registry_option
+def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
+             fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout, seq_len, batch_size,
+             grad_accum, lr, lr_schedule, valid_fraction, lora_r, embedder, dp_clip, dp_noise, seed, out, no_publish,
+             threads_per_node, debug_dir, app_only, registry):
+    """Train one expert across nodes with Flower: a local SuperLink, a SuperNode per --node, flwr run."""
+    from .client.settings import FederationConfig
+    from .server.local_federation import LocalFederation, run_local_federation, write_app
+
+    cfg = FederationConfig.from_run_config(dict(
+        base=str(base.resolve()), domain=domain, work_dir=str(work_dir.resolve()), name=name or "",
+        base_id=base_id or "", kind=kind, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, seq_len=seq_len, valid_fraction=valid_fraction,
+        strategy=strategy, proximal_mu=proximal_mu, fraction_train=fraction_train,
+        fraction_evaluate=fraction_evaluate, min_nodes=min_nodes, round_timeout=round_timeout,
+        evaluate_every=evaluate_every, lora_r=lora_r, embedder=embedder, seed=seed, dp_clip=dp_clip,
+        dp_noise=dp_noise, out=str(out.resolve()) if out else "", registry=registry or "", publish=not no_publish))
+    if app_only:
+        app = write_app(work_dir / "app", cfg)
+        stdout.print(f"Flower app written to {app}\nstart it on the coordinator with: flwr run {app} <superlink>",
+                     highlight=False)
+        return
+    if not nodes:
+        raise click.UsageError("give the local nodes with --node NAME=PATH (or --app-only for a deployment)")
+    result = run_local_federation(LocalFederation(cfg, _parse_nodes(nodes), threads_per_node=threads_per_node,
+                                                  debug_dir=debug_dir.resolve() if debug_dir else None), log=_log)
+    stdout.print(f"expert written to {result['expert']}" +
+                 (f"; published {result['published']}" if result["published"] else ""), highlight=False)
 
 
 # -- quickstart -------------------------------------------------------------------------------------

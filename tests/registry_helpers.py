@@ -129,10 +129,12 @@ def serve(tmp: Path, database_url: str, blobs: str | None = None, max_upload_byt
         log.close()
 
 
-def plain_http_uploads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What every process that uploads to the registry with huggingface_hub must do (it has no Xet)."""
+def plain_http_uploads(monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> None:
+    """What every process that uploads to the registry with huggingface_hub must do (it has no Xet);
+    also a private HF_HOME and no Hugging Face token, so nothing of the user's leaks into a test."""
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from nexus_helpers import make_expert
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
@@ -16,6 +17,8 @@ from expertmix.alignment.dpo import dpo_step
 from expertmix.alignment.policy import load_policy, load_reference
 from expertmix.alignment.preferences import PreferencePair, PromptRecord, write_prompts
 from expertmix.alignment.rloo import rloo_step
+from expertmix.assembler.modeling_nexus import NexusForCausalLM
+from expertmix.assembler.upcycling import load_expert, upcycle
 from expertmix.errors import ExpertmixError
 
 
@@ -129,6 +132,26 @@ def test_aligning_a_mix_keeps_its_class_and_mix_json_and_can_freeze_the_router(t
     assert not torch.equal(after.experts[0].weight, before.experts[0].weight)
     log = [json.loads(line) for line in (out / "align_log.jsonl").read_text().splitlines()]
     assert all(r["aux_loss"] > 0 for r in log)
+
+
+def test_aligning_a_nexus_mix_keeps_it_a_loadable_mix(llama_seed, tmp_path):
+    experts = [load_expert(str(make_expert(llama_seed, tmp_path / name, name, seed=i)))
+               for i, name in enumerate(("math", "code"))]
+    mix = upcycle(llama_seed, experts, tmp_path / "mix", progress=False)
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, [PromptRecord("the cat", "en"), PromptRecord("def f", "py")])
+    out = tmp_path / "aligned"
+    align(AlignConfig(model=mix, out=out, method="rloo", prompts=prompts, reward="script", k=2, steps=2,
+                      batch_size=2, lr=1e-2, max_new_tokens=4, train_router=False, progress=False),
+          log=lambda m: None)
+    assert (out / "mix.json").read_bytes() == (mix / "mix.json").read_bytes()
+    before, after = (AutoModelForCausalLM.from_pretrained(p) for p in (mix, out))
+    assert type(after) is NexusForCausalLM
+    routers = [n for n, _ in after.named_parameters() if ".router." in n]
+    assert routers and all(torch.equal(after.get_parameter(n), before.get_parameter(n)) for n in routers)
+    assert not torch.equal(after.get_input_embeddings().weight, before.get_input_embeddings().weight)
+    log = [json.loads(line) for line in (out / "align_log.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in log)  # the mix's load-balancing loss is part of the policy loss
 
 
 def test_freezing_the_router_of_a_dense_model_is_refused(llama_seed, tmp_path):

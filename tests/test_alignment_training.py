@@ -185,3 +185,14 @@ def test_cli_align_reports_bad_input_in_one_line(llama_seed, prompt_file, tmp_pa
     res = CliRunner().invoke(main, ["align", str(llama_seed), *args, "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_quickstart_alignment_stage_scores_arithmetic_and_resumes(llama_seed, tmp_path):
+    from expertmix.alignment.align import align_quickstart_stage
+
+    s = align_quickstart_stage(llama_seed, tmp_path, steps=2, n_prompts=8, n_eval=4, log=lambda m: None)
+    assert s["method"] == "rloo" and s["eval_before"]["samples"] == 4 * 4
+    assert 0.0 <= s["eval_before"]["reward"] <= 1.0 and s["eval_after"]["kl"] != 0.0
+    prompt = json.loads((tmp_path / "align" / "eval.jsonl").read_text().splitlines()[0])
+    assert prompt["prompt"].endswith("=") and isinstance(prompt["answer"], int)
+    assert align_quickstart_stage(llama_seed, tmp_path, steps=2, log=lambda m: None) == s  # reused, not rerun

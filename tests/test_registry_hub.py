@@ -14,8 +14,10 @@ import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.hf_api import BlobLfsInfo
 from registry_helpers import DATABASES, database, make_expert, plain_http_uploads, serve
 
+from expertmix.errors import StoreError
 from expertmix.fsutil import sha256_file
 from expertmix.hub.remote import RemoteRegistry
 
@@ -40,8 +42,8 @@ def experts(tmp_path_factory, llama_seed):
 
 
 @pytest.fixture(autouse=True)
-def _uploads(monkeypatch):
-    plain_http_uploads(monkeypatch)
+def _uploads(monkeypatch, tmp_path):
+    plain_http_uploads(monkeypatch, tmp_path / "hf-home")
 
 
 def _local_files(folder) -> dict[str, str]:
@@ -176,3 +178,23 @@ def test_blobs_on_an_fsspec_url(tmp_path, experts):
         pulled = remote.pull(f"acme/mem@{entry.revision}")
         assert _local_files(pulled) == _local_files(experts["math"])
         assert not (tmp_path / "blobs").exists()
+
+
+def test_pull_verifies_every_file_and_leaves_no_partial_snapshot(registry, experts, tmp_path, monkeypatch):
+    remote = RemoteRegistry(registry.url, token=registry.token("acme"), cache_dir=tmp_path / "cache")
+    entry = remote.publish(experts["math"], name="acme/tamper")
+    honest = remote.api.list_repo_tree
+
+    def lying_tree(*args, **kwargs):  # a tree that disagrees with the bytes, as a tampered transfer would
+        for f in honest(*args, **kwargs):
+            if f.path == "model.safetensors":
+                f.lfs = BlobLfsInfo(size=f.lfs.size, sha256="0" * 64, pointer_size=f.lfs.pointer_size)
+            yield f
+
+    monkeypatch.setattr(remote.api, "list_repo_tree", lying_tree)
+    with pytest.raises(StoreError, match="model.safetensors"):
+        remote.pull("acme/tamper")
+    snap = tmp_path / "cache" / "acme" / "tamper" / entry.revision
+    assert not snap.exists() and not list((tmp_path / "cache" / "acme" / "tamper").iterdir())
+    monkeypatch.undo()
+    assert remote.pull("acme/tamper") == snap and _local_files(snap) == _local_files(experts["math"])

@@ -34,8 +34,8 @@ def registry(request, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _uploads(monkeypatch):
-    plain_http_uploads(monkeypatch)
+def _uploads(monkeypatch, tmp_path):
+    plain_http_uploads(monkeypatch, tmp_path / "hf-home")
 
 
 def auth(token: str | None) -> dict:
@@ -184,6 +184,11 @@ def test_oversize_uploads_are_refused_with_nothing_stored(registry, tmp_path):
     chunked = httpx.put(upload_href(registry, "acme/big", big[:10]), content=iter([big[:8], big[8:30]]))
     assert chunked.status_code == 413
     assert commit(registry, "acme/big", ndjson(HEADER, inline("big.txt", big))).status_code == 413
+    huge_json = b'{"files": [' + b" " * (9 << 20) + b"]}"
+    for body in (huge_json, iter([huge_json[: 1 << 20], huge_json[1 << 20:]])):  # declared length, chunked
+        r = httpx.post(f"{registry.url}/api/models/acme/big/preupload/main", content=body,
+                       headers={"content-type": "application/json", **auth(registry.token("acme"))})
+        assert r.status_code == 413
     assert head(registry, "acme/big") == start
     assert not stored(registry, big) and not stored(registry, big[:10])
 

@@ -229,7 +229,8 @@ def arithmetic_prompts(n: int, seed: int) -> list[PromptRecord]:
     return out
 
 
-def align_quickstart_stage(model: Path, workdir: Path, steps: int = 30, lr: float = 2e-4, log=print) -> dict:
+def align_quickstart_stage(model: Path, workdir: Path, steps: int = 30, lr: float = 2e-4, n_prompts: int = 64,
+                           n_eval: int = 32, log=print) -> dict:
     """Quickstart's alignment stage: RLOO on arithmetic correctness; held-out reward and KL before and after.
 
     Writes ``workdir/align/{prompts,eval}.jsonl`` and the aligned model to ``workdir/aligned``; a finished
@@ -241,8 +242,8 @@ def align_quickstart_stage(model: Path, workdir: Path, steps: int = 30, lr: floa
         return json.loads((out / "alignment.json").read_text())["summary"]
     data = Path(workdir) / "align"
     data.mkdir(parents=True, exist_ok=True)
-    write_prompts(data / "prompts.jsonl", arithmetic_prompts(64, seed=11))
-    write_prompts(data / "eval.jsonl", arithmetic_prompts(32, seed=12))
+    write_prompts(data / "prompts.jsonl", arithmetic_prompts(n_prompts, seed=11))
+    write_prompts(data / "eval.jsonl", arithmetic_prompts(n_eval, seed=12))
     return align(AlignConfig(model=Path(model), out=out, method="rloo", prompts=data / "prompts.jsonl",
                              eval_prompts=data / "eval.jsonl", reward="arithmetic", k=4, lr=lr, steps=steps,
                              batch_size=8, max_new_tokens=6), log=log)

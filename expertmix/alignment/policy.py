@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from trl.trainer.utils import disable_dropout_in_model
 
 from ..errors import ExpertmixError
 from ..experts.training import _saved_dtype
@@ -42,7 +41,11 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    disable_dropout_in_model(model)  # sampled and scored log-probs must come from one distribution
+    # Sampled and scored log-probs must come from one distribution: no dropout. (TRL's
+    # disable_dropout_in_model is this loop, but importing it loads TRL's whole trainer stack.)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     return model, tokenizer
 
 

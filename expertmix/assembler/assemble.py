@@ -7,6 +7,7 @@ settings), so an interrupted run resumes with ``resume=True``; the mix appears a
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
 
 # Parameter groups of a mix that a training stage can unfreeze.
 GROUPS = ("router", "experts", "shared", "dense")
+SAMPLE_CHUNK = 32  # documents tokenized at a time when sampling up to a token budget
 GROUP_MARKERS = (("router", ".mlp.router."), ("experts", ".mlp.experts."), ("shared", ".mlp.shared_expert."))
 
 
@@ -53,14 +55,31 @@ def freeze_except(model: torch.nn.Module, groups: Iterable[str]) -> int:
     return count
 
 
-def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | None = None
-                 ) -> dict[str, list[TokenizedDocument]]:
-    """Tokenized documents of each named data source."""
+def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | None = None,
+                 max_tokens: int | None = None, seed: int = 0) -> dict[str, list[TokenizedDocument]]:
+    """Tokenized documents of each named data source.
+
+    With ``max_tokens``, only a seeded random sample of documents holding at least that many tokens is
+    tokenized per source: a small budget does not pay for tokenizing whole corpora.
+    """
     out: dict[str, list[TokenizedDocument]] = {}
     for src in sources:
         if src.name in out:
             raise ExpertmixError(f"--data: source name '{src.name}' given twice")
-        out[src.name] = tokenize_documents(read_documents(src.path, text_field, domain=src.name), tokenizer)
+        docs = read_documents(src.path, text_field, domain=src.name)
+        if max_tokens is None:
+            out[src.name] = tokenize_documents(docs, tokenizer)
+            continue
+        random.Random(f"{seed}:{src.name}").shuffle(docs)
+        picked: list[TokenizedDocument] = []
+        count = 0
+        for start in range(0, len(docs), SAMPLE_CHUNK):
+            chunk = tokenize_documents(docs[start:start + SAMPLE_CHUNK], tokenizer)
+            picked += chunk
+            count += sum(len(d.input_ids) for d in chunk)
+            if count >= max_tokens:
+                break
+        out[src.name] = picked
     return out
 
 
@@ -175,9 +194,9 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     trainable = freeze_except(model, cfg.train_groups)
-    tokenized = read_sources(cfg.data, tokenizer, cfg.text_field)
-    blocks, report = mixture_blocks(tokenized, shares, budget_tokens(cfg.settings, cfg.seq_len), cfg.seq_len,
-                                    cfg.settings.seed)
+    needed = budget_tokens(cfg.settings, cfg.seq_len)
+    tokenized = read_sources(cfg.data, tokenizer, cfg.text_field, max_tokens=needed, seed=cfg.settings.seed)
+    blocks, report = mixture_blocks(tokenized, shares, needed, cfg.seq_len, cfg.settings.seed)
     log(f"training {', '.join(cfg.train_groups)} ({trainable / 1e6:.2f}M parameters) on "
         f"{blocks['input_ids'].shape[0]} blocks of {cfg.seq_len} tokens from {', '.join(tokenized)}")
     metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,6 +60,8 @@ from .upcycling import (
 
 MergeScope = Literal["all", "none", "token-rows"]
 Placement = Literal["project", "fit", "reinit"]
+FfnInit = Literal["expert", "transfer"]
+FREQUENCY_SAMPLE = 262_144  # tokens per source read at least, for token-row merge weights and placement
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class ExtensionRecipe:
     train: tuple[str, ...] = ("router", "experts", "shared", "dense")
     placement: Placement = "project"
     new_share: float = 0.5
+    ffn_init: FfnInit = "expert"  # transfer: add the old experts' mean in-mix update to the new FFN
+    learning_rate: float | None = None  # None: the run's learning rate
 
     def lam(self, n_old: int) -> float:
         return 1.0 / (n_old + 1) if self.merge_lambda is None else self.merge_lambda
@@ -94,6 +97,27 @@ RECIPES: dict[str, ExtensionRecipe] = {
     "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
 }
 DEFAULT_RECIPE = "isolated"
+
+
+def parse_recipe(spec: str) -> ExtensionRecipe:
+    """``NAME`` or ``NAME:key=value;key=value`` (train groups joined by '+'), e.g. ``isolated:learning_rate=1e-3``."""
+    name, _, rest = spec.partition(":")
+    if name not in RECIPES:
+        raise ExpertmixError(f"unknown extension recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    fields = {f: type(getattr(recipe, f)) for f in asdict(recipe)}
+    overrides: dict = {}
+    for part in filter(None, (x.strip() for x in rest.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in fields:
+            raise ExpertmixError(f"recipe {spec!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
+        if key == "train":
+            overrides[key] = tuple(g for g in value.split("+") if g)
+        elif key in ("merge_lambda", "learning_rate", "new_share"):
+            overrides[key] = None if value == "none" else float(value)
+        else:
+            overrides[key] = value
+    return replace(recipe, **overrides)
 
 
 @dataclass
@@ -131,11 +155,8 @@ def token_row_lambdas(new: Sequence[TokenizedDocument], old: dict[str, Sequence[
                       vocab_size: int) -> torch.Tensor:
     """Per-token merge weight ``f_new / (f_new + max_d f_d)`` (0 for tokens no data uses)."""
     def freq(docs: Sequence[TokenizedDocument]) -> torch.Tensor:
-        counts = Counter(t for d in docs for t in d.input_ids)
-        f = torch.zeros(vocab_size, dtype=torch.float64)
-        if counts:
-            ids = torch.tensor(list(counts), dtype=torch.long)
-            f[ids] = torch.tensor(list(counts.values()), dtype=torch.float64)
+        ids = torch.tensor([t for d in docs for t in d.input_ids], dtype=torch.long)
+        f = torch.bincount(ids, minlength=vocab_size).double()
         return f / max(f.sum().item(), 1.0)
 
     f_new = freq(new)
@@ -163,9 +184,38 @@ def extended_config(config: NexusConfig, name: str) -> NexusConfig:
     return NexusConfig(**d)
 
 
+def mix_update_of_old_experts(tensors: dict[str, torch.Tensor], layout: MoeLayout, manifest: MixManifest,
+                              n_old: int, registry: str | None) -> dict[str, torch.Tensor]:
+    """Mean over the old experts of (FFN in the trained mix - FFN as published): what mix training taught them.
+
+    Old experts are pulled again through the registry at the revision mix.json names, and refused when their
+    weights no longer match the recorded sha256.
+    """
+    delta = {k: torch.zeros_like(tensors[k][0], dtype=torch.float32) for p in layout.block_prefix
+             for k in (f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj")}
+    for i, entry in enumerate(manifest.experts[:n_old]):
+        src = load_expert(f"{entry.repo}@{entry.revision}" if entry.revision else entry.repo, registry)
+        if src.weights_sha256 != entry.weights_sha256:
+            raise ExpertmixError(f"expert '{entry.name}' ({entry.repo}@{entry.revision}): weights differ from the "
+                                 f"sha256 recorded in mix.json; cannot compute its in-mix update")
+        for name, t in stream_tensors(src.folder):
+            where = layout.ffn_key(name)
+            if where is None:
+                continue
+            layer, proj = where
+            p = layout.block_prefix[layer]
+            mixed, i_size = tensors[f"{p}.experts.gate_up_proj"][i], tensors[f"{p}.experts.down_proj"].shape[2]
+            if proj == "down_proj":
+                delta[f"{p}.experts.down_proj"] += (tensors[f"{p}.experts.down_proj"][i].float() - t.float()) / n_old
+            else:
+                rows = slice(0, i_size) if proj == "gate_proj" else slice(i_size, 2 * i_size)
+                delta[f"{p}.experts.gate_up_proj"][rows] += (mixed[rows].float() - t.float()) / n_old
+    return delta
+
+
 def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, expert: ExpertSource,
                    manifest: MixManifest, recipe: ExtensionRecipe, row_lambdas: torch.Tensor | None,
-                   init_seed: int = 0) -> dict[str, torch.Tensor]:
+                   init_seed: int = 0, registry: str | None = None) -> dict[str, torch.Tensor]:
     """The mix's tensors with the new expert appended and the recipe's merge applied (streamed expert)."""
     old_layout, layout = MoeLayout.for_config(config), MoeLayout.for_config(new_config)
     tensors = load_file(str(mix_dir / WEIGHTS_FILE))
@@ -189,14 +239,19 @@ def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, 
         elif recipe.merge == "token-rows" and key in rows:
             w = row_lambdas.to(mine.dtype).unsqueeze(1)
             tensors[key] = mine + w * (t - mine)
+    delta = mix_update_of_old_experts(tensors, layout, manifest, n_old, registry) \
+        if recipe.ffn_init == "transfer" else {}
     for p in layout.block_prefix:
         got = new_ffn[p]
         if set(got) != {"gate_proj", "up_proj", "down_proj"}:
             raise ExpertmixError(f"expert '{expert.info.name}': FFN weights of {p} incomplete ({sorted(got)})")
         gu, dn = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
         dtype = tensors[gu].dtype
-        tensors[gu] = torch.cat([tensors[gu], torch.cat([got["gate_proj"], got["up_proj"]]).to(dtype)[None]])
-        tensors[dn] = torch.cat([tensors[dn], got["down_proj"].to(dtype)[None]])
+        new_gu, new_dn = torch.cat([got["gate_proj"], got["up_proj"]]).float(), got["down_proj"].float()
+        if delta:
+            new_gu, new_dn = new_gu + delta[gu], new_dn + delta[dn]
+        tensors[gu] = torch.cat([tensors[gu], new_gu.to(dtype)[None]])
+        tensors[dn] = torch.cat([tensors[dn], new_dn.to(dtype)[None]])
     if config.router_type == "nexus":
         d_new = manifest.standardisation.apply(expert.embedding[None])
         for p in layout.block_prefix:
@@ -278,7 +333,7 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
         opt.zero_grad()
         loss.backward()
         opt.step()
-        last["loss"] = float(loss) / len(blocks)
+        last["loss"] = loss.item() / len(blocks)
     with torch.no_grad():
         share_new, share_old = [], []
         for layer, b in enumerate(blocks):
@@ -351,8 +406,11 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
                              f"values, the mix's router takes {config.embedding_dim}")
     n_old = config.num_experts
     tokenizer = AutoTokenizer.from_pretrained(mix_dir)
-    new_docs = read_sources(cfg.data, tokenizer, cfg.text_field)
-    old_docs = read_sources(replay_sources(cfg, manifest), tokenizer, cfg.text_field)
+    needed = budget_tokens(cfg.settings, cfg.seq_len)
+    sample = max(needed, FREQUENCY_SAMPLE) if needed is not None else None
+    new_docs = read_sources(cfg.data, tokenizer, cfg.text_field, max_tokens=sample, seed=cfg.settings.seed)
+    old_docs = read_sources(replay_sources(cfg, manifest), tokenizer, cfg.text_field, max_tokens=sample,
+                            seed=cfg.settings.seed)
     clash = set(new_docs) & set(old_docs)
     if clash:
         raise ExpertmixError(f"data source name(s) {', '.join(sorted(clash))} used for both new and replay data")
@@ -365,7 +423,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         log(f"appending '{expert.info.name}' as expert {n_old} (merge: {recipe.merge}, "
             f"lambda {recipe.lam(n_old):.3g}; placement: {recipe.placement})")
         tensors = extend_tensors(mix_dir, config, new_config, expert, manifest, recipe, lambdas,
-                                 cfg.settings.seed)
+                                 cfg.settings.seed, cfg.registry)
         tmp = work / "init.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -378,8 +436,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     shares = {k: recipe.new_share / len(new_docs) for k in new_docs}
     shares.update({k: (1 - recipe.new_share) / len(old_docs) for k in old_docs})
-    blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, budget_tokens(cfg.settings, cfg.seq_len),
-                                    cfg.seq_len, cfg.settings.seed)
+    blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, needed, cfg.seq_len, cfg.settings.seed)
     placement = {}
     if recipe.placement == "fit":
         new_blocks, _ = mixture_blocks(new_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
@@ -392,7 +449,8 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     handles = mask_old_experts(model, n_old)
     log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
         f"{blocks['input_ids'].shape[0]} blocks: {recipe.new_share:.0%} new domain, the rest replay")
-    metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume)
+    settings = replace(cfg.settings, learning_rate=recipe.learning_rate or cfg.settings.learning_rate)
+    metrics = train_stage(model, blocks, settings, work, cfg.resume)
     for h in handles:
         h.remove()
     restore_old_experts(model, init, n_old)
@@ -403,7 +461,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     manifest.experts.append(entry)
     manifest.history.append({"stage": "extend", "expert": expert.info.name, "recipe": cfg.recipe_name,
                              **asdict(recipe), "lambda": recipe.lam(n_old), "placement_fit": placement,
-                             "settings": asdict(cfg.settings), "metrics": metrics, "seq_len": cfg.seq_len,
+                             "settings": asdict(settings), "metrics": metrics, "seq_len": cfg.seq_len,
                              "mix": {k: v["actual_share"] for k, v in report.items()}})
     save_mix(model, init, manifest, cfg.out)
     shutil.rmtree(work, ignore_errors=True)

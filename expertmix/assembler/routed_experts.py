@@ -8,11 +8,12 @@ Implementations (``impl=``); the fast ones sort the (token, slot) pairs by exper
 - ``eager``: loop over experts with boolean masks; the reference every other path is tested against.
 - ``grouped_mm``: one ``torch.nn.functional.grouped_mm`` per projection over all rows (no host sync, static
   shapes: the GPU path, and the one that traces under ``torch.compile``).
-- ``blocked``: each expert's rows in blocks of a few hundred, every block taken through gather, both
-  projections, SwiGLU and scatter while it is in cache (one host sync for the expert offsets). The CPU path:
-  whole-array stages stream ``[S, 2I]`` intermediates through memory and lose to it.
-- ``auto``: ``blocked`` on the CPU, ``grouped_mm`` where torch has a kernel for the device and dtype,
-  else ``blocked``.
+- ``segments``: one plain matrix product per expert over its contiguous rows, each expert's rows taken
+  through gather, both projections, SwiGLU and scatter in turn (one host sync for the expert offsets). On
+  the CPU the segments are cut into blocks whose ``[rows, 2I]`` activations stay in cache: whole-array
+  stages stream those intermediates through memory and lose to this.
+- ``auto``: ``segments`` on the CPU; on a GPU ``grouped_mm`` where torch has a kernel for the dtype, else
+  ``segments``.
 Both fast paths have hand-written backwards (autograd's version of the SwiGLU split zero-fills two ``[S, 2I]``
 gradient buffers and adds them, and its grouped-GEMM weight gradients come out transposed, one copy each).
 """
@@ -22,8 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "eager", "grouped_mm", "blocked")
-BLOCK_BYTES = 1 << 20  # a block's [rows, 2I] gate/up activations fit the CPU's per-core L2 cache
+IMPLS = ("auto", "eager", "grouped_mm", "segments")
+BLOCK_BYTES = (
+    4 << 20
+)  # a block's [rows, 2I] gate/up activations stay in the CPU's last-level cache (measured best)
 
 
 def router_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +68,10 @@ def eager_experts_forward(
 
 def _aligned(t: torch.Tensor) -> bool:
     """Whether ``t`` starts on a 16-byte boundary and its row stride is a multiple of 16 bytes."""
-    return t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0
+    stride_ok = (t.stride(-2) * t.element_size()) % 16 == 0
+    if torch.compiler.is_compiling():  # pointers are not traceable; compiled buffers are allocated aligned
+        return stride_ok
+    return stride_ok and t.data_ptr() % 16 == 0
 
 
 def grouped_mm_supported(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
@@ -76,7 +82,9 @@ def grouped_mm_supported(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_
         capability = torch.cuda.get_device_capability(hidden.device)
         ok_device = hidden.dtype == torch.bfloat16 and capability >= (8, 0)
     elif hidden.device.type == "cpu":
-        ok_device = hidden.dtype in (torch.float32, torch.bfloat16)
+        # Under torch.compile the op's shape function accepts bf16 only.
+        dtypes = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32, torch.bfloat16)
+        ok_device = hidden.dtype in dtypes
     else:
         ok_device = False
     # The kernels need 16-byte aligned rows in every operand, the [S, I] and [S, 2I] intermediates included.
@@ -91,8 +99,8 @@ def _pick_impl(impl: str, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down
         raise ValueError(f"experts_forward: impl={impl!r} is not one of {', '.join(IMPLS)}")
     if impl == "auto":
         if hidden.device.type == "cpu":
-            return "blocked"
-        return "grouped_mm" if grouped_mm_supported(hidden, gate_up_proj, down_proj) else "blocked"
+            return "segments"
+        return "grouped_mm" if grouped_mm_supported(hidden, gate_up_proj, down_proj) else "segments"
     if impl == "grouped_mm" and not grouped_mm_supported(hidden, gate_up_proj, down_proj):
         raise ValueError(
             f"experts_forward: impl='grouped_mm' has no kernel for device={hidden.device.type} "
@@ -101,7 +109,9 @@ def _pick_impl(impl: str, hidden: torch.Tensor, gate_up_proj: torch.Tensor, down
     return impl
 
 
-def _combine(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int, by_gather: bool) -> torch.Tensor:
+def _combine(
+    rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int, by_gather: bool
+) -> torch.Tensor:
     """Sum expert-sorted rows into their tokens: ``[S, H]`` -> ``[T, H]``; row r is flat pair ``order[r]``.
 
     ``by_gather``: gather the rows into (token, slot) order and sum the k slots instead of ``index_add_``.
@@ -116,9 +126,14 @@ def _combine(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: in
     return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, order // top_k, rows)
 
 
-def _swiglu_backward(grad_act: torch.Tensor, gate_up: torch.Tensor, silu_gate: torch.Tensor, out: torch.Tensor):
+def _swiglu_backward(
+    grad_act: torch.Tensor, gate_up: torch.Tensor, silu_gate: torch.Tensor, out: torch.Tensor
+):
     """Gradient of ``silu(gate) * up`` w.r.t. ``gate_up = [gate | up]``, written into ``out``; clobbers grad_act."""
     inter = silu_gate.shape[1]
+    if torch.compiler.is_compiling():  # no out= into views there; the compiler fuses this form itself
+        grad_gate = torch.ops.aten.silu_backward(grad_act * gate_up[:, inter:], gate_up[:, :inter])
+        return torch.cat([grad_gate, grad_act * silu_gate], dim=1)
     torch.mul(grad_act, silu_gate, out=out[:, inter:])
     grad_act.mul_(gate_up[:, inter:])
     torch.ops.aten.silu_backward.grad_input(grad_act, gate_up[:, :inter], grad_input=out[:, :inter])
@@ -143,7 +158,9 @@ class _GroupedExperts(torch.autograd.Function):
         act = silu_gate * up
         y = F.grouped_mm(act, down_proj.transpose(-2, -1), offs=offs)
         out = _combine(y * row_weights[:, None], order, num_tokens, top_k, by_gather)
-        ctx.save_for_backward(x, gate_up, silu_gate, act, y, row_weights, order, offs, gate_up_proj, down_proj)
+        ctx.save_for_backward(
+            x, gate_up, silu_gate, act, y, row_weights, order, offs, gate_up_proj, down_proj
+        )
         ctx.top_k, ctx.num_tokens, ctx.by_gather = top_k, num_tokens, by_gather
         return out
 
@@ -168,7 +185,7 @@ class _GroupedExperts(torch.autograd.Function):
 
 
 def _blocks(offs: torch.Tensor, block_rows: int) -> list[tuple[int, int, int]]:
-    """(expert, start, end) row blocks of at most ``block_rows`` rows, expert by expert."""
+    """(expert, start, end) row blocks of at most ``block_rows`` rows, expert by expert (no empty ones)."""
     blocks, start = [], 0
     for expert, end in enumerate(offs.tolist()):
         blocks.extend((expert, a, min(a + block_rows, end)) for a in range(start, end, block_rows))
@@ -184,16 +201,19 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         torch.mm(a, b, out=out)
 
 
-class _BlockedExperts(torch.autograd.Function):
-    """Expert-sorted rows in cache-sized blocks, each block through the whole expert chain (see module doc)."""
+class _SegmentExperts(torch.autograd.Function):
+    """Expert segments (cache-sized blocks on the CPU), each taken through the whole expert chain in turn."""
 
     @staticmethod
     def forward(ctx, hidden, gate_up_proj, down_proj, row_weights, order, offs, top_k, keep):
         num_tokens, dim = hidden.shape
         inter = down_proj.shape[2]
         rows_total = order.shape[0]
-        block_rows = max(16, BLOCK_BYTES // (2 * inter * hidden.element_size()))
-        blocks = _blocks(offs, block_rows)
+        if hidden.device.type == "cpu":
+            blocks = _blocks(offs, max(16, BLOCK_BYTES // (2 * inter * hidden.element_size())))
+        else:  # a GPU wants the largest products it can get: whole segments
+            blocks = _blocks(offs, max(rows_total, 1))
+        block_rows = max((b - a for _, a, b in blocks), default=0)
         token_of_row = order // top_k if top_k > 1 else order
         out = hidden.new_empty(num_tokens, dim) if top_k == 1 else hidden.new_zeros(num_tokens, dim)
         if keep:  # whole-array buffers that backward reads; filled block by block
@@ -226,7 +246,9 @@ class _BlockedExperts(torch.autograd.Function):
             else:
                 out.index_add_(0, tokens, weighted)
         if keep:
-            ctx.save_for_backward(x, gate_up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj)
+            ctx.save_for_backward(
+                x, gate_up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj
+            )
             ctx.blocks, ctx.block_rows, ctx.top_k = blocks, block_rows, top_k
         return out
 
@@ -238,7 +260,9 @@ class _BlockedExperts(torch.autograd.Function):
         need_hidden, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
         grad_hidden = None
         if need_hidden:
-            grad_hidden = grad_out.new_empty(num_tokens, dim) if ctx.top_k == 1 else grad_out.new_zeros(num_tokens, dim)
+            grad_hidden = (
+                grad_out.new_empty(num_tokens, dim) if ctx.top_k == 1 else grad_out.new_zeros(num_tokens, dim)
+            )
         grad_weights = row_weights.new_empty(row_weights.shape) if need_weights else None
         grad_gate_up_proj = torch.zeros_like(gate_up_proj) if need_gate_up else None
         grad_down = torch.zeros_like(down_proj) if need_down else None
@@ -250,7 +274,9 @@ class _BlockedExperts(torch.autograd.Function):
         for expert, a, b in ctx.blocks:
             n = b - a
             tokens = token_of_row[a:b]
-            first = expert not in seen  # the first block of an expert writes its weight gradient, the rest add
+            first = (
+                expert not in seen
+            )  # the first block of an expert writes its weight gradient, the rest add
             seen.add(expert)
             grad_rows = torch.index_select(grad_out, 0, tokens, out=rows_buf[:n])
             if need_weights:
@@ -271,6 +297,36 @@ class _BlockedExperts(torch.autograd.Function):
         return grad_hidden, grad_gate_up_proj, grad_down, grad_weights, None, None, None, None
 
 
+def _check_shapes(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> None:
+    """Refuse inconsistent shapes with a message naming the argument and its shape."""
+    if hidden.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            f"experts_forward: expected hidden [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]; got "
+            f"hidden {list(hidden.shape)}, gate_up_proj {list(gate_up_proj.shape)}, down_proj {list(down_proj.shape)}"
+        )
+    num_experts, dim, inter = down_proj.shape
+    if list(gate_up_proj.shape) != [num_experts, 2 * inter, dim] or hidden.shape[1] != dim:
+        raise ValueError(
+            f"experts_forward: gate_up_proj {list(gate_up_proj.shape)} and hidden {list(hidden.shape)} do not "
+            f"match down_proj {list(down_proj.shape)} (want gate_up_proj [{num_experts}, {2 * inter}, {dim}])"
+        )
+    if (
+        top_k_index.dim() != 2
+        or top_k_index.shape != top_k_weights.shape
+        or top_k_index.shape[0] != hidden.shape[0]
+    ):
+        raise ValueError(
+            f"experts_forward: top_k_index {list(top_k_index.shape)} and top_k_weights "
+            f"{list(top_k_weights.shape)} must both be [T={hidden.shape[0]}, k]"
+        )
+
+
 def experts_forward(
     hidden: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -279,15 +335,47 @@ def experts_forward(
     top_k_weights: torch.Tensor,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Weighted sum of each token's top-k SwiGLU experts: ``hidden [T,H]`` -> ``[T,H]`` (see module doc)."""
+    """Weighted sum of each token's top-k SwiGLU experts: ``hidden [T,H]`` -> ``[T,H]`` (see module doc).
+
+    Computes in the weights' dtype (the autocast dtype under ``torch.autocast``) and returns ``hidden``'s dtype.
+    """
+    _check_shapes(hidden, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    device_type = hidden.device.type
+    dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else gate_up_proj.dtype
+    )
+    if not hidden.dtype == gate_up_proj.dtype == down_proj.dtype == dtype:
+        with torch.autocast(device_type, enabled=False):
+            out = experts_forward(
+                hidden.to(dtype),
+                gate_up_proj.to(dtype),
+                down_proj.to(dtype),
+                top_k_index,
+                top_k_weights,
+                impl,
+            )
+        return out.to(hidden.dtype)
     impl = _pick_impl(impl, hidden, gate_up_proj, down_proj)
     if impl == "eager":
         return eager_experts_forward(hidden, gate_up_proj, down_proj, top_k_index, top_k_weights)
     num_experts, k = gate_up_proj.shape[0], top_k_index.shape[1]
     flat_index = top_k_index.reshape(-1)
     order = torch.argsort(flat_index, stable=True)
-    offs = torch.cumsum(torch.bincount(flat_index, minlength=num_experts), 0, dtype=torch.int32)
+    # scatter_add_ rather than bincount: a static output shape, so the grouped path traces under torch.compile
+    counts = flat_index.new_zeros(num_experts).scatter_add_(0, flat_index, torch.ones_like(flat_index))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     row_weights = top_k_weights.reshape(-1).index_select(0, order).to(hidden.dtype)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, gate_up_proj, down_proj, row_weights))
-    function = _GroupedExperts if impl == "grouped_mm" else _BlockedExperts
-    return function.apply(hidden, gate_up_proj, down_proj, row_weights, order, offs, k, keep)
+    keep = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, gate_up_proj, down_proj, row_weights)
+    )
+    if impl == "grouped_mm":
+        return _GroupedExperts.apply(hidden, gate_up_proj, down_proj, row_weights, order, offs, k, keep)
+    return _segments_apply(hidden, gate_up_proj, down_proj, row_weights, order, offs, k, keep)
+
+
+@torch.compiler.disable
+def _segments_apply(*args: object) -> torch.Tensor:
+    """Run the segments path eagerly: its blocks are data-dependent, so torch.compile treats it as opaque."""
+    return _SegmentExperts.apply(*args)

@@ -93,12 +93,21 @@ def read_text(path: Path, split: str = "paragraph") -> Iterator[Document]:
         return
     if split not in ("paragraph", "line"):
         raise DataError(f"unknown text split {split!r}: use paragraph, line or file")
-    sep = "\n\n" if split == "paragraph" else "\n"
-    line_no = 1
-    for chunk in text.split(sep):
-        if chunk.strip():
-            yield Document(text=chunk.strip(), source=str(path), line=line_no)
-        line_no += chunk.count("\n") + sep.count("\n")
+    para: list[str] = []
+    first = 0
+    for i, line in enumerate(text.split("\n"), start=1):
+        if split == "line":
+            if line.strip():
+                yield Document(text=line.strip(), source=str(path), line=i)
+            continue
+        if line.strip():
+            first = first or i
+            para.append(line)
+        elif para:
+            yield Document(text="\n".join(para).strip(), source=str(path), line=first)
+            para, first = [], 0
+    if para:
+        yield Document(text="\n".join(para).strip(), source=str(path), line=first)
 
 
 def read_saved_dataset(path: Path, text_field: str | None = None, split: str = "train") -> Iterator[Document]:

@@ -41,7 +41,7 @@ class TrainSettings:
     warmup_ratio: float = 0.1
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
-    save_steps: int = 100
+    save_steps: int = 100  # checkpoint every N steps; 0 writes none
     logging_steps: int = 10
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"
@@ -94,8 +94,8 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         lr_scheduler_type=settings.lr_scheduler,
         weight_decay=settings.weight_decay,
         logging_steps=settings.logging_steps,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
+        save_strategy="steps" if settings.save_steps > 0 else "no",  # 0: no checkpoints (e.g. a federated round)
+        save_steps=max(1, settings.save_steps),
         save_total_limit=2,
         eval_strategy="no",
         report_to="none",
@@ -121,12 +121,13 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
 @torch.no_grad()
 def perplexity(model, blocks: Blocks, batch_size: int = 8) -> float:
     """Token-weighted perplexity of ``model`` on packed blocks (labels -100 are skipped)."""
-    nll, count = _nll(model, blocks, batch_size)
+    nll, count = token_nll(model, blocks, batch_size)
     return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()
-def _nll(model, blocks: Blocks, batch_size: int) -> tuple[float, int]:
+def token_nll(model, blocks: Blocks, batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over packed blocks and the number of tokens scored."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -196,7 +197,8 @@ class ExpertTrainConfig:
         return json.loads(json.dumps(d, default=str))
 
 
-def _split_valid(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+def split_valid(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Hold out a reproducible random ``fraction`` of documents (at least one) for validation."""
     if len(docs) < 2:
         raise ExpertmixError(f"{docs[0].source if docs else 'data'}: need at least 2 documents to hold out "
                              f"validation data (or pass --valid FILE)")
@@ -215,7 +217,8 @@ def _saved_dtype(model_dir: Path) -> torch.dtype:
     return dtype or torch.float32
 
 
-def _peft_wrap(model, kind: str, r: int, alpha: int):
+def peft_wrap(model, kind: str, r: int, alpha: int):
+    """Wrap ``model`` in the PEFT adapter an expert of ``kind`` ('lora' or 'ia3') trains."""
     from peft import IA3Config, LoraConfig, get_peft_model
 
     if kind == "lora":
@@ -274,7 +277,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     else:
         train_sources, valid_docs = {}, []
         for k, docs in sources.items():
-            tr, va = _split_valid(docs, cfg.valid_fraction, cfg.settings.seed)
+            tr, va = split_valid(docs, cfg.valid_fraction, cfg.settings.seed)
             train_sources[k], valid_docs = tr, valid_docs + va
 
     pruning_info = None
@@ -309,11 +312,8 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     # -- training -----------------------------------------------------------------------------------
     ppl_before = perplexity(model, valid_blocks, cfg.settings.batch_size)
     log(f"validation perplexity before: {ppl_before:.3f}")
-    train_model = _peft_wrap(model, cfg.kind, cfg.lora_r, cfg.lora_alpha) if cfg.kind != "dense" else model
-    if cfg.kind != "dense":
-        trainable, total = train_model.get_nb_trainable_parameters()
-    else:
-        trainable = total = sum(p.numel() for p in model.parameters())
+    train_model = peft_wrap(model, cfg.kind, cfg.lora_r, cfg.lora_alpha) if cfg.kind != "dense" else model
+    trainable, total = parameter_counts(train_model)
     metrics = fit(train_model, train_blocks, None, cfg.settings, work / "checkpoints", resume=cfg.resume)
     ppl_after = perplexity(train_model, valid_blocks, cfg.settings.batch_size)
     log(f"validation perplexity after: {ppl_after:.3f}")
@@ -340,19 +340,43 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         metrics={"valid_perplexity_before": ppl_before, "valid_perplexity_after": ppl_after,
                  "train_loss": float(metrics.get("train_loss", float("nan")))},
         training={"steps": metrics["steps"], "tokens": metrics["tokens"], "seq_len": cfg.seq_len,
+                  "resumed_from": metrics["resumed_from"], "runtime_seconds": float(metrics.get("train_runtime", 0.0)),
                   "batch_size": cfg.settings.batch_size, "grad_accum": cfg.settings.grad_accum,
                   "learning_rate": cfg.settings.learning_rate, "trainable_parameters": int(trainable),
                   "total_parameters": int(total), "trainable_share": trainable / total},
     )
+    scores = work / "pruning_scores.jsonl"
+    write_expert_repo(out, train_model, tokenizer, ExpertCard(expert=info, datasets=[s.name for s in cfg.data]),
+                      embedding, embedder.name, n_embedded, save_dtype,
+                      extra_files=[scores] if scores.is_file() else ())
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters: the adapter's share for a PEFT model, everything for a dense one."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    return total, total
+
+
+def write_expert_repo(out: str | Path, model, tokenizer, card: ExpertCard, embedding: torch.Tensor, embedder: str,
+                      embedded_documents: int, save_dtype: torch.dtype = torch.float32,
+                      extra_files: Sequence[Path] = ()) -> Path:
+    """Write the expert repo of DESIGN.md atomically: weights (dense) or adapter (PEFT), tokenizer, domain
+    embedding, card; shared by ``train_expert`` and the federation server so both publish the same kind of repo."""
+    out = Path(out)
     with atomic_dir(out) as tmp:
-        if cfg.kind == "dense":
+        if card.expert.kind == "dense":
             model.to(save_dtype).save_pretrained(tmp)
         else:
-            train_model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_domain_embedding(tmp, embedding, embedder.name, n_embedded)
-        if (work / "pruning_scores.jsonl").is_file():
-            shutil.copyfile(work / "pruning_scores.jsonl", tmp / "pruning_scores.jsonl")
-        ExpertCard(expert=info, datasets=[s.name for s in cfg.data]).save(tmp)
-    shutil.rmtree(work, ignore_errors=True)
+        save_domain_embedding(tmp, embedding, embedder, embedded_documents)
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / Path(extra).name)
+        card.save(tmp)
     return out

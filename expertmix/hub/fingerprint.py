@@ -68,3 +68,17 @@ def architecture_of(config) -> str:
             "num_key_value_heads", "vocab_size")
     dims = ",".join(f"{k}={getattr(config, k, None)}" for k in keys)
     return f"{config.model_type}({dims})"
+
+
+def model_signature(model_dir: str | Path):
+    """The signature (weights, architecture, tokenizer) of a seed folder, as expert cards record it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .card import BaseSignature
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise StoreError(f"{model_dir}: not a model folder (no config.json)")
+    return BaseSignature(base_fingerprint=fingerprint_weights(model_dir),
+                         architecture=architecture_of(AutoConfig.from_pretrained(model_dir)),
+                         tokenizer_fingerprint=fingerprint_tokenizer(AutoTokenizer.from_pretrained(model_dir)))

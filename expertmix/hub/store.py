@@ -110,7 +110,7 @@ class LocalStore:
     def publish(self, folder: str | Path, name: str | None = None, tag: str | None = None) -> ExpertEntry:
         """Store a validated expert folder as a new immutable revision and point 'main' at it."""
         expert = validate_expert_folder(folder)
-        name = validate_name(name or expert.card.expert.name)
+        name = validate_name(expert.card.expert.name if name is None else name)
         files = []
         for p in expert.files:
             blob = self._put_blob(p)

@@ -12,6 +12,7 @@ from ...errors import ExpertmixError
 from .db import init_db
 from .deps import RegistryState
 from .errors import HubError, expertmix_error_handler, hub_error_handler, validation_error_handler
+from .limits import BodyLimitMiddleware
 from .routers import experts, files, repos, upload
 from .settings import RegistrySettings
 from .storage import open_storage
@@ -22,14 +23,16 @@ log = logging.getLogger("expertmix.registry")
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     """A FastAPI app serving the Hub protocol subset and the expert endpoints for ``settings``."""
     settings = settings or RegistrySettings.from_env()
+    sessions = init_db(settings.database_url)
     storage = open_storage(settings.blobs_url)
     swept = storage.sweep()
     if swept:
         log.info("removed %d staging files left by killed uploads", swept)
-    state = RegistryState(settings=settings, sessions=init_db(settings.database_url), storage=storage)
+    state = RegistryState(settings=settings, sessions=sessions, storage=storage)
     app = FastAPI(title="expertmix registry", version=__version__,
                   description="An expert registry that speaks the Hugging Face Hub protocol.")
     app.state.registry = state
+    app.add_middleware(BodyLimitMiddleware)
     app.add_exception_handler(HubError, hub_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ExpertmixError, expertmix_error_handler)

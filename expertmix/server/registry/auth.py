@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ...errors import StoreError
 from .db import init_db
 from .errors import HubError
 from .models import Token
@@ -41,6 +42,10 @@ def issue_token(db: Session, namespace: str, label: str = "") -> str:
 
 def create_token(database_url: str, namespace: str, label: str = "") -> str:
     """Open the registry database at ``database_url`` and issue a token for ``namespace``."""
+    try:
+        check_namespace(namespace)
+    except HubError as exc:
+        raise StoreError(exc.message) from exc
     factory = init_db(database_url)
     with factory() as db:
         return issue_token(db, namespace, label)

@@ -24,7 +24,6 @@ from .index import TreeFile, build_expert_record
 from .models import Blob, Commit, CommitFile, Ref, Repo
 from .naming import COMMIT_RE, check_path
 from .repos import DEFAULT_BRANCH, commit_files, get_ref, git_blob_oid, lfs_pointer
-from .settings import RegistrySettings
 from .storage import BlobStorage, check_sha, read_range
 
 OPERATION_KEYS = ("file", "lfsFile", "deletedFile", "deletedFolder")
@@ -201,8 +200,8 @@ def initial_commit(db: Session, repo: Repo, author: str) -> Commit:
     return commit
 
 
-def apply_commit(db: Session, storage: BlobStorage, settings: RegistrySettings, repo: Repo, branch: str,
-                 req: CommitRequest, author: str) -> Commit:
+def apply_commit(db: Session, storage: BlobStorage, repo: Repo, branch: str, req: CommitRequest,
+                 author: str) -> Commit:
     """Build the new tree from the branch head and the operations, check it, write it in one transaction."""
     ref = get_ref(db, repo, branch)
     if ref is None:

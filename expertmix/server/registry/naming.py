@@ -30,7 +30,12 @@ def check_repo_id(namespace: str, name: str) -> str:
 
 
 def check_namespace(namespace: str) -> str:
-    check_repo_id(namespace, "x")
+    """A namespace (an organisation) is one segment of letters, digits, '.', '_' and '-'."""
+    try:
+        check_repo_id(namespace, "x")
+    except HubError as exc:
+        raise HubError(400, f"invalid namespace {namespace!r}: use letters, digits, '.', '_' and '-' "
+                            f"(not {', '.join(sorted(RESERVED_NAMESPACES))})") from exc
     return namespace
 
 

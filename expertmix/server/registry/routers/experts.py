@@ -27,7 +27,7 @@ class SimilarBody(BaseModel):
     language: str | None = None
     kind: str | None = None
     base_fingerprint: str | None = None
-    limit: int = Field(default=20, ge=1, le=1000)
+    limit: int = Field(default=20, ge=1, le=100_000)
 
 
 def summary(repo: Repo, record: ExpertRecord, commit: Commit, score: float | None = None) -> dict:
@@ -69,7 +69,7 @@ def _candidates(db: Session, principal: Principal | None, domain: str | None, la
 @router.get("/api/experts")
 def search_experts(db: DbSession, principal: CurrentPrincipal, domain: str | None = None,
                    language: str | None = None, kind: str | None = None, base_fingerprint: str | None = None,
-                   limit: int = Query(default=100, ge=1, le=10_000)) -> list[dict]:
+                   limit: int = Query(default=100, ge=1, le=100_000)) -> list[dict]:
     rows = _candidates(db, principal, domain, language, kind, base_fingerprint)
     return [summary(*row) for row in rows[:limit]]
 

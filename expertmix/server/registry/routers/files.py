@@ -140,6 +140,8 @@ def resolve_file(namespace: str, name: str, revision: str, path: str, request: R
                         media_type="application/octet-stream")
     storage, verify = state.storage, state.settings.verify_downloads
     if byte_range is None:
+        # Hashed on the first whole download of each blob version since the server started (and on any
+        # range request before that); clients hash every download themselves (expertmix pull does).
         key = _version(storage, sha)
         body = stream_blob(storage, sha, 0, size, verify=verify and key not in state.verified,
                            on_verified=lambda: state.verified.add(key))

@@ -260,8 +260,7 @@ async def commit(namespace: str, name: str, revision: str, request: Request, db:
         raise HubError(400, "pull requests are not supported by this registry")
     body = await read_limited(request, state.settings.max_commit_bytes, "commit payload")
     req = parse_payload(body, state.settings.max_upload_bytes)
-    made = await run_in_threadpool(apply_commit, db, state.storage, state.settings, repo, branch, req,
-                                   writer.namespace)
+    made = await run_in_threadpool(apply_commit, db, state.storage, repo, branch, req, writer.namespace)
     return {"commitUrl": f"{base}/{repo.repo_id}/commit/{made.oid}", "commitOid": made.oid,
             "pullRequestUrl": None}
 

@@ -1,0 +1,46 @@
+"""The Flower ``ClientApp`` a contributor's SuperNode runs (Message API).
+
+- ``train``: receives the global state (``arrays``) and the round's ``config`` (``server-round``, ``lr``,
+  ``base-fingerprint``, FedProx's ``proximal-mu``), trains locally, replies with the new state, a MetricRecord
+  (``num-examples`` = the node's training blocks, losses) and a ConfigRecord ``node`` (the node's summary:
+  counts, languages, domain embedding; never text).
+- ``evaluate``: validation loss of the global state on the node's validation data (``num-examples`` = tokens).
+
+Settings come from the run config (:class:`FederationConfig`) and the SuperNode's node config
+(:class:`NodeConfig`: ``data``, ``valid``, ``base``, ``name``, ...).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .node import Node
+from .settings import FederationConfig, NodeConfig
+
+app = ClientApp()
+
+
+def _node(context: Context) -> Node:
+    return Node(FederationConfig.from_run_config(dict(context.run_config)),
+                NodeConfig.from_node_config(dict(context.node_config)), context.node_id)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training on the node's private data."""
+    node = _node(context)
+    config = msg.content["config"]
+    result = node.train_round(msg.content["arrays"].to_torch_state_dict(), server_round=int(config["server-round"]),
+                              lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
+                              base_fingerprint=str(config.get("base-fingerprint", "")) or None)
+    content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics),
+                          "node": ConfigRecord(result.summary)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation loss of the global state on the node's validation data."""
+    metrics = _node(context).evaluate(msg.content["arrays"].to_torch_state_dict())
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

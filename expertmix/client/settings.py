@@ -1,0 +1,132 @@
+"""The federation's settings: the run config (same for the server and every node) and each node's own config.
+
+Flower hands both to the apps as flat dicts of TOML scalars with dashed keys (``[tool.flwr.app.config]`` in the
+app's pyproject.toml, ``flwr run --run-config``, ``flower-supernode --node-config``). They are validated here,
+once, so a wrong key or value is refused with its name instead of failing deep inside a round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ExpertmixError
+
+# What must not change when a restarted server resumes from its checkpoint (the rest may: more rounds, a longer
+# timeout, another registry).
+RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout", "evaluate_every", "registry", "publish", "out"})
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def _from_flat(cls, values: dict[str, Any], what: str):
+        data = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(k for k in data if k not in cls.model_fields)
+        if unknown:
+            known = ", ".join(k.replace("_", "-") for k in cls.model_fields)
+            raise ExpertmixError(f"{what}: unknown key(s) {', '.join(u.replace('_', '-') for u in unknown)} "
+                                 f"(known: {known})")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            parts = [f"key '{'.'.join(str(x) for x in e['loc']).replace('_', '-')}': {e['msg']}" for e in exc.errors()]
+            raise ExpertmixError(f"{what}: {'; '.join(parts)}") from exc
+
+    def to_flat(self) -> dict[str, Any]:
+        """The dashed-key dict Flower configs use (TOML scalars only)."""
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+
+class FederationConfig(_Config):
+    """The run config: what to train, how to federate it, where the coordinator writes and publishes."""
+
+    base: str = Field(min_length=1, description="seed model folder (on the coordinator; nodes may override)")
+    domain: str = Field(min_length=1)
+    work_dir: str = Field(min_length=1, description="coordinator folder for checkpoints, state and the expert")
+    name: str = ""
+    base_id: str = ""
+    kind: Literal["dense", "lora"] = "dense"
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(20, ge=1, description="optimizer steps per node and round")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    seq_len: int = Field(256, ge=2)
+    valid_fraction: float = Field(0.05, gt=0, lt=1)
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    min_nodes: int = Field(2, ge=1, description="nodes a round needs; also the nodes waited for at the start")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds a round waits for replies")
+    evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and after the last)")
+    lora_r: int = Field(16, ge=1)
+    embedder: str = "seed"
+    embed_sample: int = Field(64, ge=1)
+    seed: int = 0
+    dp_clip: float = Field(0.0, ge=0, description="clipping norm of each node's update; 0 turns DP off")
+    dp_noise: float = Field(0.0, ge=0, description="Gaussian noise multiplier (with dp-clip)")
+    out: str = ""
+    registry: str = ""
+    publish: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> FederationConfig:
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise ValueError("dp-noise needs dp-clip > 0 (the noise is scaled by the clipping norm)")
+        return self
+
+    @classmethod
+    def from_run_config(cls, values: dict[str, Any]) -> FederationConfig:
+        """Validate Flower's run config (dashed keys)."""
+        return cls._from_flat(values, "federation run config")
+
+    @property
+    def expert_name(self) -> str:
+        return self.name or self.domain
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.work_dir) / "expert"
+
+    def resume_key(self) -> str:
+        """Hash of the settings a resumed federation must share with the interrupted one."""
+        d = {k: v for k, v in self.model_dump().items() if k not in RESUMABLE_CHANGES}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of a round: cosine decay over the rounds (evaluated mid-round), or constant."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        import math
+
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (server_round - 0.5) / self.rounds))
+
+
+class NodeConfig(_Config):
+    """A node's own config (``flower-supernode --node-config``): its private data and local paths."""
+
+    data: str = Field(min_length=1, description="the node's training data (file or folder)")
+    valid: str = ""
+    name: str = ""
+    base: str = ""
+    text_field: str = ""
+    cache_dir: str = ""
+    debug_dir: str = ""
+    threads: int = Field(0, ge=0, description="torch threads for training (0: torch's default)")
+
+    @classmethod
+    def from_node_config(cls, values: dict[str, Any]) -> NodeConfig:
+        """Validate Flower's node config (dashed keys)."""
+        return cls._from_flat(values, "node config")
+
+    def label(self, node_id: int) -> str:
+        """How the node is named in logs, the card and debug files."""
+        return self.name or f"node-{node_id}"

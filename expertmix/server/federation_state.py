@@ -1,0 +1,87 @@
+"""The coordinator's checkpoint: after every round the global state and the federation's record are written
+under the work folder, so a restarted ServerApp continues with the next round instead of starting over.
+
+Layout of ``WORK``::
+
+    state.json                     settings key, rounds done, the round log, node summaries, the checkpoint
+    checkpoints/round-0003.safetensors   the global state after round 3 (the last two are kept)
+    result.json                    written last: where the expert is and what was published
+
+Each file is replaced atomically and the weights are written before ``state.json`` points at them, so a
+server killed at any moment leaves either the previous round's checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..client.settings import FederationConfig
+from ..client.weights import load_state, save_state
+from ..errors import ExpertmixError
+from ..fsutil import write_json_atomic
+
+STATE_FILE, RESULT_FILE, CHECKPOINTS = "state.json", "result.json", "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class FederationRecord:
+    """What the coordinator knows after some rounds (the global state lives beside it)."""
+
+    resume_key: str
+    rounds_done: int = 0
+    checkpoint: str | None = None
+    history: list[dict] = field(default_factory=list)
+    nodes: dict[str, dict] = field(default_factory=dict)  # label -> latest summary (counts, languages, embedding)
+    expert: str | None = None
+
+
+class FederationStore:
+    """Reads and writes the checkpoint of one federation in ``work_dir``."""
+
+    def __init__(self, work_dir: str | Path):
+        self.root = Path(work_dir)
+
+    @property
+    def result_file(self) -> Path:
+        return self.root / RESULT_FILE
+
+    def load(self, cfg: FederationConfig) -> tuple[FederationRecord, dict[str, torch.Tensor] | None]:
+        """The record and global state to continue from; a fresh record when nothing was checkpointed yet.
+
+        Refuses a checkpoint made with other settings (only the number of rounds, timeouts and where the
+        expert goes may change between a run and its resumption).
+        """
+        path = self.root / STATE_FILE
+        if not path.is_file():
+            return FederationRecord(resume_key=cfg.resume_key()), None
+        data = json.loads(path.read_text())
+        record = FederationRecord(**data)
+        if record.resume_key != cfg.resume_key():
+            raise ExpertmixError(f"{path}: this work folder holds a federation started with other settings; "
+                                 f"use another work-dir, or delete {self.root} to start over")
+        state = load_state(self.root / record.checkpoint) if record.checkpoint else None
+        return record, state
+
+    def save_round(self, record: FederationRecord, state: dict[str, torch.Tensor]) -> None:
+        """Checkpoint the global state after ``record.rounds_done`` rounds, then the record that points at it."""
+        name = f"{CHECKPOINTS}/round-{record.rounds_done:04d}.safetensors"
+        save_state(self.root / name, state, {"round": record.rounds_done})
+        record.checkpoint = name
+        self.save_record(record)
+        kept = sorted((self.root / CHECKPOINTS).glob("round-*.safetensors"))
+        for old in kept[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+
+    def save_record(self, record: FederationRecord) -> None:
+        write_json_atomic(self.root / STATE_FILE, record.__dict__)
+
+    def finish(self, result: dict) -> None:
+        write_json_atomic(self.result_file, result)
+
+    def result(self) -> dict | None:
+        return json.loads(self.result_file.read_text()) if self.result_file.is_file() else None

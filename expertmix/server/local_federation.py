@@ -1,0 +1,299 @@
+"""A whole federation on one machine, for trying it out: a ``flower-superlink``, one ``flower-supernode`` per
+node (each with its own data through its node config) and ``flwr run``, on loopback ports picked here.
+
+Real processes rather than Flower's simulation: the simulation needs Ray, while SuperLink and SuperNodes run
+exactly the code a deployment runs (the ClientApp process per message, heartbeats, a node that dies), so what
+works here works across machines. Flower's state for the run (its config.toml, installed app bundles) lives in
+``WORK/flower`` (``FLWR_HOME``), never in the user's ``~/.flwr``; each process logs to ``WORK/logs``.
+Every process started here, and whatever it started, is stopped on exit, on errors and on Ctrl-C.
+
+The Flower app (``WORK/app/pyproject.toml``) is generated from the run config: its components point at the
+installed ``expertmix`` (``expertmix.server.federation:app``, ``expertmix.client.app:app``), so the bundle
+holds no code and every machine runs its own installed expertmix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import tomli_w
+
+from ..client.settings import FederationConfig, NodeConfig
+from ..errors import ExpertmixError
+from ..fsutil import write_json_atomic, write_text_atomic
+from .federation_state import FederationStore
+
+SUPERLINK_NAME = "expertmix-local"
+SERVERAPP, CLIENTAPP = "expertmix.server.federation:app", "expertmix.client.app:app"
+
+
+@dataclass
+class LocalNode:
+    """One node of a local federation: a name and its private data."""
+
+    name: str
+    data: Path
+    valid: Path | None = None
+
+
+@dataclass
+class LocalFederation:
+    """A federation run on this machine: the run config and the nodes."""
+
+    config: FederationConfig
+    nodes: list[LocalNode]
+    threads_per_node: int = 1
+    debug_dir: Path | None = None
+    cache_dir: Path | None = None
+    startup_timeout: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def write_app(folder: str | Path, cfg: FederationConfig) -> Path:
+    """Write the Flower app folder (a pyproject.toml naming expertmix's apps, with ``cfg`` as run config)."""
+    from importlib.metadata import version
+
+    folder = Path(folder)
+    project = {
+        "project": {"name": "expertmix-federation", "version": version("expertmix"),
+                    "description": "Federated expert training with expertmix", "license": "Apache-2.0",
+                    "dependencies": [f"flwr>={version('flwr')}", f"expertmix>={version('expertmix')}"]},
+        "tool": {"flwr": {"app": {"publisher": "expertmix",
+                                  "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP},
+                                  "config": cfg.to_flat()}}},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "pyproject.toml", tomli_w.dumps(project))
+    return folder
+
+
+def write_node_config(path: str | Path, node: NodeConfig) -> Path:
+    """A node config as TOML (``flower-supernode --node-config node.toml``): paths survive any characters."""
+    write_text_atomic(Path(path), tomli_w.dumps({k: v for k, v in node.to_flat().items() if v not in ("", 0)}))
+    return Path(path)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    """A Flower executable: beside this Python first (the same environment), else on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.is_file() else shutil.which(name)
+    if not found:
+        raise ExpertmixError(f"'{name}' not found beside {sys.executable} nor on PATH; is flwr installed?")
+    return found
+
+
+class Processes:
+    """Processes started for a federation, their logs, and a cleanup that also reaches their descendants."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir, self.env = log_dir, env
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.seen: dict[int, float] = {}  # pid -> create time of every descendant seen (orphans included)
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**self.env, **(env or {})}, start_new_session=True)
+        finally:
+            log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, lines: int = 25) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+    def refresh(self) -> None:
+        """Remember every descendant now alive, so one orphaned later is still found at cleanup."""
+        for proc in self.procs.values():
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    self.seen[child.pid] = child.create_time()
+                except psutil.Error:  # already gone
+                    continue
+
+    def manifest(self) -> dict:
+        return {name: {"pid": p.pid, "log": str(self.log_dir / f"{name}.log")} for name, p in self.procs.items()}
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Signal one started process (and its process group)."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+
+    def close(self, grace: float = 10.0) -> None:
+        """Stop everything: SIGTERM, then SIGKILL whatever is left after ``grace`` seconds."""
+        self.refresh()
+        targets: list[psutil.Process] = []
+        for pid, created in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    targets.append(p)
+            except psutil.Error:
+                continue
+        for proc in reversed(list(self.procs.values())):  # flwr run, nodes, then the SuperLink
+            try:
+                targets.append(psutil.Process(proc.pid))
+            except psutil.NoSuchProcess:
+                continue
+        for p in targets:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(targets, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while the federation runs, so cleanup happens either way."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str, procs: Processes, name: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise ExpertmixError(f"{what} exited with code {proc.returncode}:\n{procs.log_tail(name)}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise ExpertmixError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s:\n{procs.log_tail(name)}")
+
+
+def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = print, progress: bool = True,
+                         on_started: Callable[[Processes], None] | None = None) -> dict:
+    """Run the federation with local Flower processes until the expert is written (and published).
+
+    Returns the server's result (``expert`` folder, ``published`` ref). ``on_started`` is called with the
+    running processes once every node is up (e.g. to watch them).
+    """
+    cfg = fed.config
+    if len(fed.nodes) < cfg.min_nodes:
+        raise ExpertmixError(f"{len(fed.nodes)} node(s) given but the run config asks for min-nodes={cfg.min_nodes}")
+    names = [n.name for n in fed.nodes]
+    if len(set(names)) != len(names):
+        raise ExpertmixError(f"node names must be unique, got {names}")
+    for n in fed.nodes:
+        if not Path(n.data).exists():
+            raise ExpertmixError(f"node {n.name}: data {n.data} does not exist")
+    work = Path(cfg.work_dir).resolve()
+    if (done := FederationStore(work).result()) is not None:
+        raise ExpertmixError(f"the federation in {work} has already finished (expert at {done['expert']}); "
+                             f"choose another --work-dir")
+    flwr_home, logs = work / "flower", work / "logs"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    app_dir = write_app(work / "app", cfg)
+    port = free_port()
+    write_text_atomic(flwr_home / "config.toml", tomli_w.dumps(
+        {"superlink": {"default": SUPERLINK_NAME, SUPERLINK_NAME: {"address": f"127.0.0.1:{port}", "insecure": True}}}))
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **fed.env}
+
+    procs = Processes(logs, env)
+    with _sigterm_as_interrupt():
+        try:
+            link = procs.start("superlink", [_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                             "--port", str(port), "--disable-runtime-dependency-installation"])
+            _wait_for_port(port, link, fed.startup_timeout, "flower-superlink", procs, "superlink")
+            log(f"SuperLink on 127.0.0.1:{port}; logs in {logs}")
+            for node in fed.nodes:
+                start_node(procs, node, port, work, fed)
+            write_json_atomic(work / "processes.json", procs.manifest())
+            if on_started is not None:
+                on_started(procs)
+            run = procs.start("flwr-run", [_tool("flwr"), "run", str(app_dir), SUPERLINK_NAME, "--stream"])
+            _watch(procs, run, work, cfg, progress)
+            result = FederationStore(work).result()
+            if result is None:
+                raise ExpertmixError(f"the federation ended without an expert (flwr run exited with code "
+                                     f"{run.returncode}); last lines of {logs / 'flwr-run.log'}:\n"
+                                     f"{procs.log_tail('flwr-run', 40)}")
+            return result
+        finally:
+            procs.close()
+
+
+def start_node(procs: Processes, node: LocalNode, port: int, work: Path, fed: LocalFederation) -> subprocess.Popen:
+    """Start (or restart) one SuperNode with its node config; its own loopback port for the ClientApp runtime."""
+    node_cfg = NodeConfig(data=str(Path(node.data).resolve()),
+                          valid=str(Path(node.valid).resolve()) if node.valid else "", name=node.name,
+                          cache_dir=str(fed.cache_dir or work / "cache"),
+                          debug_dir=str(fed.debug_dir) if fed.debug_dir else "", threads=fed.threads_per_node)
+    toml = write_node_config(work / "nodes" / f"{node.name}.toml", node_cfg)
+    threads = str(max(1, fed.threads_per_node))
+    argv = [_tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+            "--node-config", str(toml)]
+    return procs.start(f"node-{node.name}", argv, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+
+
+def _watch(procs: Processes, run: subprocess.Popen, work: Path, cfg: FederationConfig, progress: bool) -> None:
+    """Wait for ``flwr run`` to end, showing the rounds done; fail early if the SuperLink dies."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state = work / "state.json"
+    with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task("rounds", total=cfg.rounds)
+        while run.poll() is None:
+            procs.refresh()
+            if procs.procs["superlink"].poll() is not None:
+                raise ExpertmixError(f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}")
+            if state.is_file():
+                try:
+                    bar.update(task, completed=json.loads(state.read_text()).get("rounds_done", 0))
+                except ValueError:  # being replaced right now; read it next time
+                    pass
+            time.sleep(1.0)
+        bar.update(task, completed=cfg.rounds if FederationStore(work).result() else bar.tasks[0].completed)

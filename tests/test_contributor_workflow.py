@@ -1,0 +1,195 @@
+"""The contributor workflow driven through the CLI: train, publish, pull, load, and what goes wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from expertmix.cli import main
+from expertmix.experts.seed import build_seed
+from expertmix.hub.card import parse_card, read_card
+from expertmix.hub.fingerprint import fingerprint_weights
+from expertmix.hub.store import LocalStore
+
+FAST = ["--max-steps", "6", "--seq-len", "32", "--batch-size", "4", "--lr", "5e-3", "--save-steps", "1000"]
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def dense_expert(tmp_path_factory, llama_seed, corpus) -> Path:
+    out = tmp_path_factory.mktemp("experts") / "math"
+    run("train", "--base", llama_seed, "--data", corpus["math"], "--domain", "math", "--name", "org/math",
+        "--out", out, "--language", "en", *FAST)
+    return out
+
+
+def test_dense_expert_card_records_base_data_and_validation_perplexity(dense_expert, llama_seed):
+    card = read_card(dense_expert).expert
+    assert card.kind == "dense" and card.domain == "math" and card.name == "org/math"
+    assert card.languages == ["en"]
+    assert card.base_fingerprint == fingerprint_weights(llama_seed)
+    assert card.architecture.startswith("llama(")
+    assert card.embedding.model == "seed" and card.embedding.dim == 64
+    assert card.data.documents > 0 and card.data.tokens > 0
+    assert card.metrics["valid_perplexity_after"] < card.metrics["valid_perplexity_before"]
+    assert card.training["steps"] == 6
+    text = (dense_expert / "README.md").read_text()
+    assert "base_model_relation: finetune" in text and "library_name: transformers" in text
+
+
+def test_card_round_trips_through_markdown(dense_expert):
+    card = read_card(dense_expert)
+    again = parse_card(card.to_markdown())
+    assert again.expert == card.expert and again.body == card.body and again.datasets == card.datasets
+
+
+def test_dense_expert_publishes_pulls_and_loads_with_plain_transformers(dense_expert, home):
+    result = run("publish", dense_expert)
+    assert result.output.startswith("published org/math@")
+    revision = result.output.split("@")[1].strip()
+    pulled = Path(run("pull", f"org/math@{revision[:10]}").output.strip())
+    assert pulled.is_dir() and pulled.is_relative_to(home)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    a = AutoModelForCausalLM.from_pretrained(dense_expert)(ids).logits
+    b = AutoModelForCausalLM.from_pretrained(pulled)(ids).logits
+    assert torch.equal(a, b)
+    listed = json.loads(run("list", "--json").output)
+    assert [(e["name"], e["revision"], e["domain"]) for e in listed] == [("org/math", revision, "math")]
+    shown = json.loads(run("show", "org/math").output)
+    assert shown["card"]["base_fingerprint"] == read_card(dense_expert).expert.base_fingerprint
+    assert {f["path"] for f in shown["files"]} >= {"config.json", "model.safetensors", "README.md",
+                                                    "domain_embedding.safetensors", "tokenizer.json"}
+    # publishing the same folder again is a no-op; the store hands out the same revision
+    assert run("publish", dense_expert).output.strip().endswith(revision)
+
+
+def test_lora_expert_on_qwen2_trains_publishes_and_loads_with_peft(tmp_path, qwen2_seed, corpus, home):
+    from peft import PeftModel
+
+    out = tmp_path / "code-lora"
+    run("train", "--base", qwen2_seed, "--data", corpus["code"], "--domain", "code", "--peft", "lora",
+        "--lora-r", "4", "--out", out, *FAST)
+    card = read_card(out).expert
+    assert card.kind == "lora" and 0 < card.training["trainable_share"] < 1
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    run("publish", out)
+    pulled = Path(run("pull", "code").output.strip())
+    ids = torch.tensor([[1, 7, 11, 40, 2]])
+    base = AutoModelForCausalLM.from_pretrained(qwen2_seed)
+    plain = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, pulled)(ids).logits
+    assert not torch.allclose(plain, adapted)  # the adapter was trained, so it changes the output
+
+
+def test_expert_from_another_seed_is_refused_by_field_name(dense_expert, tmp_path, tokenizer, qwen2_seed, home):
+    run("publish", dense_expert)
+    other = build_seed(tmp_path / "other-llama", tokenizer, arch="llama", seed=123)
+    result = run("pull", "org/math", "--for-base", other, ok=False)
+    assert result.exit_code == 1
+    assert "expert 'org/math'" in result.output and "'base_fingerprint' differs" in result.output
+    result = run("pull", "org/math", "--for-base", qwen2_seed, ok=False)
+    assert "'base_fingerprint' differs" in result.output or "'architecture' differs" in result.output
+
+
+def test_mixed_and_pruned_training_records_shares_and_audit_scores(tmp_path, llama_seed, corpus):
+    out = tmp_path / "mixed"
+    run("train", "--base", llama_seed, "--data", f"math={corpus['math']}", "--data", f"prose={corpus['prose']}",
+        "--mix", "math=0.25,prose=0.75", "--prune", "middle:0.5", "--domain", "mixed", "--out", out, *FAST)
+    data = read_card(out).expert.data
+    assert data.mix is not None and abs(data.mix["math"] - 0.25) < 0.02 and abs(data.mix["prose"] - 0.75) < 0.02
+    assert data.pruning["where"] == "middle" and data.pruning["fraction"] == 0.5
+    rows = [json.loads(line) for line in (out / "pruning_scores.jsonl").read_text().splitlines()]
+    for name in ("math", "prose"):
+        mine = [r for r in rows if r["source_name"] == name]
+        assert sum(r["kept"] for r in mine) == round(0.5 * len(mine))
+
+
+@pytest.mark.parametrize("case", ["missing-field", "empty", "not-utf8", "bad-mix", "unknown-mix-source", "exists"])
+def test_bad_input_gives_a_clear_error_and_writes_nothing(case, tmp_path, llama_seed, corpus):
+    data, extra = corpus["math"], []
+    out = tmp_path / "out"
+    if case == "missing-field":
+        data = tmp_path / "bad.jsonl"
+        data.write_text('{"text": "ok"}\n{"content": "no text here"}\n')
+        expect = [f"{data} line 2", "no field 'text'", "content"]
+    elif case == "empty":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("")
+        expect = [str(data), "no documents"]
+    elif case == "not-utf8":
+        data = tmp_path / "latin1.txt"
+        data.write_bytes("first line\nsecond line caf\xe9\n".encode("latin-1"))
+        expect = [f"{data} line 2", "not valid UTF-8", "0xe9"]
+    elif case == "bad-mix":
+        extra = ["--mix", "math:0.5"]
+        expect = ["math:0.5"]
+    elif case == "unknown-mix-source":
+        extra = ["--mix", "math=0.5,german=0.5"]
+        expect = ["german", "known sources"]
+    else:
+        out.mkdir()
+        expect = [str(out), "already exists"]
+    result = run("train", "--base", llama_seed, "--data", f"math={data}", "--domain", "math", "--out", out,
+                 *extra, *FAST, ok=False)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for piece in expect:
+        assert piece in result.output, (piece, result.output)
+    assert not out.exists() or case == "exists"
+    assert not out.with_name("out.partial").exists() or case in ("bad-mix", "unknown-mix-source", "exists") \
+        or not any(out.with_name("out.partial").rglob("*.safetensors"))
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_seed, corpus, home):
+    out = tmp_path / "resumed"
+    args = [sys.executable, "-m", "expertmix", "train", "--base", str(llama_seed), "--data", str(corpus["prose"]),
+            "--domain", "prose", "--out", str(out), "--max-steps", "400", "--seq-len", "32", "--batch-size", "2",
+            "--save-steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = out.with_name("resumed.partial") / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint-6/model.safetensors")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(checkpoints.glob("checkpoint-*")), "no checkpoint appeared before the kill"
+    assert not out.exists()  # a killed run leaves no half-written expert
+    again = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
+                "--max-steps", "400", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", ok=False)
+    assert again.exit_code == 1 and "--resume" in again.output
+    run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
+        "--max-steps", "12", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume")
+    card = read_card(out).expert
+    assert card.training["resumed_from"].startswith("checkpoint-")
+    assert card.training["steps"] == 12
+    assert not out.with_name("resumed.partial").exists()
+    assert LocalStore().list() == []
+
+
+def test_quickstart_trains_publishes_and_prints_the_perplexity_table(tmp_path, home):
+    result = run("quickstart", "--workdir", tmp_path / "qs", "--seed-steps", "4", "--expert-steps", "3")
+    for word in ("validation perplexity", "seed", "expert:arithmetic", "expert:code", "expert:records"):
+        assert word in result.output
+    names = sorted(e.name for e in LocalStore().list())
+    assert names == ["quickstart/arithmetic", "quickstart/code", "quickstart/records"]
+    table = json.loads((tmp_path / "qs" / "perplexity.json").read_text())
+    assert set(table) == {"seed", "expert:arithmetic", "expert:code", "expert:records"}
+    assert all(v > 1 for row in table.values() for v in row.values())

@@ -1,0 +1,93 @@
+"""Reading domain data: text, JSONL, Aya layouts, saved datasets; tokenizing and packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertmix.errors import DataError
+from expertmix.experts.data import IGNORE_INDEX, pack, read_documents, tokenize_documents
+
+
+def test_jsonl_reads_the_named_field_and_language(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"body": "hallo welt", "language": "de"}) + "\n\n" +
+                 json.dumps({"body": "guten tag", "language_code": "deu"}) + "\n")
+    docs = read_documents(p, text_field="body")
+    assert [(d.text, d.language, d.line) for d in docs] == [("hallo welt", "de", 1), ("guten tag", "deu", 3)]
+
+
+def test_aya_rows_become_prompt_and_target_with_the_prompt_loss_masked(tmp_path, tokenizer):
+    p = tmp_path / "aya.jsonl"
+    rows = [{"inputs": "what is 2 + 2", "targets": "4", "language": "English", "language_code": "eng",
+             "script": "Latn", "annotation_type": "original-annotations", "user_id": "u1"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [doc] = read_documents(p)
+    assert (doc.prompt, doc.text, doc.language, doc.script) == ("what is 2 + 2", "4", "eng", "Latn")
+    [tok] = tokenize_documents([doc], tokenizer)
+    n_prompt = len(tokenizer("what is 2 + 2\n", add_special_tokens=False)["input_ids"])
+    assert tok.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert tok.labels[n_prompt:] == tok.input_ids[n_prompt:]
+    assert tok.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_plain_text_splits_into_paragraphs_with_their_line_numbers(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("first paragraph\nstill first\n\nsecond one\n\n\nthird\n")
+    docs = read_documents(p)
+    assert [d.text for d in docs] == ["first paragraph\nstill first", "second one", "third"]
+    assert [d.line for d in docs] == [1, 4, 7]
+    assert [d.text for d in read_documents(p, text_split="file")] == [p.read_text().strip()]
+
+
+def test_saved_datasets_folder_is_read(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b c", "d e f"],
+                                                                     "language": ["en", "en"]})})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    docs = read_documents(tmp_path / "saved")
+    assert [d.text for d in docs] == ["a b c", "d e f"]
+
+
+def test_folder_of_files_is_read_in_order(tmp_path):
+    (tmp_path / "b.txt").write_text("bee")
+    (tmp_path / "a.jsonl").write_text('{"text": "ay"}\n')
+    assert [d.text for d in read_documents(tmp_path)] == ["ay", "bee"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"text": 3}\n', "line 1: field 'text' must be a string"),
+    (b'{"text": "ok"}\n{oops\n', "line 2: not valid JSON"),
+    (b'[1, 2]\n', "line 1: expected a JSON object"),
+    (b'{"inputs": "q", "targets": ["a"]}\n', "line 1: field 'targets' must be a string"),
+    (b'{"text": "caf\xe9"}\n', "line 1: not valid UTF-8"),
+])
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, content, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        read_documents(p)
+    assert str(p) in str(err.value)
+
+
+def test_unknown_format_and_missing_path_are_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_documents(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown data format '.csv'"):
+        read_documents(tmp_path / "x.csv")
+
+
+def test_pack_cuts_the_stream_into_blocks_and_pads_the_tail_on_request(tokenizer):
+    from expertmix.experts.data import TokenizedDocument
+
+    docs = [TokenizedDocument([1, 2, 3], [1, 2, 3]), TokenizedDocument([4, 5, 6, 7], [-100, 5, 6, 7])]
+    blocks = pack(docs, 3)
+    assert blocks["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert blocks["labels"].tolist() == [[1, 2, 3], [-100, 5, 6]]
+    padded = pack(docs, 3, drop_last=False)
+    assert padded["labels"].tolist()[-1] == [7, -100, -100]
+    with pytest.raises(DataError, match="one block of 10 tokens"):
+        pack(docs, 10)

@@ -1,0 +1,215 @@
+"""Federated rounds in one process: the real ServerApp loop (``run_federation``) and the real ClientApp, joined by
+a Grid that hands each message to the ClientApp directly. Fast checks of what the process-level test
+(test_federated.py) cannot afford to repeat: LoRA, FedProx, DP clipping, resuming, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import write_jsonl
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from expertmix.client.app import app as client_app
+from expertmix.client.settings import FederationConfig
+from expertmix.client.weights import load_state
+from expertmix.errors import ExpertmixError
+from expertmix.hub.card import read_card
+from expertmix.hub.store import LocalStore
+from expertmix.server.federation import run_federation
+
+SIZES = {"n0": (0, 10), "n1": (10, 25), "n2": (25, 45)}  # disjoint shards of different sizes
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to the ClientApp in this process, as a SuperNode would in its own."""
+
+    def __init__(self, run_config: dict, node_configs: list[dict], fail_on_train_call: int | None = None):
+        self.run_config, self.nodes = run_config, {i + 1: c for i, c in enumerate(node_configs)}
+        self.sent: list[Message] = []
+        self.train_calls, self.fail_on_train_call = 0, fail_on_train_call
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_calls += 1
+            if self.train_calls == self.fail_on_train_call:
+                raise KeyboardInterrupt  # the coordinator is stopped in the middle of the run
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"msg-{len(self.sent)}"
+            self.sent.append(m)
+            nid = m.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=nid, node_config=self.nodes[nid], state=RecordDict(),
+                          run_config=self.run_config)
+            try:
+                replies.append(client_app(m, ctx))
+            except Exception as exc:  # what Flower's ClientApp runtime turns an exception into
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
+        return replies
+
+
+@pytest.fixture
+def shards(corpus, tmp_path):
+    lines = [json.loads(line)["text"] for line in corpus["prose"].read_text().splitlines()]
+    return {name: write_jsonl(tmp_path / "shards" / f"{name}.jsonl", lines[a:b], language="en")
+            for name, (a, b) in SIZES.items()}
+
+
+def _setup(tmp_path, seed, shards, home, **overrides):
+    values = dict(base=str(seed), domain="prose", work_dir=str(tmp_path / "work"), rounds=2, local_steps=2,
+                  batch_size=4, seq_len=32, lr=2e-3, evaluate_every=2, lora_r=4, registry=str(tmp_path / "store"))
+    cfg = FederationConfig.from_run_config({**values, **overrides})
+    nodes = [{"data": str(p), "name": n, "cache-dir": str(tmp_path / "cache"), "debug-dir": str(tmp_path / "sent")}
+             for n, p in shards.items()]
+    return cfg, nodes
+
+
+def _weighted_mean(tmp_path, rnd: int, names) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    sends = []
+    for n in names:
+        path = tmp_path / "sent" / n / f"round-{rnd:04d}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            sends.append((float(f.metadata()["num-examples"]), load_state(path)))
+    total = sum(w for w, _ in sends)
+    return {k: sum(w / total * s[k].double() for w, s in sends) for k in sends[0][1]}
+
+
+def test_lora_federation_sends_only_the_adapter_and_publishes_an_adapter(tmp_path, llama_seed, shards, home):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, kind="lora")
+    result = run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+
+    sent = load_state(tmp_path / "sent" / "n1" / "round-0002.safetensors")
+    assert sent and all("lora_" in k for k in sent)
+    n_base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama_seed).parameters())
+    assert sum(v.numel() for v in sent.values()) < n_base / 5
+    final = load_state(tmp_path / "work" / "checkpoints" / "round-0002.safetensors")
+    expected = _weighted_mean(tmp_path, 2, SIZES)
+    for k, v in final.items():
+        torch.testing.assert_close(v.double(), expected[k], atol=1e-6, rtol=1e-5)
+
+    folder = LocalStore(tmp_path / "store").pull(result["published"])
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_seed), folder)
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(model)
+    for k, v in final.items():
+        torch.testing.assert_close(loaded[k].float(), v)
+    card = read_card(folder).expert
+    assert card.kind == "lora" and card.federation["nodes"] == 3
+    log = card.federation["rounds_log"]
+    assert log[0]["bytes_from_nodes"] < n_base * 4 and [r["round"] for r in log] == [1, 2]
+
+
+def test_restarted_server_resumes_after_its_last_checkpoint(tmp_path, llama_seed, shards, home):
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=3, evaluate_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=2), cfg)
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["rounds_done"] == 1 and not (tmp_path / "work" / "result.json").exists()
+    after_round_1 = load_state(tmp_path / "work" / "checkpoints" / "round-0001.safetensors")
+
+    grid = InProcessGrid(cfg.to_flat(), nodes)
+    result = run_federation(grid, cfg)
+    first = grid.sent[0]
+    assert first.content["config"]["server-round"] == 2  # round 1 was not trained again
+    received = first.content["arrays"].to_torch_state_dict()
+    for k, v in after_round_1.items():
+        torch.testing.assert_close(received[k], v)
+    history = json.loads((tmp_path / "work" / "state.json").read_text())["history"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert read_card(result["expert"]).expert.federation["rounds"] == 3
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, llama_seed, shards, home):
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=2), cfg)
+    other, _ = _setup(tmp_path, llama_seed, shards, home, rounds=2, lr=1e-2)
+    with pytest.raises(ExpertmixError, match="other settings"):
+        run_federation(InProcessGrid(other.to_flat(), nodes), other)
+
+
+def _update_norm(tmp_path, name: str, seed) -> float:
+    from transformers import AutoModelForCausalLM
+
+    base = dict(AutoModelForCausalLM.from_pretrained(seed).named_parameters())
+    sent = load_state(tmp_path / "sent" / name / "round-0001.safetensors")
+    return math.sqrt(sum(float(((v - base[k].detach()) ** 2).sum()) for k, v in sent.items()))
+
+
+def test_fedprox_sends_mu_and_the_proximal_term_keeps_nodes_near_the_global_state(tmp_path, llama_seed, shards,
+                                                                                  home):
+    norms = {}
+    for strategy, mu in (("fedavg", 0.0), ("fedprox", 200.0)):
+        run = tmp_path / strategy
+        cfg, nodes = _setup(run, llama_seed, shards, home, rounds=1, evaluate_every=1, strategy=strategy,
+                            proximal_mu=mu, local_steps=4, publish=False, lr_schedule="constant")
+        grid = InProcessGrid(cfg.to_flat(), nodes)
+        run_federation(grid, cfg)
+        configs = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"]
+        assert all(("proximal-mu" in c) == (strategy == "fedprox") for c in configs)
+        norms[strategy] = _update_norm(run, "n2", llama_seed)
+    assert norms["fedprox"] < 0.8 * norms["fedavg"]
+
+
+def test_dp_clipping_bounds_each_node_update(tmp_path, llama_seed, shards, home):
+    from transformers import AutoModelForCausalLM
+
+    clip = 1e-3
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=1, evaluate_every=1, dp_clip=clip, dp_noise=0.0,
+                        local_steps=3, min_nodes=3)
+    result = run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+    assert _update_norm(tmp_path, "n0", llama_seed) > 10 * clip  # what the node sent was not small
+    base = dict(AutoModelForCausalLM.from_pretrained(llama_seed).named_parameters())
+    final = load_state(tmp_path / "work" / "checkpoints" / "round-0001.safetensors")
+    moved = math.sqrt(sum(float(((v - base[k].detach()) ** 2).sum()) for k, v in final.items()))
+    assert 0 < moved <= clip * 1.001
+    assert read_card(result["expert"]).expert.federation["differential_privacy"]["clipping_norm"] == clip
+
+
+def test_nodes_with_another_seed_are_refused_by_name(tmp_path, llama_seed, qwen2_seed, shards, home):
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=1)
+    for n in nodes:
+        n["base"] = str(qwen2_seed)
+    with pytest.raises(ExpertmixError, match=r"round 1: no node returned an update.*n0.*differs from the coordinator"):
+        run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+
+
+def test_run_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ExpertmixError, match="unknown key.*local-stepz"):
+        FederationConfig.from_run_config({"base": "s", "domain": "d", "work-dir": str(tmp_path), "local-stepz": 3})
+    with pytest.raises(ExpertmixError, match="key 'fraction-train'"):
+        FederationConfig.from_run_config({"base": "s", "domain": "d", "work-dir": str(tmp_path), "fraction-train": 2})
+    with pytest.raises(ExpertmixError, match="dp-noise needs dp-clip"):
+        FederationConfig.from_run_config({"base": "s", "domain": "d", "work-dir": str(tmp_path), "dp-noise": 1.0})

@@ -1,0 +1,107 @@
+"""End to end (issue 4): train experts with ``expertmix train``, publish them to a real registry server
+with the CLI, pull on a "second machine" (another EXPERTMIX_HOME), load with transformers, compare files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from registry_helpers import DATABASES, database, plain_http_uploads, serve
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from expertmix.cli import main
+from expertmix.fsutil import sha256_file
+
+
+def run(args: list[str], env: dict | None = None, ok: bool = True):
+    res = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    if ok:
+        assert res.exit_code == 0, f"expertmix {' '.join(map(str, args))}: {res.output[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, llama_seed, corpus) -> dict[str, Path]:
+    """Two experts made the way a contributor makes them."""
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for domain in ("math", "code"):
+        out[domain] = root / domain
+        run(["train", "--base", llama_seed, "--data", corpus[domain], "--domain", domain, "--out", out[domain],
+             "--max-steps", 2, "--batch-size", 4, "--seq-len", 64, "--language", "en"])
+    return out
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def registry(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"registry-e2e-{request.param}")
+    with database(request.param, tmp) as db_url, serve(tmp, db_url) as reg:
+        yield reg
+
+
+@pytest.fixture(autouse=True)
+def _uploads(monkeypatch, tmp_path):
+    plain_http_uploads(monkeypatch, tmp_path / "hf-home")
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_train_publish_pull_on_a_second_machine_and_load(registry, trained, tmp_path, llama_seed, corpus):
+    writer = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": registry.token("acme"),
+              "EXPERTMIX_HOME": str(tmp_path / "machine1")}
+    published = run(["publish", trained["math"], "--name", "acme/math", "--tag", "v1"], env=writer).stdout
+    assert published.startswith("published acme/math@")
+    revision = published.split("@")[1].strip()
+    run(["publish", trained["code"], "--name", "acme/code"], env=writer)
+
+    reader = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": "", "EXPERTMIX_HOME": str(tmp_path / "machine2")}
+    pulled = Path(run(["pull", "acme/math@v1"], env=reader).stdout.strip().splitlines()[-1])
+    assert pulled.is_relative_to(tmp_path / "machine2") and pulled.name == revision
+    assert files_of(pulled) == files_of(trained["math"])
+
+    ids = torch.tensor([[1, 5, 9, 12, 40, 2]])
+    original = AutoModelForCausalLM.from_pretrained(trained["math"]).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(pulled).eval()
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, loaded(ids).logits)
+    vocab = AutoTokenizer.from_pretrained(trained["math"]).get_vocab()
+    assert AutoTokenizer.from_pretrained(pulled).get_vocab() == vocab
+
+    shown = json.loads(run(["show", "acme/math@v1"], env=reader).stdout)
+    assert shown["revision"] == revision and "v1" in shown["refs"]
+    assert {f["path"]: f["sha256"] for f in shown["files"]} == files_of(trained["math"])
+    listed = {e["name"] for e in json.loads(run(["list", "--json"], env=reader).stdout)}
+    assert {"acme/math", "acme/code"} <= listed
+
+    found = json.loads(run(["search", "--domain", "code", "--json"], env=reader).stdout)
+    assert [e["name"] for e in found] == ["acme/code"]
+    assert json.loads(run(["search", "--language", "fr", "--json"], env=reader).stdout) == []
+    like = json.loads(run(["search", "--like", corpus["code"], "--base", llama_seed, "--json"], env=reader).stdout)
+    assert [e["name"] for e in like][:2] == ["acme/code", "acme/math"]
+    assert like[0]["score"] > like[1]["score"]
+
+
+def test_publishing_without_a_token_is_refused_clearly(registry, trained, tmp_path):
+    env = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": "", "EXPERTMIX_HOME": str(tmp_path / "h")}
+    res = run(["publish", trained["math"], "--name", "acme/nope"], env=env, ok=False)
+    assert res.exit_code == 1 and "401" in res.output and "EXPERTMIX_TOKEN" in res.output
+    other = {**env, "EXPERTMIX_TOKEN": registry.token("other")}
+    res = run(["publish", trained["math"], "--name", "acme/nope"], env=other, ok=False)
+    assert res.exit_code == 1 and "403" in res.output and "'other'" in res.output
+    res = run(["pull", "acme/never-published"], env=env, ok=False)
+    assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_search_like_works_on_the_local_store_too(trained, tmp_path, llama_seed, corpus, home):
+    run(["publish", trained["math"], "--name", "acme/math"])
+    run(["publish", trained["code"], "--name", "acme/code"])
+    like = json.loads(run(["search", "--like", corpus["math"], "--base", llama_seed, "--json"]).stdout)
+    assert [e["name"] for e in like] == ["acme/math", "acme/code"]
+    res = run(["search", "--like", corpus["math"]], ok=False)
+    assert res.exit_code == 1 and "--base" in res.output
