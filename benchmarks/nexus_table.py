@@ -80,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--moe-train", choices=["all", "router"], default="all", help="what MoE training updates")
     p.add_argument("--recipes", default="paper,paper-keep,isolated",
                    help="extension recipes, comma-separated: NAME or NAME:key=value;... (extension.parse_recipe)")
+    p.add_argument("--linear-recipes", default=None, help="recipes for the linear MoE (default: --recipes)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="rebuild mixes and extensions (keeps the experts)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -113,6 +114,8 @@ def main() -> None:
                     lr_moe=args.lr_moe, lr_ext=args.lr_ext, eval_blocks=args.eval_blocks,
                     moe_train=args.moe_train, merge_steps=args.merge_steps, bf16=args.bf16)
     recipes = {r.strip(): parse_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()}
+    linear_recipes = {r.strip(): parse_recipe(r.strip()) for r in (args.linear_recipes or args.recipes).split(",")
+                      if r.strip()}
     seed = args.shared / "seeds" / "seed-s"
     corpus = args.shared / "corpus"
     out = args.out
@@ -141,6 +144,13 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     routing: dict[str, dict] = {}
 
+    def save() -> None:  # after every measurement, so an interrupted run keeps what it measured
+        payload = {"budget": asdict(budget), "device": args.device, "results": results, "routing": routing,
+                   "timings": timings}
+        (out / "results.json").write_text(json.dumps(payload, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(payload, indent=2))
+
     def measure(label: str, folder: Path, domains=(*OLD, NEW)) -> None:
         t = time.time()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
@@ -150,6 +160,7 @@ def main() -> None:
             routing[label] = {"experts": report.experts, "matrix": report.routing.tolist(),
                               "domains": report.domains}
         timings[f"eval {label}"] = time.time() - t
+        save()
         print(f"{label:>34}: " + "  ".join(f"{d} {v:7.2f}" for d, v in report.perplexity.items()), flush=True)
         del model
 
@@ -199,8 +210,8 @@ def main() -> None:
     ext_tokens = budget.ext_steps * budget.batch_size * budget.seq_len
     print(f"extending with es: {budget.ext_steps} steps = {ext_tokens} tokens = {ext_tokens / es_tokens:.1%} "
           f"of the es expert's {es_tokens}", flush=True)
-    for router in ("linear", "nexus"):
-        for name, recipe in recipes.items():
+    for router, chosen in (("nexus", recipes), ("linear", linear_recipes)):
+        for name, recipe in chosen.items():
             folder = mixes / f"{router}+es-{safe_name(name)}"
             if not folder.is_dir():
                 t = time.time()
@@ -232,11 +243,7 @@ def main() -> None:
         for d, row in zip(r["domains"], r["matrix"], strict=True):
             print(f"| {d} | " + " | ".join(f"{x:.0%}" for x in row) + " |")
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    payload = {"budget": asdict(budget), "device": args.device, "results": results, "routing": routing,
-               "timings": timings}
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=2))
+    save()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,12 @@ def build_experts(shared: Path, work: Path, size_mb: int) -> tuple[Path, Path]:
     AutoTokenizer.from_pretrained(seed).save_pretrained(big)
     write_card(big, "bench/big", seed, embedding, n)
     return small, big
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_server(work: Path, port: int) -> tuple:
@@ -222,7 +229,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -230,7 +237,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     small, big = build_experts(args.shared, work / "experts", args.size_mb)
     load_before = os.getloadavg()
-    proc, url, token = start_server(work, args.port)
+    proc, url, token = start_server(work, args.port or free_port())
     try:
         log("throughput ...")
         tp = throughput(url, token, big, work, args.repeats)

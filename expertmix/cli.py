@@ -140,11 +140,13 @@ def prune(data, reference, keep, out, text_field):
 @_token_option
 def publish(folder, name, tag, registry, private, token):
     """Publish an expert folder as a new immutable revision."""
-    from .hub.store import open_registry
+    from .hub.store import LocalStore, open_registry
 
     os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # plain HTTP uploads to expertmix registries
-    entry = open_registry(registry, token=token).publish(folder, name=name, tag=tag,
-                                                         **({"private": True} if private else {}))
+    reg = open_registry(registry, token=token)
+    if private and isinstance(reg, LocalStore):
+        raise click.UsageError("--private needs a registry server (--registry http://...)")
+    entry = reg.publish(folder, name=name, tag=tag, **({"private": True} if private else {}))
     click.echo(f"published {entry.name}@{entry.revision}")
 
 

@@ -105,3 +105,17 @@ def test_search_like_works_on_the_local_store_too(trained, tmp_path, llama_seed,
     assert [e["name"] for e in like] == ["acme/math", "acme/code"]
     res = run(["search", "--like", corpus["math"]], ok=False)
     assert res.exit_code == 1 and "--base" in res.output
+
+
+def test_private_experts_are_listed_only_with_their_namespace_token(registry, trained, tmp_path):
+    owner = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": registry.token("acme"),
+             "EXPERTMIX_HOME": str(tmp_path / "h")}
+    run(["publish", trained["code"], "--name", "acme/hidden", "--private"], env=owner)
+    anonymous = {**owner, "EXPERTMIX_TOKEN": ""}
+    assert "acme/hidden" not in {e["name"] for e in json.loads(run(["list", "--json"], env=anonymous).stdout)}
+    assert "acme/hidden" in {e["name"] for e in json.loads(run(["list", "--json"], env=owner).stdout)}
+    assert run(["pull", "acme/hidden"], env=anonymous, ok=False).exit_code == 1
+    assert Path(run(["pull", "acme/hidden"], env=owner).stdout.strip().splitlines()[-1]).is_dir()
+    res = run(["publish", trained["code"], "--name", "acme/x", "--private"], env={"EXPERTMIX_REGISTRY": ""},
+              ok=False)
+    assert res.exit_code == 2 and "--private needs a registry server" in res.output

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "eager", "grouped_mm", "segments")
-BLOCK_BYTES = (
-    4 << 20
-)  # a block's [rows, 2I] gate/up activations stay in the CPU's last-level cache (measured best)
+# CPU block size: a block's [rows, 2I] gate/up activations stay in the last-level cache (4 MiB measured best
+# of 0.25-16 MiB and whole segments on a 32 MiB-L3 EPYC; benchmarks/moe_speed.py).
+BLOCK_BYTES = 4 << 20
 
 
 def router_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,7 @@ def _combine(
 
 def _swiglu_backward(
     grad_act: torch.Tensor, gate_up: torch.Tensor, silu_gate: torch.Tensor, out: torch.Tensor
-):
+) -> torch.Tensor:
     """Gradient of ``silu(gate) * up`` w.r.t. ``gate_up = [gate | up]``, written into ``out``; clobbers grad_act."""
     inter = silu_gate.shape[1]
     if torch.compiler.is_compiling():  # no out= into views there; the compiler fuses this form itself
@@ -185,10 +185,14 @@ class _GroupedExperts(torch.autograd.Function):
 
 
 def _blocks(offs: torch.Tensor, block_rows: int) -> list[tuple[int, int, int]]:
-    """(expert, start, end) row blocks of at most ``block_rows`` rows, expert by expert (no empty ones)."""
+    """(expert, start, end) row blocks, expert by expert: each segment cut into equal blocks of at most
+    ``block_rows`` rows (no empty ones, no small remainder block)."""
     blocks, start = [], 0
     for expert, end in enumerate(offs.tolist()):
-        blocks.extend((expert, a, min(a + block_rows, end)) for a in range(start, end, block_rows))
+        if end > start:
+            pieces = -(-(end - start) // block_rows)
+            bounds = [start + (end - start) * p // pieces for p in range(pieces + 1)]
+            blocks.extend((expert, a, b) for a, b in zip(bounds, bounds[1:], strict=False))
         start = end
     return blocks
 
@@ -264,19 +268,22 @@ class _SegmentExperts(torch.autograd.Function):
                 grad_out.new_empty(num_tokens, dim) if ctx.top_k == 1 else grad_out.new_zeros(num_tokens, dim)
             )
         grad_weights = row_weights.new_empty(row_weights.shape) if need_weights else None
-        grad_gate_up_proj = torch.zeros_like(gate_up_proj) if need_gate_up else None
-        grad_down = torch.zeros_like(down_proj) if need_down else None
+        # Every expert with rows has its gradient written by its first block; only the others need zeros.
+        grad_gate_up_proj = torch.empty_like(gate_up_proj) if need_gate_up else None
+        grad_down = torch.empty_like(down_proj) if need_down else None
+        idle = sorted(set(range(gate_up_proj.shape[0])) - {expert for expert, _, _ in ctx.blocks})
+        for grad in (grad_gate_up_proj, grad_down):
+            if grad is not None and idle:
+                grad[idle] = 0
         rows_buf = grad_out.new_empty(ctx.block_rows, dim)
         act_buf = grad_out.new_empty(ctx.block_rows, inter)
         gate_up_buf = grad_out.new_empty(ctx.block_rows, 2 * inter)
         x_buf = grad_out.new_empty(ctx.block_rows, dim)
-        seen = set()
+        seen = set()  # the first block of an expert writes its weight gradients, later ones add to them
         for expert, a, b in ctx.blocks:
             n = b - a
             tokens = token_of_row[a:b]
-            first = (
-                expert not in seen
-            )  # the first block of an expert writes its weight gradient, the rest add
+            first = expert not in seen
             seen.add(expert)
             grad_rows = torch.index_select(grad_out, 0, tokens, out=rows_buf[:n])
             if need_weights:

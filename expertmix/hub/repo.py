@@ -6,13 +6,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from ..errors import StoreError
 from ..fsutil import atomic_path
 from .card import CARD_FILE, EMBEDDING_FILE, ExpertCard, read_card
+
+if TYPE_CHECKING:  # torch is imported where it is used: the registry server starts without it
+    import torch
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 # Weights travel as safetensors only: pickled formats can run code when loaded.
@@ -28,6 +29,8 @@ def validate_name(name: str) -> str:
 
 def save_domain_embedding(folder: str | Path, embedding: torch.Tensor, model: str, documents: int) -> Path:
     """Write ``domain_embedding.safetensors`` (one float32 vector, embedder id in the metadata)."""
+    from safetensors.torch import save_file
+
     path = Path(folder) / EMBEDDING_FILE
     with atomic_path(path, ".safetensors") as tmp:
         save_file({"embedding": embedding.detach().float().cpu().contiguous().reshape(-1)}, str(tmp),
@@ -37,6 +40,8 @@ def save_domain_embedding(folder: str | Path, embedding: torch.Tensor, model: st
 
 def load_domain_embedding(folder: str | Path) -> torch.Tensor:
     """Read an expert's domain embedding vector."""
+    from safetensors import safe_open
+
     path = Path(folder) / EMBEDDING_FILE
     if not path.is_file():
         raise StoreError(f"{folder}: no {EMBEDDING_FILE}")
@@ -81,6 +86,8 @@ def validate_expert_folder(folder: str | Path) -> ExpertFolder:
     for name in needed + [CARD_FILE, EMBEDDING_FILE]:
         if not (folder / name).is_file():
             raise StoreError(f"{folder}: {info.kind} expert is missing {name}")
+    import torch
+
     emb = load_domain_embedding(folder)
     if emb.numel() != info.embedding.dim:
         raise StoreError(f"{folder / EMBEDDING_FILE}: embedding has {emb.numel()} values but the card's "

@@ -20,14 +20,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import StoreError
 from ..fsutil import atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .card import ExpertCard, parse_card
 from .repo import load_domain_embedding, validate_expert_folder, validate_name
+
+if TYPE_CHECKING:  # imported lazily: the registry server and `expertmix list` start without torch
+    import torch
 
 
 def expertmix_home() -> Path:
@@ -228,6 +229,8 @@ class LocalStore:
                 emb = load_domain_embedding(self.pull(f"{entry.name}@{entry.revision}")).float()
                 if emb.numel() != like.numel():
                     continue
+                import torch
+
                 score = float(torch.nn.functional.cosine_similarity(emb, like.float().reshape(-1), dim=0))
             hits.append((entry, score))
         if like is not None:

@@ -1,0 +1,171 @@
+"""Federated vs central expert training on German, from seed-s, with the same total training tokens.
+
+    python benchmarks/federated.py --shared ../shared [--tokens 120000] [--rounds 4] [--kinds dense,lora]
+
+``de.train`` is shuffled and split into three shards of different sizes (``--shares``), one per node. The
+federated experts run through ``expertmix federate``'s code path (a local SuperLink, three SuperNode
+processes, ``flwr run``; FedAvg weighted by each node's examples). The central experts train on all of
+``de.train`` with ``experts.training.fit`` for as many tokens as all nodes together. Everything is evaluated
+on ``de.valid``. Prints validation perplexity of both, the relative gap (target: federated within 5%), and
+the bytes sent per round (coordinator to nodes, nodes to coordinator) for dense vs LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from expertmix.client.settings import FederationConfig
+from expertmix.experts.data import pack, read_documents, tokenize_documents
+from expertmix.experts.training import TrainSettings, fit, peft_wrap, perplexity
+from expertmix.server.local_federation import LocalFederation, LocalNode, run_local_federation
+
+ROOT = Path(__file__).resolve().parent.parent
+NODES = ("node-a", "node-b", "node-c")
+
+
+def write_shards(train: Path, shares: list[float], out: Path, seed: int) -> dict[str, Path]:
+    """Shuffle the training documents and cut them into disjoint shards of the given shares."""
+    lines = [line for line in train.read_text(encoding="utf-8").splitlines() if line.strip()]
+    random.Random(seed).shuffle(lines)
+    bounds = [0]
+    for share in shares:
+        bounds.append(bounds[-1] + round(share / sum(shares) * len(lines)))
+    bounds[-1] = len(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, a, b in zip(NODES, bounds[:-1], bounds[1:], strict=True):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("\n".join(lines[a:b]) + "\n", encoding="utf-8")
+    return paths
+
+
+def valid_ppl(model, tokenizer, valid: Path, seq_len: int, batch_size: int) -> float:
+    blocks = pack(tokenize_documents(read_documents(valid), tokenizer), seq_len, drop_last=False)
+    return perplexity(model, blocks, batch_size)
+
+
+def central(args, seed: Path, valid: Path, kind: str, steps: int, work: Path) -> dict:
+    """All of de.train on one machine, ``steps`` optimizer steps (the federation's total tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(seed)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32)
+    if kind != "dense":
+        model = peft_wrap(model, kind, args.lora_r, 2 * args.lora_r)
+    blocks = pack(tokenize_documents(read_documents(args.shared / "corpus" / "de.train.jsonl"), tok), args.seq_len)
+    t0 = time.perf_counter()
+    settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, learning_rate=args.central_lr or args.lr,
+                             save_steps=0, logging_steps=max(1, steps // 5), seed=args.seed)
+    out = fit(model, blocks, None, settings, work / f"central-{kind}")
+    return {"run": "central", "kind": kind, "tokens": out["tokens"], "sequential_steps": steps,
+            "valid_ppl": valid_ppl(model, tok, valid, args.seq_len, args.batch_size),
+            "wall_s": time.perf_counter() - t0, "bytes_to_nodes": None, "bytes_from_nodes": None}
+
+
+def federated(args, seed: Path, valid: Path, kind: str, shards: dict[str, Path], local_steps: int,
+              work: Path) -> dict:
+    """The same budget over three nodes with Flower; the published-style expert is read back and evaluated."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = FederationConfig(base=str(seed), base_id="seed-s", domain="de", name=f"de-federated-{kind}",
+                           work_dir=str(work / f"fed-{kind}"), kind=kind, rounds=args.rounds, local_steps=local_steps,
+                           batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, lr_schedule=args.lr_schedule,
+                           min_nodes=len(shards), evaluate_every=args.rounds, lora_r=args.lora_r, seed=args.seed,
+                           strategy=args.strategy, proximal_mu=args.proximal_mu, publish=False)
+    nodes = [LocalNode(name=n, data=p, valid=valid) for n, p in shards.items()]
+    t0 = time.perf_counter()
+    result = run_local_federation(LocalFederation(cfg, nodes, threads_per_node=args.threads_per_node),
+                                  log=lambda m: print(m, flush=True))
+    wall = time.perf_counter() - t0
+    state = json.loads((Path(cfg.work_dir) / "state.json").read_text())
+    tok = AutoTokenizer.from_pretrained(seed)
+    if kind == "dense":
+        model = AutoModelForCausalLM.from_pretrained(result["expert"], dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32),
+                                          result["expert"])
+    history = state["history"]
+    tokens = sum(int(r["train_tokens"]) for h in history for r in h["nodes"])
+    return {"run": "federated", "kind": kind, "tokens": tokens, "sequential_steps": args.rounds * local_steps,
+            "valid_ppl": valid_ppl(model, tok, valid, args.seq_len, args.batch_size), "wall_s": wall,
+            "bytes_to_nodes": sum(h["bytes_to_nodes"] for h in history) / len(history),
+            "bytes_from_nodes": sum(h["bytes_from_nodes"] for h in history) / len(history),
+            "round_seconds": [round(h["seconds"], 1) for h in history]}
+
+
+def _mb(b: float | None) -> str:
+    return "-" if b is None else f"{b / 1e6:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--tokens", type=int, default=120_000, help="Total training tokens of each run.")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--shares", default="0.5,0.3,0.2", help="Shard sizes of the three nodes.")
+    ap.add_argument("--kinds", default="dense,lora")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Federated learning rate (cosine over the rounds).")
+    ap.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
+    ap.add_argument("--central-lr", type=float, default=None, help="Central learning rate (default: --lr).")
+    ap.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    ap.add_argument("--proximal-mu", type=float, default=0.01)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--threads-per-node", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="Also write the numbers here.")
+    args = ap.parse_args()
+
+    seed, valid = args.shared / "seeds" / "seed-s", args.shared / "corpus" / "de.valid.jsonl"
+    shares = [float(x) for x in args.shares.split(",")]
+    if len(shares) != len(NODES):
+        raise SystemExit(f"--shares needs {len(NODES)} values")
+    per_step = args.batch_size * args.seq_len
+    local_steps = max(1, round(args.tokens / (args.rounds * len(NODES) * per_step)))
+    central_steps = args.rounds * len(NODES) * local_steps  # the same number of tokens
+    work = Path(tempfile.mkdtemp(prefix="bench-federated-"))
+    rows = []
+    try:
+        shards = write_shards(args.shared / "corpus" / "de.train.jsonl", shares, work / "shards", args.seed)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        seed_ppl = valid_ppl(AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32),
+                             AutoTokenizer.from_pretrained(seed), valid, args.seq_len, args.batch_size)
+        for kind in args.kinds.split(","):
+            rows.append(central(args, seed, valid, kind, central_steps, work))
+            print(json.dumps(rows[-1]), flush=True)
+            rows.append(federated(args, seed, valid, kind, shards, local_steps, work))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nseed-s on de.valid: perplexity {seed_ppl:.2f}; {args.rounds} rounds x {local_steps} local steps x "
+          f"{len(NODES)} nodes (shares {args.shares}) vs {central_steps} central steps; seq {args.seq_len}, "
+          f"batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), central lr {args.central_lr or args.lr}")
+    print("\n| run | kind | tokens | sequential steps | de.valid ppl | vs central | MB to nodes / round | "
+          "MB from nodes / round | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    central_ppl = {r["kind"]: r["valid_ppl"] for r in rows if r["run"] == "central"}
+    for r in rows:
+        gap = (r["valid_ppl"] / central_ppl[r["kind"]] - 1) * 100
+        print(f"| {r['run']} | {r['kind']} | {r['tokens']:,} | {r['sequential_steps']} | {r['valid_ppl']:.2f} | "
+              f"{gap:+.1f}% | {_mb(r['bytes_to_nodes'])} | {_mb(r['bytes_from_nodes'])} | {r['wall_s']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"seed_ppl": seed_ppl, "rows": rows, "args": vars(args)}, indent=2,
+                                        default=str))
+
+
+if __name__ == "__main__":
+    main()
