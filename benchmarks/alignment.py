@@ -11,7 +11,7 @@ half for repeating a keyword taken from the prompt. Runs, all from the same seed
 Reports held-out reward per language before and after, its two parts (script, keyword), and the KL to the
 seed on the policy's own samples.
 
-    python benchmarks/alignment.py                 # CPU budget, about 10 minutes on 2 cores
+    python benchmarks/alignment.py                 # CPU budget, a few minutes on one core
     python benchmarks/alignment.py --device cuda   # a bigger budget
 """
 
@@ -48,17 +48,17 @@ WORD = re.compile(r"[^\W\d_]+")
 
 @dataclass
 class Budget:
-    """How much work each run does; the CPU preset fits in about 10 minutes on 2 shared cores."""
+    """How much work each run does; the CPU preset takes a few minutes on one core."""
 
     train_prompts: int = 48  # per language
-    eval_prompts: int = 12  # per language
+    eval_prompts: int = 16  # per language
     eval_samples: int = 2
-    steps: int = 12
-    prompts_per_step: int = 4
+    steps: int = 16
+    prompts_per_step: int = 8
     k: int = 4
     max_new_tokens: int = 24
     rloo_lr: float = 1e-4
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-5  # at 1e-4 DPO overshot on CPU: KL 16 nats and German replies left Latin script
     rloo_beta: float = 0.05
     dpo_beta: float = 0.1
 
@@ -147,12 +147,15 @@ def main(argv=None) -> int:
     ap.add_argument("--transfer-from", default="ru", choices=LANGUAGES,
                     help="The one language of the cross-lingual transfer run.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (1: on a shared 2-core machine two threads ran up to 10x slower).")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep prompts, pairs and models here.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results as JSON.")
     for f, v in asdict(Budget()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None, help=f"(preset: {v} on cpu)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2 if args.device == "cpu" else torch.get_num_threads())
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     budget = Budget(**{**asdict(PRESETS[args.device]),
                        **{f: getattr(args, f) for f in asdict(Budget()) if getattr(args, f) is not None}})
     seed_dir, corpus = args.shared / "seeds" / "seed-s", args.shared / "corpus"

@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--threads-per-node", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="Also write the numbers here.")
+    ap.add_argument("--work", type=Path, default=None, help="Keep the runs (logs, experts) here (default: a "
+                    "temporary folder, removed).")
     args = ap.parse_args()
 
     seed, valid = args.shared / "seeds" / "seed-s", args.shared / "corpus" / "de.valid.jsonl"
@@ -135,7 +137,7 @@ def main() -> None:
     per_step = args.batch_size * args.seq_len
     local_steps = max(1, round(args.tokens / (args.rounds * len(NODES) * per_step)))
     central_steps = args.rounds * len(NODES) * local_steps  # the same number of tokens
-    work = Path(tempfile.mkdtemp(prefix="bench-federated-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-federated-"))
     rows = []
     try:
         shards = write_shards(args.shared / "corpus" / "de.train.jsonl", shares, work / "shards", args.seed)
@@ -149,7 +151,8 @@ def main() -> None:
             rows.append(federated(args, seed, valid, kind, shards, local_steps, work))
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nseed-s on de.valid: perplexity {seed_ppl:.2f}; {args.rounds} rounds x {local_steps} local steps x "
           f"{len(NODES)} nodes (shares {args.shares}) vs {central_steps} central steps; seq {args.seq_len}, "

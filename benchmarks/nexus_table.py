@@ -9,7 +9,7 @@ expert for a new domain (es), and both MoEs extended with it by each ``--recipes
 Every stage's output is kept under ``--out`` and reused when the script runs again (``--fresh`` redoes
 the mixes and extensions), so an interrupted run resumes and new recipes can be tried on the same mixes.
 
-    # CPU, 2 cores (about an hour):
+    # CPU, 2 cores (under an hour):
     python benchmarks/nexus_table.py --shared ../shared
     # GPU, the reference budget (300 steps of 32 x 512 tokens per model, 15 extension steps):
     python benchmarks/nexus_table.py --shared ../shared --device cuda --bf16 --reference
@@ -67,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training (GPU)")
     p.add_argument("--reference", action="store_true",
                    help="the issue's reference budget: 300 steps of 32 x 512, eval on whole valid sets")
-    p.add_argument("--expert-steps", type=int, default=60)
+    p.add_argument("--expert-steps", type=int, default=80)
     p.add_argument("--moe-steps", type=int, default=None, help="default: --expert-steps")
     p.add_argument("--merge-steps", type=int, default=0, help="finetuning of the dense merge (0: plain average)")
     p.add_argument("--ext-share", type=float, default=0.05, help="extension tokens / es expert tokens")
@@ -78,9 +78,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr-ext", type=float, default=None, help="default: --lr-moe")
     p.add_argument("--eval-blocks", type=int, default=12, help="validation blocks per domain (0: all)")
     p.add_argument("--moe-train", choices=["all", "router"], default="all", help="what MoE training updates")
-    p.add_argument("--recipes", default="paper,paper-keep,isolated",
+    p.add_argument("--recipes", default="paper,paper-keep,targeted",
                    help="extension recipes, comma-separated: NAME or NAME:key=value;... (extension.parse_recipe)")
-    p.add_argument("--linear-recipes", default=None, help="recipes for the linear MoE (default: --recipes)")
+    p.add_argument("--linear-recipes", default="paper,targeted", help="recipes for the linear MoE")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="rebuild mixes and extensions (keeps the experts)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")

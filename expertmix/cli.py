@@ -407,8 +407,9 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
 
 @main.command()
 @click.option("--seed", "seed_dir", required=True, type=click.Path(path_type=Path), help="Seed model folder.")
-@click.option("--experts", "experts", multiple=True, required=True, metavar="NAME[@REV] [NAME[@REV] ...]",
-              help="Experts to mix: registry refs or expert folders (several may follow one --experts).")
+@click.option("--experts", "experts", multiple=True, metavar="NAME[@REV] [NAME[@REV] ...]",
+              help="Experts to mix: registry refs or expert folders (several may follow one --experts). "
+                   "Required for nexus; without them --kind mov|molora trains --num-experts fresh experts.")
 @click.argument("more_experts", nargs=-1, metavar="")
 @click.option("--data", multiple=True, required=True,
               help="Router training data, one source per domain: NAME=PATH (repeatable; mixed by --mix).")
@@ -420,14 +421,42 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
 @click.option("--aux-loss", type=float, default=0.05, show_default=True, help="Load-balancing loss coefficient.")
 @click.option("--seed-id", default=None, help="Id of the seed recorded in mix.json (default: folder name).")
 @click.option("--text-field", default=None)
+@click.option("--kind", type=click.Choice(["nexus", "mov", "molora"]), default="nexus", show_default=True,
+              help="nexus: MoE of dense experts; mov / molora: routed mixture of (IA)3 / LoRA experts "
+                   "(only routers and experts train).")
+@click.option("--num-experts", type=int, default=4, show_default=True,
+              help="mov/molora without --experts: how many fresh experts.")
+@click.option("--top-k", type=int, default=None, help="mov/molora: keep the k largest merging weights (default: all).")
+@click.option("--rank", type=int, default=4, show_default=True, help="molora, fresh experts: LoRA rank.")
+@click.option("--targets", default=None,
+              help="mov/molora, fresh experts: comma list of modules to adapt (default: peft's for the model).")
+@click.option("--router-init", type=click.Choice(["auto", "domain", "random"]), default="auto", show_default=True,
+              help="mov/molora: domain = from the experts' domain embeddings (auto: when experts have them).")
 @_registry_option
 @_budget_options
 def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all, aux_loss, seed_id, text_field,
+             kind, num_experts, top_k, rank, targets, router_init,
              registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed, resume):
-    """Upcycle experts of one seed into a Nexus MoE (or a baseline) and train it on their domains."""
+    """Upcycle experts of one seed into a Nexus MoE (or a baseline), or mix PEFT experts (MoV, MoLoRA)."""
     from .assembler.assemble import AssembleConfig
     from .assembler.assemble import assemble as run_assemble
 
+    if kind != "nexus":
+        from .assembler.lightweight import DEFAULT_LEARNING_RATES, LightweightConfig, assemble_lightweight
+
+        lw = LightweightConfig(
+            seed=seed_dir, kind=kind, data=_named_sources(data), out=out, experts=[*experts, *more_experts],
+            num_experts=num_experts, top_k=top_k, rank=rank, alpha=16,
+            target_modules=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+            router_init=router_init, registry=registry, seed_id=seed_id, mix=mix, seq_len=seq_len,
+            text_field=text_field, resume=resume,
+            settings=_settings(batch_size, grad_accum, DEFAULT_LEARNING_RATES[kind] if lr is None else lr, max_steps,
+                               max_tokens, save_steps, run_seed))
+        path = assemble_lightweight(lw, log=_log)
+        stdout.print(f"{kind} mix written to {path}", highlight=False)
+        return
+    if not experts and not more_experts:
+        raise click.UsageError("--kind nexus needs --experts (registry refs or expert folders)")
     cfg = AssembleConfig(seed=seed_dir, experts=[*experts, *more_experts], data=_named_sources(data), out=out,
                          router=router, registry=registry, seed_id=seed_id, train_all=train_all, mix=mix,
                          seq_len=seq_len, text_field=text_field, aux_loss_coef=aux_loss, resume=resume,
@@ -443,9 +472,10 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
 @click.option("--data", multiple=True, required=True, help="New-domain data: NAME=PATH or PATH (repeatable).")
 @click.option("--replay", multiple=True, help="Old domains' data NAME=PATH (default: the mix's own, from mix.json).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
-@click.option("--recipe", default="isolated", show_default=True,
-              help="isolated: measured best here; paper: Gritsch et al. (merge 1/(n+1), finetune all); "
-                   "paper-keep: the paper without the merge. NAME:key=value;... changes fields of a recipe.")
+@click.option("--recipe", default="targeted", show_default=True,
+              help="targeted: measured best here; isolated: only the new expert trains; paper: Gritsch et al. "
+                   "(merge 1/(n+1), finetune all); paper-keep: the paper without the merge. "
+                   "NAME:key=value;... changes fields of a recipe.")
 @click.option("--merge", type=click.Choice(["all", "none", "token-rows"]), default=None,
               help="Override the recipe: which non-FFN weights take in the new expert's.")
 @click.option("--merge-lambda", type=float, default=None, help="Override lambda (default 1/(n+1)).")
@@ -483,19 +513,83 @@ def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_gr
 
 @main.command()
 @click.argument("mix", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["qwen2-moe"]), default="qwen2-moe", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["qwen2-moe", "onnx"]), default="qwen2-moe", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--no-check", is_flag=True, help="Skip comparing the export's logits with the mix's.")
-def export(mix, fmt, out, no_check):
-    """Export a mix to a format that standard tooling loads (qwen2-moe: stock transformers)."""
+@click.option("--routing", type=click.Choice(["sparse", "dense"]), default="sparse", show_default=True,
+              help="onnx: static loop over experts on their routed tokens (sparse) or all experts masked (dense).")
+@click.option("--onnx-quantize", "onnx_quantize", multiple=True, type=click.Choice(["int8", "int4"]),
+              help="onnx: also write onnxruntime-quantized graphs (int8: quantize_dynamic; int4: MatMulNBits).")
+@click.option("--block-size", type=int, default=128, show_default=True, help="onnx int4: MatMulNBits block size.")
+def export(mix, fmt, out, no_check, routing, onnx_quantize, block_size):
+    """Export a mix to a format that standard tooling loads (qwen2-moe: stock transformers; onnx: onnxruntime)."""
     from .assembler.export import export as run_export
     from .assembler.export import max_logit_difference
 
+    if fmt == "onnx":
+        from .assembler.onnx_export import OnnxExportSettings, export_onnx, export_summary, max_logit_difference_onnx
+
+        path = export_onnx(mix, out, OnnxExportSettings(routing=routing, quantize=tuple(onnx_quantize),
+                                                        block_size=block_size), log=_log)
+        summary = export_summary(path)
+        stdout.print(f"exported to {path} ({summary['routing']} routing): " + ", ".join(
+            f"{v} {summary['files'][v]} ({summary['bytes'][v] / 1e6:.1f} MB)" for v in summary["files"]),
+            highlight=False)
+        if not no_check:
+            stdout.print(f"max |logit difference| against the mix (onnxruntime fp32): "
+                         f"{max_logit_difference_onnx(mix, path):.2e}", highlight=False)
+        return
     path = run_export(mix, out, fmt, log=_log)
     stdout.print(f"exported to {path}", highlight=False)
     if not no_check:
         stdout.print(f"max |logit difference| against the mix (float32): {max_logit_difference(mix, path):.2e}",
                      highlight=False)
+
+
+def _eval_quality(mix, data, reference, langs, variant, reference_variant, max_bytes, seq_len, batch_size,
+                  text_field, report_json, chart, as_json):
+    """``eval``'s bits-per-byte mode: run the library's evaluation and print its table."""
+    from .assembler.evaluation import evaluate_quality
+
+    report = evaluate_quality(mix, _named_sources(data), reference=reference, variant=variant,
+                              reference_variant=reference_variant,
+                              langs=[x for x in (langs or "").split(",") if x.strip()] or None,
+                              max_bytes=max_bytes or None, window=seq_len, batch_tokens=batch_size * seq_len,
+                              text_field=text_field)
+    if report_json is not None:
+        report.save_json(report_json)
+    if chart is not None:
+        report.save_chart(chart, title=f"{Path(mix).name}: bits per byte" + (" vs reference" if reference else ""))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return
+    header, rows = report.rows()
+    table = Table(*header, title="bits per byte" + (f" against {report.reference}" if reference else ""))
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
+    for label, path in (("report", report_json), ("chart", chart)):
+        if path is not None:
+            stdout.print(f"{label}: {path}", highlight=False)
+
+
+@main.command()
+@click.argument("mix", type=click.Path(path_type=Path))
+@click.option("--scheme", type=click.Choice(["int8", "int4"]), required=True,
+              help="int8: per-row weights; int4: group-wise with a float16 scale and zero point per group.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="int4: weights per group.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--keep-float", default=None,
+              help="Module-name parts kept float (comma list; default: lm_head,router,gate,shared_expert_gate).")
+def quantize(mix, scheme, group_size, out, keep_float):
+    """Weight-only int8 / int4 quantization of every linear layer and the routed experts (runs on the CPU)."""
+    from .assembler.quantization import DEFAULT_SKIP, QuantSpec, quantize_mix
+
+    skip = tuple(x.strip() for x in keep_float.split(",") if x.strip()) if keep_float is not None else DEFAULT_SKIP
+    report = quantize_mix(mix, out, QuantSpec(scheme=scheme, group_size=group_size, skip=skip), log=_log)
+    stdout.print(f"quantized mix written to {report.out}: {report.modules} weight tensors, "
+                 f"{report.source_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB "
+                 f"(mean relative weight error {report.stats['mean_relative_error']:.2e})", highlight=False)
 
 
 @main.command(name="eval")
@@ -507,12 +601,41 @@ def export(mix, fmt, out, no_check):
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Save the routing matrix as PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--text-field", default=None)
-def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_field):
-    """Per-domain perplexity of a mix and its routing matrix (share of each domain's tokens per expert)."""
+@click.option("--seed", "seed_dir", type=click.Path(path_type=Path), default=None,
+              help="mov/molora mixes: the seed folder (default: the one recorded in mix.json).")
+@click.option("--bpb", is_flag=True, help="Bits per byte per language, domain and script instead of perplexity.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Compare with this model (e.g. the float mix): bits-per-byte change, KL per token, top-1 flips.")
+@click.option("--langs", default=None, help="Only these languages (comma list, the documents' 'language' field).")
+@click.option("--variant", default=None, help="ONNX export of MIX: which graph (fp32, int8, int4).")
+@click.option("--reference-variant", default=None, help="ONNX export as --reference: which graph.")
+@click.option("--max-bytes", type=int, default=0, show_default=True, help="Bytes of text per language (0: all).")
+@click.option("--report-json", type=click.Path(path_type=Path), default=None, help="bpb mode: write the report here.")
+@click.option("--chart", type=click.Path(path_type=Path), default=None, help="bpb mode: PNG bar chart per language.")
+def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_field, seed_dir, bpb, reference, langs,
+          variant, reference_variant, max_bytes, report_json, chart):
+    """Per-domain perplexity of a mix and its routing matrix (share of each domain's tokens per expert).
+
+    With --bpb, --reference, --langs or --variant (and for quantized mixes and ONNX exports): bits per byte per
+    language, domain and script group, compared with the reference when one is given.
+    """
+    from .assembler.onnx_export import is_onnx_export
+
+    quantized = "quantization_config" in json.loads((Path(mix) / "config.json").read_text()) \
+        if (Path(mix) / "config.json").is_file() else False
+    if bpb or reference or langs or variant or is_onnx_export(mix) or quantized:
+        _eval_quality(mix, data, reference, langs, variant, reference_variant, max_bytes, seq_len, batch_size,
+                      text_field, report_json, chart, as_json)
+        return
+    from .assembler.lightweight import evaluate_lightweight_mix, is_lightweight_mix
     from .assembler.routing_report import evaluate_mix, save_heatmap
 
-    report = evaluate_mix(mix, _named_sources(data), seq_len=seq_len, max_blocks=max_blocks or None,
-                          batch_size=batch_size, text_field=text_field)
+    if is_lightweight_mix(mix):  # MoV / MoLoRA: routing = each domain's mean merging weight per expert
+        report = evaluate_lightweight_mix(mix, _named_sources(data), seq_len=seq_len, max_blocks=max_blocks or None,
+                                          batch_size=batch_size, text_field=text_field, seed=seed_dir)
+    else:
+        report = evaluate_mix(mix, _named_sources(data), seq_len=seq_len, max_blocks=max_blocks or None,
+                              batch_size=batch_size, text_field=text_field)
     if heatmap is not None and report.routing is not None:
         save_heatmap(report, heatmap, title=f"{Path(mix).name}: tokens routed to each expert")
     if as_json:

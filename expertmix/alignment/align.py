@@ -217,15 +217,21 @@ def align(cfg: AlignConfig, log=print) -> dict:
 
 # -- quickstart stage ---------------------------------------------------------------------------------
 
-def arithmetic_prompts(n: int, seed: int) -> list[PromptRecord]:
-    """Few-shot sums from the quickstart's arithmetic domain, ending in an unanswered ``a OP b =``."""
+def arithmetic_prompts(n: int, seed: int, ops: str = "+-") -> list[PromptRecord]:
+    """Few-shot sums from the quickstart's arithmetic domain, ending in an unanswered ``a OP b =``.
+
+    Only questions with an operator in ``ops`` are kept (products of a 3- and a 2-digit number are far
+    beyond a quickstart-sized model).
+    """
     from ..experts.synthetic import arithmetic_documents
 
-    out = []
-    for doc in arithmetic_documents(n, seed):
-        *shots, last = doc.splitlines()
+    out: list[PromptRecord] = []
+    docs = iter(arithmetic_documents(20 * n, seed))
+    while len(out) < n:
+        *shots, last = next(docs).splitlines()
         question, answer = last.rsplit("=", 1)
-        out.append(PromptRecord("\n".join(shots + [question + "="]), None, {"answer": int(answer)}))
+        if question.split()[1] in ops:
+            out.append(PromptRecord("\n".join(shots + [question + "="]), None, {"answer": int(answer)}))
     return out
 
 

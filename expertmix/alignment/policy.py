@@ -21,9 +21,9 @@ from ..errors import ExpertmixError
 from ..experts.training import _saved_dtype
 from .rewards import RewardFn, score
 
-# Files ``save_pretrained`` writes itself; everything else in the input folder (``mix.json``, domain
-# embeddings, remote code) is carried over to the aligned checkpoint.
-_WEIGHT_FILES = re.compile(
+# Not carried over: weights (``save_pretrained`` writes new ones) and the model card, which describes the
+# input. Everything else in the input folder (``mix.json``, domain embeddings, remote code) is.
+_NOT_CARRIED = re.compile(
     r"^(model.*\.safetensors|pytorch_model.*\.bin|.*\.index\.json|adapter_model.*|README\.md)$")
 # Router parameters of transformers MoE classes (``mlp.gate``, ``shared_expert_gate``) and of the Nexus mix
 # (``router``); ``gate_proj``/``gate_up_proj`` are expert weights and do not match.
@@ -75,14 +75,17 @@ def freeze_router(model: torch.nn.Module) -> int:
 
 
 def save_aligned(model, tokenizer, source: str | Path, out: str | Path) -> None:
-    """Save like the input (class, dtype, tokenizer) and carry over ``mix.json`` and other side files."""
+    """Save like the input (class, dtype, tokenizer) and carry over ``mix.json`` and other side files.
+
+    The in-memory model stays float32 but rounded to the saved dtype, so it is exactly what was saved.
+    """
     source, out = Path(source), Path(out)
     dtype = _saved_dtype(source)
     model.to(dtype).save_pretrained(out)
     model.to(torch.float32)
     tokenizer.save_pretrained(out)
     for f in source.iterdir():
-        if f.is_file() and not (out / f.name).exists() and not _WEIGHT_FILES.match(f.name):
+        if f.is_file() and not (out / f.name).exists() and not _NOT_CARRIED.match(f.name):
             shutil.copy2(f, out / f.name)
 
 
@@ -94,6 +97,17 @@ class Samples:
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     texts: list[str]
+
+    def repeat(self, values: Sequence) -> list:
+        """Per-prompt ``values`` laid out per sample."""
+        return [values[i] for i in self.prompt_index]
+
+
+def score_samples(reward: RewardFn, prompts: Sequence[str], columns: dict[str, list],
+                  samples: Samples) -> tuple[list[float], dict[str, list]]:
+    """Score every sample against its prompt; returns the rewards and the columns laid out per sample."""
+    per_sample = {key: samples.repeat(col) for key, col in columns.items()}
+    return score(reward, samples.repeat(prompts), samples.texts, per_sample), per_sample
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int = 512) -> list[list[int]]:
@@ -223,8 +237,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[str], column
     torch.manual_seed(seed)
     s = sample_completions(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature,
                            batch_size)
-    rep_columns = {key: [col[i] for i in s.prompt_index] for key, col in columns.items()}
-    rewards = score(reward, [prompts[i] for i in s.prompt_index], s.texts, rep_columns) if reward else None
+    rewards = score_samples(reward, prompts, columns, s)[0] if reward is not None else None
     kls: list[float] = []
     for start in range(0, len(s.texts), batch_size):
         sl = slice(start, start + batch_size)
@@ -232,7 +245,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[str], column
         pol, _ = token_logps(policy, ids, mask, cmask, temperature)
         ref, _ = token_logps(reference, ids, mask, cmask, temperature)
         kls.extend(sequence_kl(pol, ref, cmask.to(pol.device)).tolist())
-    languages = rep_columns.get("language", [None] * len(kls))
+    languages = s.repeat(columns["language"]) if "language" in columns else [None] * len(kls)
     per_kl = by_language(kls, languages)
     per_reward = by_language(rewards, languages) if rewards is not None else dict.fromkeys(per_kl)
     return {"reward": _mean(rewards) if rewards is not None else None, "kl": _mean(kls), "samples": len(kls),

@@ -8,17 +8,19 @@ completions are generated in each prompt's language, not translated).
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.progress import Progress
 
 from ..errors import DataError
 from ..fsutil import write_text_atomic
-from .rewards import RewardFn, score
+from .policy import load_policy, sample_completions, score_samples
+from .rewards import RewardFn, load_reward
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "language", "chosen_score", "rejected_score", "samples")
 
@@ -162,42 +164,36 @@ def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], rew
 
     Returns the pairs and a per-language summary (prompts, pairs, ties skipped, mean scores).
     """
-    import torch
-
-    from .policy import sample_completions
-
     if k < 2:
         raise DataError(f"k must be at least 2 to form a pair, got {k}")
     torch.manual_seed(seed)
     pairs: list[PreferencePair] = []
-    stats: dict[str, Counter] = {}
-    sums: dict[str, list[float]] = {}
+    stats: dict[str, Counter] = defaultdict(Counter)
+    all_scores: dict[str, list[float]] = defaultdict(list)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("sampling completions", total=len(records))
         for start in range(0, len(records), batch_size):
             batch = list(records[start:start + batch_size])
             prompts = [r.prompt for r in batch]
             s = sample_completions(policy, tokenizer, prompts, k, max_new_tokens, temperature, batch_size * k)
-            cols = prompt_columns(batch)
-            rep_cols = {key: [col[i] for i in s.prompt_index] for key, col in cols.items()}
-            scores = score(reward, [prompts[i] for i in s.prompt_index], s.texts, rep_cols)
+            scores, _ = score_samples(reward, prompts, prompt_columns(batch), s)
             for j, rec in enumerate(batch):
                 rows = list(zip(s.texts[j * k:(j + 1) * k], scores[j * k:(j + 1) * k], strict=True))
                 lang = rec.language or "unknown"
-                st = stats.setdefault(lang, Counter())
-                sums.setdefault(lang, []).extend(sc for _, sc in rows)
-                st["prompts"] += 1
+                all_scores[lang].extend(sc for _, sc in rows)
+                stats[lang]["prompts"] += 1
                 best = max(rows, key=lambda r: r[1])
                 worst = min(rows, key=lambda r: r[1])
                 if best[1] - worst[1] <= min_margin:
-                    st["ties"] += 1
+                    stats[lang]["ties"] += 1
                     continue
-                st["pairs"] += 1
+                stats[lang]["pairs"] += 1
                 pairs.append(PreferencePair(rec.prompt, best[0], worst[0], rec.language, best[1], worst[1],
                                             [{"text": t, "score": sc} for t, sc in rows], dict(rec.fields)))
             bar.advance(task, len(batch))
     summary = {lang: {"prompts": st["prompts"], "pairs": st["pairs"], "ties": st["ties"],
-                      "mean_score": sum(sums[lang]) / len(sums[lang])} for lang, st in sorted(stats.items())}
+                      "mean_score": sum(all_scores[lang]) / len(all_scores[lang])}
+               for lang, st in sorted(stats.items())}
     return pairs, summary
 
 
@@ -207,9 +203,6 @@ def generate_preference_file(policy: str | Path, prompts: str | Path, reward: st
 
     Returns the per-language summary; ``options`` go to :func:`generate_preferences`.
     """
-    from .policy import load_policy
-    from .rewards import load_reward
-
     records = filter_languages(read_prompts(prompts), languages, prompts)
     reward_fn = load_reward(reward)
     model, tokenizer = load_policy(policy)

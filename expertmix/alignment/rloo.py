@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ExpertmixError
-from .policy import by_language, pack_sequences, sample_completions, sequence_kl, token_logps
-from .rewards import RewardFn, score
+from .policy import by_language, pack_sequences, sample_completions, score_samples, sequence_kl, token_logps
+from .rewards import RewardFn
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -48,8 +48,8 @@ def rloo_step(policy, reference, tokenizer, prompts: Sequence[str], columns: dic
     """Sample ``k`` completions per prompt, score them and return the RLOO loss and the step's metrics."""
     s = sample_completions(policy, tokenizer, prompts, k, max_new_tokens, temperature,
                            batch_size=len(prompts) * k)
-    rep_columns = {key: [col[i] for i in s.prompt_index] for key, col in columns.items()}
-    rewards = torch.tensor(score(reward, [prompts[i] for i in s.prompt_index], s.texts, rep_columns))
+    scores, per_sample = score_samples(reward, prompts, columns, s)
+    rewards = torch.tensor(scores)
     ids, mask, cmask = pack_sequences(s.prompt_ids, s.completion_ids, tokenizer.pad_token_id)
     pol_tok, aux = token_logps(policy, ids, mask, cmask, temperature)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def rloo_step(policy, reference, tokenizer, prompts: Sequence[str], columns: dic
     if aux is not None:
         loss = loss + aux_loss_coef * aux
         metrics["aux_loss"] = aux.item()
-    languages = rep_columns.get("language", [None] * len(rewards))
+    languages = per_sample.get("language", [None] * len(scores))
     metrics.update({
         "loss": loss.item(), "reward": rewards.mean().item(), "kl": kl.mean().item(),
         "completion_tokens": cmask.sum(-1).mean().item(),

@@ -30,6 +30,13 @@ SAMPLE_CHUNK = 32  # documents tokenized at a time when sampling up to a token b
 GROUP_MARKERS = (("router", ".mlp.router."), ("experts", ".mlp.experts."), ("shared", ".mlp.shared_expert."))
 
 
+def run_fingerprint(cfg) -> dict:
+    """A run's settings as JSON (``resume`` excluded): what a resumed run must keep."""
+    d = asdict(cfg)
+    d.pop("resume")
+    return json.loads(json.dumps(d, default=str))
+
+
 def param_group(name: str) -> str:
     """Which group a parameter of a Nexus mix (or a dense model) belongs to."""
     for group, marker in GROUP_MARKERS:
@@ -126,9 +133,7 @@ class AssembleConfig:
         return self.out.with_name(self.out.name + ".partial")
 
     def fingerprint(self) -> dict:
-        d = asdict(self)
-        d.pop("resume")
-        return json.loads(json.dumps(d, default=str))
+        return run_fingerprint(self)
 
     @property
     def train_groups(self) -> tuple[str, ...]:

@@ -11,7 +11,14 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
 - ``placement``: where the new expert sits in the router. Nexus ``project``: ``e_new = P(d_new)`` with the
   mix's standardisation (the paper); ``fit``: the router input of the new expert (an m-vector, no new
   router parameters) is fitted so that tokens of the new domain pick it and old tokens keep their experts.
-  Linear ``reinit`` (the paper's baseline: a fresh router) or ``fit`` (a fitted new gate row per layer).
+  Linear ``reinit`` (the paper's baseline: a fresh router) or ``fit`` (a fitted new gate row per layer);
+- ``ffn_init``: the new routed FFN is the expert's own FFN (``expert``), or that plus the mean update the old
+  experts received while the mix trained (``transfer``: mix weights minus the published ones, pulled again at
+  the revisions mix.json records), so the new expert starts in the regime "shared FFN + gated expert";
+- ``learning_rate`` and ``new_share`` of the short finetuning.
+
+``RECIPES`` holds the paper's recipe, the paper without the merge, ``isolated`` (only the new FFN trains) and
+``targeted``, the default, chosen by benchmarks/nexus_table.py (numbers in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .assemble import (
     freeze_except,
     mixture_blocks,
     read_sources,
+    run_fingerprint,
     save_mix,
     start_work_dir,
     train_stage,
@@ -75,6 +83,7 @@ class ExtensionRecipe:
     new_share: float = 0.5
     ffn_init: FfnInit = "expert"  # transfer: add the old experts' mean in-mix update to the new FFN
     learning_rate: float | None = None  # None: the run's learning rate
+    fit_old_weight: float = 1.0  # placement fit: weight of "old tokens keep their expert" against the new domain
 
     def lam(self, n_old: int) -> float:
         return 1.0 / (n_old + 1) if self.merge_lambda is None else self.merge_lambda
@@ -94,9 +103,14 @@ RECIPES: dict[str, ExtensionRecipe] = {
     # The paper's finetuning without the merge (lambda = 0).
     "paper-keep": ExtensionRecipe(merge_lambda=0.0),
     # Take the new domain's own token rows, fit the new expert's router input, train the new expert only.
+    # Only the new expert's FFN trains (every old weight stays), with the new domain's token rows and a fitted
+    # router placement.
     "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
+    # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a fitted placement,
+    # the new FFN shifted by the old experts' mean in-mix update, then everything finetuned gently.
+    "targeted": ExtensionRecipe(merge="token-rows", placement="fit", ffn_init="transfer", learning_rate=1e-4),
 }
-DEFAULT_RECIPE = "isolated"
+DEFAULT_RECIPE = "targeted"
 
 
 def parse_recipe(spec: str) -> ExtensionRecipe:
@@ -113,7 +127,7 @@ def parse_recipe(spec: str) -> ExtensionRecipe:
             raise ExpertmixError(f"recipe {spec!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
         if key == "train":
             overrides[key] = tuple(g for g in value.split("+") if g)
-        elif key in ("merge_lambda", "learning_rate", "new_share"):
+        elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight"):
             overrides[key] = None if value == "none" else float(value)
         else:
             overrides[key] = value
@@ -142,11 +156,7 @@ class ExtendConfig:
         return self.out.with_name(self.out.name + ".partial")
 
     def fingerprint(self) -> dict:
-        d = asdict(self)
-        d.pop("resume")
-        import json
-
-        return json.loads(json.dumps(d, default=str))
+        return run_fingerprint(self)
 
 
 # -- merging -----------------------------------------------------------------------------------------
@@ -217,7 +227,7 @@ def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, 
                    manifest: MixManifest, recipe: ExtensionRecipe, row_lambdas: torch.Tensor | None,
                    init_seed: int = 0, registry: str | None = None) -> dict[str, torch.Tensor]:
     """The mix's tensors with the new expert appended and the recipe's merge applied (streamed expert)."""
-    old_layout, layout = MoeLayout.for_config(config), MoeLayout.for_config(new_config)
+    layout = MoeLayout.for_config(new_config)
     tensors = load_file(str(mix_dir / WEIGHTS_FILE))
     n_old = config.num_experts
     lam = recipe.lam(n_old)
@@ -263,7 +273,6 @@ def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, 
         for p in layout.block_prefix:
             k = f"{p}.router.weight"
             tensors[k] = torch.cat([tensors[k], torch.zeros_like(tensors[k][:1])])
-    assert old_layout.block_prefix == layout.block_prefix
     return tensors
 
 
@@ -291,7 +300,8 @@ def collect_router_inputs(model: NexusForCausalLM, blocks: Blocks, max_blocks: i
 
 
 def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_inputs: list[torch.Tensor],
-                  steps: int = 300, lr: float = 0.05, progress: bool = True) -> dict[str, float]:
+                  steps: int = 300, lr: float = 0.05, old_weight: float = 1.0,
+                  progress: bool = True) -> dict[str, float]:
     """Place the new (last) expert so that new-domain tokens pick it and old tokens keep their experts.
 
     Nexus: only the new expert's router input (its standardised domain embedding, shared by all layers)
@@ -329,7 +339,7 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
         for layer in range(len(blocks)):
             e = torch.cat([old_e[layer], new_embedding(layer)[None]])
             loss = loss + F.cross_entropy(new_inputs[layer] @ e.T, new_target[layer]) \
-                + F.cross_entropy(old_inputs[layer] @ e.T, targets_old[layer])
+                + old_weight * F.cross_entropy(old_inputs[layer] @ e.T, targets_old[layer])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -358,7 +368,7 @@ def mask_old_experts(model: NexusForCausalLM, n_old: int) -> list:
             if p.requires_grad:
                 mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
                 mask[n_old:] = 1
-                handles.append(p.register_hook(lambda g, m=mask: g * m))
+                handles.append(p.register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype)))
     return handles
 
 
@@ -395,6 +405,8 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     recipe = cfg.recipe.for_router(manifest.router)
     if not 0 < recipe.new_share <= 1:
         raise ExpertmixError(f"new-domain share {recipe.new_share} must lie in (0, 1]")
+    if recipe.placement == "reinit" and "router" not in recipe.train:
+        raise ExpertmixError("placement 'reinit' starts a fresh router: it must train (add 'router' to --train)")
     work = cfg.work_dir
     start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out)
     expert = load_expert(cfg.expert, cfg.registry)
@@ -442,7 +454,8 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         new_blocks, _ = mixture_blocks(new_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
         old_blocks, _ = mixture_blocks(old_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
         placement = fit_placement(model, collect_router_inputs(model, new_blocks),
-                                  collect_router_inputs(model, old_blocks), progress=cfg.settings.progress)
+                                  collect_router_inputs(model, old_blocks), old_weight=recipe.fit_old_weight,
+                                  progress=cfg.settings.progress)
         log(f"placement: {placement['new_tokens_to_new']:.0%} of new-domain tokens pick the new expert, "
             f"{placement['old_tokens_to_new']:.0%} of old tokens")
     trainable = freeze_except(model, recipe.train)

@@ -206,7 +206,12 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 
 
 class _SegmentExperts(torch.autograd.Function):
-    """Expert segments (cache-sized blocks on the CPU), each taken through the whole expert chain in turn."""
+    """Expert segments (cache-sized blocks on the CPU), each taken through the whole expert chain in turn.
+
+    Gate and up are two products into separate contiguous buffers (the weights' two halves are contiguous
+    ``[I, H]`` views), so SwiGLU and its gradient run on contiguous memory: twice as fast on the CPU as on
+    the strided halves of one ``[rows, 2I]`` product.
+    """
 
     @staticmethod
     def forward(ctx, hidden, gate_up_proj, down_proj, row_weights, order, offs, top_k, keep):
@@ -220,45 +225,35 @@ class _SegmentExperts(torch.autograd.Function):
         block_rows = max((b - a for _, a, b in blocks), default=0)
         token_of_row = order // top_k if top_k > 1 else order
         out = hidden.new_empty(num_tokens, dim) if top_k == 1 else hidden.new_zeros(num_tokens, dim)
-        if keep:  # whole-array buffers that backward reads; filled block by block
-            x = hidden.new_empty(rows_total, dim)
-            gate_up = hidden.new_empty(rows_total, 2 * inter)
-            silu_gate = hidden.new_empty(rows_total, inter)
-            act = hidden.new_empty(rows_total, inter)
-            y = hidden.new_empty(rows_total, dim)
-        else:  # inference: one block's worth of scratch, reused
-            x_buf = hidden.new_empty(block_rows, dim)
-            gate_up_buf = hidden.new_empty(block_rows, 2 * inter)
-            act_buf = hidden.new_empty(block_rows, inter)
-            y_buf = hidden.new_empty(block_rows, dim)
+        # keep: whole-array buffers that backward reads, filled block by block; else one block's scratch.
+        rows = rows_total if keep else block_rows
+        x, gate, up, silu_gate = (hidden.new_empty(rows, n) for n in (dim, inter, inter, inter))
+        act = hidden.new_empty(rows, inter) if keep else silu_gate
+        y = hidden.new_empty(rows, dim)
         for expert, a, b in blocks:
-            n = b - a
             tokens = token_of_row[a:b]
-            if keep:
-                xb, gub, sb, ab, yb = x[a:b], gate_up[a:b], silu_gate[a:b], act[a:b], y[a:b]
-            else:
-                xb, gub, ab, yb = x_buf[:n], gate_up_buf[:n], act_buf[:n], y_buf[:n]
-                sb = ab
-            torch.index_select(hidden, 0, tokens, out=xb)
-            torch.mm(xb, gate_up_proj[expert].t(), out=gub)
-            torch.ops.aten.silu.out(gub[:, :inter], out=sb)
-            torch.mul(sb, gub[:, inter:], out=ab)
-            torch.mm(ab, down_proj[expert].t(), out=yb)
-            weighted = yb * row_weights[a:b, None]
+            at = slice(a, b) if keep else slice(0, b - a)
+            torch.index_select(hidden, 0, tokens, out=x[at])
+            torch.mm(x[at], gate_up_proj[expert, :inter].t(), out=gate[at])
+            torch.mm(x[at], gate_up_proj[expert, inter:].t(), out=up[at])
+            torch.ops.aten.silu.out(gate[at], out=silu_gate[at])
+            torch.mul(silu_gate[at], up[at], out=act[at])
+            torch.mm(act[at], down_proj[expert].t(), out=y[at])
+            weighted = y[at] * row_weights[a:b, None]
             if top_k == 1:
                 out.index_copy_(0, tokens, weighted)
             else:
                 out.index_add_(0, tokens, weighted)
         if keep:
             ctx.save_for_backward(
-                x, gate_up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj
+                x, gate, up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj
             )
             ctx.blocks, ctx.block_rows, ctx.top_k = blocks, block_rows, top_k
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj = ctx.saved_tensors
+        x, gate, up, silu_gate, act, y, row_weights, token_of_row, gate_up_proj, down_proj = ctx.saved_tensors
         num_tokens, dim = grad_out.shape
         inter = act.shape[1]
         need_hidden, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
@@ -275,28 +270,34 @@ class _SegmentExperts(torch.autograd.Function):
         for grad in (grad_gate_up_proj, grad_down):
             if grad is not None and idle:
                 grad[idle] = 0
-        rows_buf = grad_out.new_empty(ctx.block_rows, dim)
-        act_buf = grad_out.new_empty(ctx.block_rows, inter)
-        gate_up_buf = grad_out.new_empty(ctx.block_rows, 2 * inter)
-        x_buf = grad_out.new_empty(ctx.block_rows, dim)
+        grad_rows_buf, grad_x_buf = (grad_out.new_empty(ctx.block_rows, dim) for _ in range(2))
+        grad_act_buf, grad_gate_buf, grad_up_buf = (
+            grad_out.new_empty(ctx.block_rows, inter) for _ in range(3)
+        )
         seen = set()  # the first block of an expert writes its weight gradients, later ones add to them
         for expert, a, b in ctx.blocks:
             n = b - a
             tokens = token_of_row[a:b]
             first = expert not in seen
             seen.add(expert)
-            grad_rows = torch.index_select(grad_out, 0, tokens, out=rows_buf[:n])
+            grad_rows = torch.index_select(grad_out, 0, tokens, out=grad_rows_buf[:n])
             if need_weights:
                 torch.sum(grad_rows * y[a:b], dim=1, out=grad_weights[a:b])
             grad_rows.mul_(row_weights[a:b, None])
             if need_down:
                 _mm_into(grad_down[expert], grad_rows.t(), act[a:b], accumulate=not first)
-            grad_act = torch.mm(grad_rows, down_proj[expert], out=act_buf[:n])
-            grad_gate_up = _swiglu_backward(grad_act, gate_up[a:b], silu_gate[a:b], gate_up_buf[:n])
+            grad_act = torch.mm(grad_rows, down_proj[expert], out=grad_act_buf[:n])
+            grad_up = torch.mul(grad_act, silu_gate[a:b], out=grad_up_buf[:n])
+            grad_act.mul_(up[a:b])
+            grad_gate = torch.ops.aten.silu_backward.grad_input(
+                grad_act, gate[a:b], grad_input=grad_gate_buf[:n]
+            )
             if need_gate_up:
-                _mm_into(grad_gate_up_proj[expert], grad_gate_up.t(), x[a:b], accumulate=not first)
+                _mm_into(grad_gate_up_proj[expert, :inter], grad_gate.t(), x[a:b], accumulate=not first)
+                _mm_into(grad_gate_up_proj[expert, inter:], grad_up.t(), x[a:b], accumulate=not first)
             if need_hidden:
-                grad_x = torch.mm(grad_gate_up, gate_up_proj[expert], out=x_buf[:n])
+                grad_x = torch.mm(grad_gate, gate_up_proj[expert, :inter], out=grad_x_buf[:n])
+                grad_x.addmm_(grad_up, gate_up_proj[expert, inter:])
                 if ctx.top_k == 1:
                     grad_hidden.index_copy_(0, tokens, grad_x)
                 else:

@@ -29,13 +29,6 @@ class EvalReport:
     routing: torch.Tensor | None = None  # [domains, experts], rows sum to 1
     routing_per_layer: torch.Tensor | None = None  # [layers, domains, experts]
 
-    def own_expert_share(self) -> dict[str, float]:
-        """For each domain that has an expert of the same name (or domain): the share routed to it."""
-        if self.routing is None:
-            return {}
-        return {d: float(self.routing[i, self.experts.index(d)]) for i, d in enumerate(self.domains)
-                if d in self.experts}
-
     def to_dict(self) -> dict:
         out = {"perplexity": self.perplexity}
         if self.routing is not None:

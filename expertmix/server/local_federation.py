@@ -140,12 +140,6 @@ class Processes:
     def manifest(self) -> dict:
         return {name: {"pid": p.pid, "log": str(self.log_dir / f"{name}.log")} for name, p in self.procs.items()}
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Signal one started process (and its process group)."""
-        proc = self.procs[name]
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-
     def close(self, grace: float = 10.0) -> None:
         """Stop everything: SIGTERM, then SIGKILL whatever is left after ``grace`` seconds."""
         self.refresh()

@@ -1,0 +1,189 @@
+"""Lightweight experts from seed-s on code+de+ja+ru: full finetuning, LoRA, (IA)³, MoLoRA, MoV at one token budget.
+
+    python benchmarks/lightweight.py --shared ../shared [--max-tokens 150000] [--device cpu|cuda]
+
+Every method trains on the same equal-share mixture of the domains' train splits for the same number of
+tokens (same batches, same order, same schedule) with ``expertmix.experts.training.fit``; each is then
+scored on every domain's valid split. Printed: trainable parameters and their share of the model, mean and
+per-domain validation perplexity, the share of the seed→full-finetuning gap each method closes (on mean
+log-perplexity), training time, and for the mixtures the routing (mean merging weight per expert and domain).
+Mixtures are built from scratch (fresh experts, routers random at unit logit spread), as ``expertmix
+assemble --kind mov|molora`` does without ``--experts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("full", "lora", "ia3", "molora", "mov")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--domains", default="code,de,ja,ru")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--max-tokens", type=int, default=150_000, help="training tokens per method")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=4, help="experts of MoV and MoLoRA")
+    ap.add_argument("--rank", type=int, default=2, help="LoRA rank (single LoRA and every MoLoRA expert)")
+    ap.add_argument("--targets", default=None, help="LoRA target modules (default: peft's for the model: q,v)")
+    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                    help="peak learning rate of a method (defaults: full 5e-4, lora/molora 1e-3, ia3/mov 3e-3)")
+    ap.add_argument("--eval-blocks", type=int, default=24, help="validation blocks per domain")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer would otherwise pick a GPU
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from expertmix.assembler.assemble import mixture_blocks, read_sources
+    from expertmix.assembler.lightweight import (
+        DEFAULT_LEARNING_RATES,
+        MixtureSpec,
+        build_mixture,
+        evaluate_lightweight,
+        fresh_expert_config,
+        init_routers,
+        load_base,
+        parameter_counts,
+        router_input_statistics,
+    )
+    from expertmix.assembler.routing_report import eval_blocks
+    from expertmix.experts.data import pack
+    from expertmix.experts.training import DataSource, TrainSettings, fit, perplexity
+
+    torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    seed_dir = args.shared / "seeds" / "seed-s"
+    corpus = args.shared / "corpus"
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(methods) - set(METHODS):
+        sys.exit(f"unknown method(s): {', '.join(sorted(unknown))}")
+    lrs = {"full": 5e-4, "lora": DEFAULT_LEARNING_RATES["molora"], "ia3": DEFAULT_LEARNING_RATES["mov"],
+           **DEFAULT_LEARNING_RATES}
+    for spec in args.lr:
+        name, _, value = spec.partition("=")
+        lrs[name] = float(value)
+    targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
+
+    tokenizer = AutoTokenizer.from_pretrained(seed_dir)
+    settings = TrainSettings(max_tokens=args.max_tokens, batch_size=args.batch_size, save_steps=0, seed=args.seed,
+                             logging_steps=25, progress=True)
+    train_src = [DataSource(d, corpus / f"{d}.train.jsonl") for d in domains]
+    tokenized = read_sources(train_src, tokenizer, max_tokens=args.max_tokens, seed=args.seed)
+    train_blocks, report = mixture_blocks(tokenized, None, args.max_tokens, args.seq_len, args.seed)
+    calibration = {d: {k: v[:4] for k, v in pack(tokenized[d][:64], args.seq_len).items()} for d in domains}
+    valid = eval_blocks([DataSource(d, corpus / f"{d}.valid.jsonl") for d in domains], tokenizer, args.seq_len,
+                        args.eval_blocks)
+    shares = ", ".join(f"{k} {v['actual_share']:.2f}" for k, v in report.items())
+    n_valid = ", ".join(f"{d} {b['input_ids'].shape[0]}" for d, b in valid.items())
+    print(f"{machine}; train: {train_blocks['input_ids'].shape[0]} blocks of {args.seq_len} ({shares}); "
+          f"valid blocks: {n_valid}", flush=True)
+
+    def evaluate(model) -> dict[str, float]:
+        model.to(device)
+        return {d: perplexity(model, b, args.batch_size) for d, b in valid.items()}
+
+    rows: dict[str, dict] = {}
+    seed_model = load_base(seed_dir)
+    total_params = sum(p.numel() for p in seed_model.parameters())
+    rows["seed"] = {"trainable": 0, "share": 0.0, "ppl": evaluate(seed_model), "seconds": 0.0}
+    del seed_model
+    work = Path(tempfile.mkdtemp(prefix="bench-lightweight-"))
+    try:
+        for method in methods:
+            torch.manual_seed(args.seed)
+            base = load_base(seed_dir)
+            routing = None
+            if method == "full":
+                model = train_model = base
+            elif method in ("lora", "ia3"):
+                kind = "molora" if method == "lora" else "mov"
+                model = get_peft_model(base, fresh_expert_config(MixtureSpec(kind, rank=args.rank,
+                                                                             target_modules=targets), base))
+                train_model = model.get_base_model()
+            else:
+                spec = MixtureSpec(method, rank=args.rank, target_modules=targets if method == "molora" else None)
+                model = build_mixture(base, [fresh_expert_config(spec, base)] * args.experts)
+                init_routers(model, *router_input_statistics(model, calibration), seed=args.seed)
+                train_model = model.get_base_model()
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            extra = ""
+            if method in ("molora", "mov"):
+                counts = parameter_counts(model)
+                extra = f" (routers {counts['routers']:,})"
+            print(f"\n== {method}: {trainable:,} trainable parameters ({100 * trainable / total_params:.3f}%)"
+                  f"{extra}, lr {lrs[method]:g}", flush=True)
+            s = TrainSettings(**{**settings.__dict__, "learning_rate": lrs[method]})
+            t0 = time.perf_counter()
+            metrics = fit(train_model, train_blocks, None, s, work / method)
+            seconds = time.perf_counter() - t0
+            if method in ("molora", "mov"):
+                model.to(device)
+                rep = evaluate_lightweight(model, valid, [f"e{i}" for i in range(args.experts)],
+                                           batch_size=args.batch_size)
+                ppl = rep.perplexity
+                routing = {d: [round(float(x), 3) for x in rep.routing[i]] for i, d in enumerate(rep.domains)}
+            else:
+                ppl = evaluate(model)
+            rows[method] = {"trainable": trainable, "share": trainable / total_params, "ppl": ppl, "seconds": seconds,
+                            "lr": lrs[method], "tokens": metrics["tokens"], "train_loss": metrics.get("train_loss"),
+                            "routing": routing}
+            print(f"{method}: " + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()) + f" ({seconds:.0f} s)", flush=True)
+            del model, train_model, base
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def mean_log(r):
+        return sum(math.log(v) for v in r["ppl"].values()) / len(r["ppl"])
+
+    seed_log = mean_log(rows["seed"])
+    full_log = mean_log(rows["full"]) if "full" in rows else None
+    print(f"\nseed-s ({total_params:,} parameters), {args.max_tokens:,} training tokens per method "
+          f"(seq {args.seq_len}, batch {args.batch_size}), {machine}; MoV/MoLoRA: {args.experts} experts, "
+          f"LoRA rank {args.rank}\n")
+    head = "| method | trainable | share | mean ppl | " + " | ".join(domains) + " | gap closed | lr | train s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, r in rows.items():
+        mean = sum(r["ppl"].values()) / len(r["ppl"])
+        gap = (seed_log - mean_log(r)) / (seed_log - full_log) if full_log is not None and full_log < seed_log \
+            else float("nan")
+        r.update(mean_ppl=mean, gap_closed=gap)
+        print(f"| {name} | {r['trainable']:,} | {100 * r['share']:.3f}% | {mean:.2f} | "
+              + " | ".join(f"{r['ppl'][d]:.2f}" for d in domains)
+              + f" | {'' if name == 'seed' else f'{100 * gap:.0f}%'} | {r.get('lr', '')} | {r['seconds']:.0f} |")
+    for name, r in rows.items():
+        if r.get("routing"):
+            print(f"\n{name} routing (mean merging weight per expert, averaged over routers):")
+            for d, w in r["routing"].items():
+                print(f"  {d}: " + " ".join(f"{x:.2f}" for x in w))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

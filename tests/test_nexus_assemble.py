@@ -1,0 +1,197 @@
+"""Assembling mixes: streaming upcycling, refusal of foreign experts, the CLI from `train` to `extend`, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from nexus_helpers import make_expert
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM, TrainerCallback
+
+from expertmix.assembler import assemble as assemble_module
+from expertmix.assembler.assemble import AssembleConfig, assemble
+from expertmix.assembler.manifest import read_manifest
+from expertmix.assembler.upcycling import load_expert, upcycle
+from expertmix.cli import main
+from expertmix.errors import ExpertmixError, IncompatibleExpertError
+from expertmix.experts.seed import build_seed
+from expertmix.experts.training import DataSource, TrainSettings
+from expertmix.hub.store import LocalStore
+
+TESTS = Path(__file__).parent
+
+
+def test_upcycling_peak_memory_is_about_the_output_plus_one_expert(tmp_path):
+    """Four 17 MB experts: loading them all would add ~4 experts to the output; streaming adds about one."""
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        from pathlib import Path
+        import torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {str(TESTS)!r})
+        from nexus_helpers import make_expert
+        from expertmix.assembler.upcycling import load_expert, upcycle
+        from expertmix.experts.seed import build_seed, train_tokenizer
+        root = Path({str(tmp_path)!r})
+        tok = train_tokenizer(["a b c d e f g"] * 10, vocab_size=260)
+        seed = build_seed(root / "seed", tok, arch="llama", hidden_size=256, intermediate_size=1536, num_layers=3,
+                          num_heads=4, num_kv_heads=4)
+        experts = [load_expert(str(make_expert(seed, root / f"e{{i}}", f"e{{i}}", seed=i))) for i in range(4)]
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = peak()
+        upcycle(seed, experts, root / "mix", progress=False)
+        print(json.dumps({{"growth": peak() - before}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+    output = (tmp_path / "mix" / "model.safetensors").stat().st_size
+    expert = (tmp_path / "e0" / "model.safetensors").stat().st_size
+    assert output > 3 * expert  # the test means something: the output dwarfs one expert
+    assert growth < output + 1.5 * expert, f"peak grew {growth / 2**20:.0f} MiB; output {output / 2**20:.0f} MiB"
+
+
+def test_expert_from_another_seed_is_refused_by_name(llama_seed, qwen2_seed, tokenizer, tmp_path):
+    good = make_expert(llama_seed, tmp_path / "good", "good", seed=1)
+    other_seed = build_seed(tmp_path / "other-seed", tokenizer, arch="llama", seed=7)
+    stranger = make_expert(other_seed, tmp_path / "stranger", "stranger", seed=2)
+    with pytest.raises(IncompatibleExpertError, match=r"'stranger'.*base_fingerprint"):
+        upcycle(llama_seed, [load_expert(str(good)), load_expert(str(stranger))], tmp_path / "mix")
+    qwen = make_expert(qwen2_seed, tmp_path / "qwen", "qwen", seed=3)
+    with pytest.raises(IncompatibleExpertError, match=r"'qwen'.*base_fingerprint"):
+        upcycle(llama_seed, [load_expert(str(good)), load_expert(str(qwen))], tmp_path / "mix")
+    assert not (tmp_path / "mix").exists()
+    result = CliRunner().invoke(main, ["assemble", "--seed", str(llama_seed), "--experts", str(good), str(stranger),
+                                       "--data", f"x={tmp_path / 'none.jsonl'}", "--out", str(tmp_path / "mix")])
+    assert result.exit_code == 1
+    assert "expert 'stranger' does not fit" in result.output and "base_fingerprint" in result.output
+
+
+# -- the CLI, end to end ---------------------------------------------------------------------------
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, llama_seed, corpus):
+    """Three experts trained with `expertmix train` and published to a local store."""
+    root = tmp_path_factory.mktemp("cli")
+    store = root / "store"
+    refs = {}
+    for domain in ("math", "code", "prose"):
+        _cli("train", "--base", llama_seed, "--data", corpus[domain], "--domain", domain, "--out", root / domain,
+             "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--embedder", "seed")
+        out = _cli("publish", root / domain, "--registry", store)
+        refs[domain] = out.split()[-1]
+    return root, store, refs
+
+
+@pytest.fixture(scope="module")
+def cli_mix(published, llama_seed, corpus):
+    root, store, refs = published
+    _cli("assemble", "--seed", llama_seed, "--experts", "math", "code", "--registry", store,
+         "--data", f"math={corpus['math']}", "--data", f"code={corpus['code']}", "--out", root / "mix",
+         "--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2")
+    return root / "mix"
+
+
+def test_assemble_pulls_experts_and_trains_only_the_router(published, cli_mix, llama_seed, tmp_path):
+    root, store, refs = published
+    manifest = read_manifest(cli_mix)
+    assert manifest.router == "nexus" and [e.name for e in manifest.experts] == ["math", "code"]
+    entries = {e.name: e for e in LocalStore(store).list()}
+    for e in manifest.experts:
+        assert e.revision == entries[e.name].revision == refs[e.name].split("@")[1]
+        want = {f.path: f.sha256 for f in entries[e.name].files}["model.safetensors"]
+        assert e.weights_sha256 == {"model.safetensors": want}
+    assert manifest.history[-1]["stage"] == "assemble" and manifest.history[-1]["train"] == ["router"]
+    assert manifest.history[-1]["metrics"]["steps"] == 3
+    assert [d.name for d in manifest.data] == ["math", "code"]
+    # Against a fresh upcycle of the same experts: only router weights moved.
+    fresh = upcycle(llama_seed, [load_expert(r, str(store)) for r in ("math", "code")], tmp_path / "fresh",
+                    progress=False)
+    trained, init = load_file(str(cli_mix / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
+    assert set(trained) == set(init)
+    moved = {k for k in trained if not torch.equal(trained[k], init[k])}
+    assert moved and all(".router." in k for k in moved)
+    assert any("up_proj" in k for k in moved)
+
+
+def test_eval_prints_perplexity_and_routing_and_saves_a_heatmap(cli_mix, corpus, tmp_path):
+    png = tmp_path / "routing.png"
+    out = _cli("eval", cli_mix, *[f"--data={d}={corpus[d]}" for d in ("math", "code", "prose")], "--seq-len", "32",
+               "--max-blocks", "4", "--heatmap", png, "--json")
+    report = json.loads(out)
+    assert set(report["perplexity"]) == {"math", "code", "prose"}
+    assert all(1 < v < 1e4 for v in report["perplexity"].values())
+    assert report["experts"] == ["math", "code"]
+    for row in report["routing"].values():
+        assert abs(sum(row.values()) - 1) < 1e-5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = _cli("eval", cli_mix, f"--data=math={corpus['math']}", "--seq-len", "32", "--max-blocks", "2")
+    assert "math" in table and "%" in table
+
+
+def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits(cli_mix, tmp_path):
+    out = _cli("export", cli_mix, "--format", "qwen2-moe", "--out", tmp_path / "q")
+    assert "max |logit difference|" in out
+    exported = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "q").eval()
+    mix = AutoModelForCausalLM.from_pretrained(cli_mix).eval()
+    ids = torch.randint(3, mix.config.text_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (exported(input_ids=ids).logits - mix(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_extend_appends_an_expert_and_keeps_the_old_ones(published, cli_mix, corpus):
+    root, store, _ = published
+    _cli("extend", cli_mix, "--expert", "prose", "--registry", store, "--data", f"prose={corpus['prose']}",
+         "--out", root / "mix3", "--max-steps", "2", "--batch-size", "2", "--seq-len", "32")
+    before, after = load_file(str(cli_mix / "model.safetensors")), load_file(str(root / "mix3" / "model.safetensors"))
+    for k in before:
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert after[k].shape[0] == 3 and torch.equal(after[k][:2], before[k])
+    manifest = read_manifest(root / "mix3")
+    assert [e.name for e in manifest.experts] == ["math", "code", "prose"]
+    assert manifest.history[-1]["stage"] == "extend" and manifest.history[-1]["recipe"] == "targeted"
+    assert AutoModelForCausalLM.from_pretrained(root / "mix3").config.expert_names == ["math", "code", "prose"]
+
+
+# -- resume --------------------------------------------------------------------------------------------
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
+
+
+def test_assemble_resumes_from_its_last_checkpoint(llama_seed, corpus, tmp_path, monkeypatch):
+    experts = [str(make_expert(llama_seed, tmp_path / n, n, seed=i)) for i, n in enumerate(("a", "b"))]
+    cfg = AssembleConfig(seed=llama_seed, experts=experts, out=tmp_path / "mix", seq_len=32,
+                         data=[DataSource("math", corpus["math"]), DataSource("code", corpus["code"])],
+                         settings=TrainSettings(max_steps=4, batch_size=2, save_steps=2, progress=False))
+    real_fit = assemble_module.fit
+    monkeypatch.setattr(assemble_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_Crash()]))
+    with pytest.raises(KeyboardInterrupt):
+        assemble(cfg, log=lambda _: None)
+    monkeypatch.setattr(assemble_module, "fit", real_fit)
+    assert not cfg.out.exists() and (cfg.work_dir / "checkpoints" / "checkpoint-2").is_dir()
+    with pytest.raises(ExpertmixError, match="--resume"):
+        assemble(cfg, log=lambda _: None)
+    changed = AssembleConfig(**{**cfg.__dict__, "router": "linear", "resume": True})
+    with pytest.raises(ExpertmixError, match="differs in: router"):
+        assemble(changed, log=lambda _: None)
+    cfg.resume = True
+    assemble(cfg, log=lambda _: None)
+    metrics = read_manifest(cfg.out).history[-1]["metrics"]
+    assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4
+    assert not cfg.work_dir.exists()

@@ -1,0 +1,206 @@
+"""Extension recipes (old experts untouched, merges as specified), dense merging, and the Qwen2-MoE export."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from nexus_helpers import make_expert
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
+
+from expertmix.assembler.export import export, max_logit_difference
+from expertmix.assembler.extension import RECIPES, ExtendConfig, extend, parse_recipe
+from expertmix.assembler.manifest import DataRef, read_manifest
+from expertmix.assembler.upcycling import load_expert, save_checkpoint, upcycle
+from expertmix.errors import ExpertmixError
+from expertmix.experts.data import read_documents, tokenize_documents
+from expertmix.experts.seed import build_seed
+from expertmix.experts.training import DataSource, TrainSettings
+
+EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+@pytest.fixture(scope="module")
+def base_mixes(tmp_path_factory, llama_seed, corpus):
+    """Untrained nexus and linear mixes of two helper experts (math, code), with a third expert (prose)."""
+    root = tmp_path_factory.mktemp("extend")
+    experts = [load_expert(str(make_expert(llama_seed, root / n, n, seed=i))) for i, n in enumerate(("math", "code"))]
+    new = make_expert(llama_seed, root / "prose", "prose", seed=5, other_scale=0.05)
+    mixes = {}
+    for router in ("nexus", "linear"):
+        mix = upcycle(llama_seed, experts, root / router, router=router, progress=False)
+        manifest = read_manifest(mix)  # as `assemble` records it: the data to replay
+        manifest.data = [DataRef(name=d, path=str(corpus[d])) for d in ("math", "code")]
+        manifest.save(mix)
+        mixes[router] = mix
+    return root, mixes, new
+
+
+def _extend(base_mixes, corpus, router: str, recipe: str, out: Path, steps: int = 2) -> Path:
+    _, mixes, new = base_mixes
+    return extend(ExtendConfig(mix=mixes[router], expert=str(new), data=[DataSource("prose", corpus["prose"])],
+                               out=out, recipe=parse_recipe(recipe), recipe_name=recipe, seq_len=32,
+                               settings=TrainSettings(max_steps=steps, batch_size=2, progress=False)),
+                  log=lambda _: None)
+
+
+@pytest.mark.parametrize("router,recipe", [("nexus", "paper"), ("nexus", "targeted"), ("nexus", "isolated"),
+                                           ("linear", "paper"), ("linear", "targeted")])
+def test_extension_keeps_old_experts_bit_exact(base_mixes, corpus, tmp_path, router, recipe):
+    out = _extend(base_mixes, corpus, router, recipe, tmp_path / "ext")
+    before = load_file(str(base_mixes[1][router] / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    for k in before:
+        if k.endswith(EXPERT_KEYS):
+            assert after[k].shape[0] == 3 and torch.equal(after[k][:2], before[k]), k
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 3 and model.config.expert_names == ["math", "code", "prose"]
+    assert read_manifest(out).history[-1]["recipe"] == recipe
+
+
+def test_paper_merge_and_projected_embedding_before_finetuning(base_mixes, corpus, tmp_path):
+    out = _extend(base_mixes, corpus, "nexus", "paper", tmp_path / "ext", steps=0)
+    mix_dir = base_mixes[1]["nexus"]
+    before, after = load_file(str(mix_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    new = load_file(str(base_mixes[2] / "model.safetensors"))
+    lam = 1 / 3  # two old experts
+    for k in ("language_model.model.embed_tokens.weight", "language_model.model.layers.1.self_attn.q_proj.weight"):
+        want = (1 - lam) * before[k] + lam * new[k.removeprefix("language_model.")]
+        assert torch.allclose(after[k], want, atol=1e-6)
+    shared = "language_model.model.layers.0.mlp.shared_expert.gate_proj.weight"
+    assert torch.equal(after[shared], before[shared])  # the shared expert is the seed's FFN, not merged
+    manifest = read_manifest(out)
+    d_new = manifest.standardisation.apply(load_expert(str(base_mixes[2])).embedding[None])[0]
+    router_in = "language_model.model.layers.0.mlp.router.domain_embeddings"
+    assert torch.equal(after[router_in][:2], before[router_in])
+    assert torch.allclose(after[router_in][2], d_new)
+    router_w = "language_model.model.layers.0.mlp.router.up_proj.weight"
+    assert torch.equal(after[router_w], before[router_w])  # no new router parameters
+    prefix = "language_model.model.layers.1.mlp.experts"
+    raw = {p: new[f"model.layers.1.mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
+    assert torch.equal(after[f"{prefix}.gate_up_proj"][2], torch.cat([raw["gate_proj"], raw["up_proj"]]))
+    assert torch.equal(after[f"{prefix}.down_proj"][2], raw["down_proj"])
+
+
+def test_transfer_adds_the_old_experts_mean_in_mix_update_to_the_new_ffn(base_mixes, corpus, tmp_path):
+    root, mixes, new_dir = base_mixes
+    mix = tmp_path / "trained"
+    shutil.copytree(mixes["nexus"], mix)
+    tensors = load_file(str(mix / "model.safetensors"))
+    key = "language_model.model.layers.0.mlp.experts.down_proj"
+    tensors[key] = tensors[key] + torch.tensor([0.1, 0.3])[:, None, None]  # "mix training" moved the experts
+    save_checkpoint(mix, tensors)
+    out = extend(ExtendConfig(mix=mix, expert=str(new_dir), data=[DataSource("prose", corpus["prose"])],
+                              out=tmp_path / "ext", recipe=RECIPES["targeted"], seq_len=32,
+                              settings=TrainSettings(max_steps=0, batch_size=2, progress=False)), log=lambda _: None)
+    got = load_file(str(out / "model.safetensors"))[key][2]
+    raw = load_file(str(new_dir / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    assert torch.allclose(got, raw + 0.2, atol=1e-6)
+
+
+def test_token_row_merge_takes_new_domain_rows_and_keeps_the_rest(base_mixes, corpus, tmp_path, llama_seed):
+    out = _extend(base_mixes, corpus, "nexus", "isolated", tmp_path / "ext", steps=0)
+    before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    new = load_file(str(base_mixes[2] / "model.safetensors"))["model.embed_tokens.weight"]
+    tok = AutoTokenizer.from_pretrained(llama_seed)
+    count = {}
+    for d in ("math", "code", "prose"):
+        ids = torch.tensor([t for doc in tokenize_documents(read_documents(corpus[d]), tok) for t in doc.input_ids])
+        count[d] = torch.bincount(ids, minlength=len(tok))
+    only_new = (count["prose"] > 0) & (count["math"] == 0) & (count["code"] == 0)
+    unused_new = count["prose"] == 0
+    key = "language_model.model.embed_tokens.weight"
+    assert only_new.any() and unused_new.any()
+    assert torch.allclose(after[key][only_new], new[only_new], atol=1e-6)
+    assert torch.equal(after[key][unused_new], before[key][unused_new])
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(after[q], before[q])
+
+
+def test_fitted_placement_routes_the_new_domain_to_the_new_expert(base_mixes, corpus, tmp_path):
+    fits = {}
+    for weight in (1, 4):
+        out = _extend(base_mixes, corpus, "nexus", f"isolated:fit_old_weight={weight}", tmp_path / f"w{weight}", 0)
+        fits[weight] = read_manifest(out).history[-1]["placement_fit"]
+    assert fits[1]["new_tokens_to_new"] > 0.8 and fits[1]["old_tokens_to_new"] < 0.4
+    # Weighting the old tokens' term keeps more of them with their experts.
+    assert fits[4]["old_tokens_to_new"] < fits[1]["old_tokens_to_new"]
+
+
+def test_extension_refuses_a_foreign_expert_and_a_duplicate(base_mixes, corpus, tmp_path, tokenizer):
+    _, mixes, _ = base_mixes
+    foreign_seed = build_seed(tmp_path / "seed2", tokenizer, arch="llama", seed=9)
+    foreign = make_expert(foreign_seed, tmp_path / "foreign", "foreign", seed=1)
+    settings = TrainSettings(max_steps=1, batch_size=2, progress=False)
+    cfg = ExtendConfig(mix=mixes["nexus"], expert=str(foreign), data=[DataSource("prose", corpus["prose"])],
+                       out=tmp_path / "x", seq_len=32, settings=settings)
+    with pytest.raises(ExpertmixError, match=r"'foreign'.*base_fingerprint"):
+        extend(cfg, log=lambda _: None)
+    dup = replace(cfg, expert=str(base_mixes[0] / "math"), out=tmp_path / "y")
+    with pytest.raises(ExpertmixError, match="already holds an expert named 'math'"):
+        extend(dup, log=lambda _: None)
+
+
+def test_parse_recipe_overrides_fields_and_names_bad_keys():
+    r = parse_recipe("isolated:train=experts+dense;learning_rate=1e-3;merge=none")
+    assert r.train == ("experts", "dense") and r.learning_rate == 1e-3 and r.merge == "none"
+    with pytest.raises(ExpertmixError, match="unknown extension recipe 'nope'"):
+        parse_recipe("nope")
+    with pytest.raises(ExpertmixError, match="'colour=red' is not KEY=VALUE"):
+        parse_recipe("paper:colour=red")
+
+
+def test_dense_merge_is_the_plain_weight_average(base_mixes, llama_seed, tmp_path):
+    root = base_mixes[0]
+    experts = [load_expert(str(root / n)) for n in ("math", "code")]
+    merged = upcycle(llama_seed, experts, tmp_path / "merge", router="merge", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    a, b = (load_file(str(root / n / "model.safetensors")) for n in ("math", "code"))
+    got = load_file(str(merged / "model.safetensors"))
+    assert set(got) == set(a)
+    for k in a:
+        assert torch.allclose(got[k], (a[k] + b[k]) / 2, atol=1e-6), k
+
+
+@pytest.mark.parametrize("arch", ["llama_seed", "qwen2_seed"])
+@pytest.mark.parametrize("router", ["nexus", "linear"])
+def test_export_gives_the_same_logits_in_stock_qwen2_moe(request, tmp_path, arch, router):
+    seed_dir = request.getfixturevalue(arch)
+    experts = [load_expert(str(make_expert(seed_dir, tmp_path / f"e{i}", f"e{i}", seed=i))) for i in range(3)]
+    mix_dir = upcycle(seed_dir, experts, tmp_path / "mix", router=router, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(mix_dir)
+    with torch.no_grad():  # a router that spreads tokens over the experts, so every gate row matters
+        for b in model.moe_blocks():
+            (b.router.up_proj.weight if router == "nexus" else b.router.weight).normal_(std=1.0)
+    model.save_pretrained(tmp_path / "spread")
+    (tmp_path / "spread" / "mix.json").write_bytes((mix_dir / "mix.json").read_bytes())
+    AutoTokenizer.from_pretrained(mix_dir).save_pretrained(tmp_path / "spread")
+    ids = torch.randint(3, model.config.text_config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        used = {int(i) for r in model(input_ids=ids, output_router_logits=True).router_logits for i in r.argmax(-1)}
+    assert len(used) >= 2
+    out = export(tmp_path / "spread", tmp_path / "q")
+    assert "auto_map" not in (out / "config.json").read_text()  # stock transformers, no custom code
+    exported = Qwen2MoeForCausalLM.from_pretrained(out)
+    assert exported.config.num_experts == 3 and exported.config.num_experts_per_tok == 1
+    assert not exported.config.norm_topk_prob and exported.config.qkv_bias == (arch == "qwen2_seed")
+    assert max_logit_difference(tmp_path / "spread", out) < 1e-4
+
+
+def test_export_refuses_a_cohere_mix_and_a_dense_merge(tmp_path, tokenizer, llama_seed):
+    seed_dir = build_seed(tmp_path / "cohere", tokenizer, arch="cohere")
+    experts = [load_expert(str(make_expert(seed_dir, tmp_path / f"c{i}", f"c{i}", seed=i))) for i in range(2)]
+    mix = upcycle(seed_dir, experts, tmp_path / "mix", progress=False)
+    with pytest.raises(ExpertmixError, match="'cohere' model; only llama and qwen2"):
+        export(mix, tmp_path / "q")
+    merged = upcycle(llama_seed, [load_expert(str(make_expert(llama_seed, tmp_path / f"l{i}", f"l{i}", seed=i)))
+                                  for i in range(2)], tmp_path / "merge", router="merge", progress=False)
+    with pytest.raises(ExpertmixError, match="dense merge"):
+        export(merged, tmp_path / "q2")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q2").exists()

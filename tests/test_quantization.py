@@ -1,0 +1,156 @@
+"""Weight-only int8 / int4 quantization: round-trip bounds, the quantized mix through the CLI and its loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from nexus_helpers import make_expert
+from transformers import AutoModelForCausalLM
+
+from expertmix.assembler.modeling_nexus import NexusExperts
+from expertmix.assembler.quantization import (
+    QuantizedExperts,
+    QuantizedLinear,
+    QuantSpec,
+    dequantize_tensor,
+    load_quantized,
+    quantize_tensor,
+)
+from expertmix.assembler.upcycling import load_expert, upcycle
+from expertmix.cli import main
+
+
+def _step_bound(parts: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> torch.Tensor:
+    """Half a quantization step for every weight (per row for int8, per group for int4)."""
+    scale = parts["scale"].float()
+    if spec.scheme == "int8":
+        return (scale / 2)[..., None].expand(*scale.shape, in_features)
+    return (scale / 2).repeat_interleave(spec.group_size, dim=-1)[..., :in_features]
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (3, 40, 70)], ids=["linear", "fused-experts"])
+def test_int8_round_trip_error_is_within_half_a_step_per_row(shape):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) * torch.rand(shape[:-1] + (1,), generator=gen) * 3
+    w[..., 0, :] = 0.0  # an all-zero row must survive (no division by zero)
+    spec = QuantSpec("int8")
+    parts = quantize_tensor(w, spec)
+    assert parts["qweight"].dtype == torch.int8 and parts["qweight"].shape == w.shape
+    assert parts["scale"].shape == w.shape[:-1]
+    back = dequantize_tensor(parts, spec, w.shape[-1])
+    err = (back - w).abs()
+    assert (err <= _step_bound(parts, spec, w.shape[-1]) * (1 + 1e-5) + 1e-7).all()
+    assert err[..., 0, :].max() == 0
+    # The largest weight of each row is hit exactly (it defines the scale) and the codes use the full range.
+    assert parts["qweight"].abs().amax(-1)[..., 1:].eq(127).all()
+    assert (back - w).norm() / w.norm() < 0.01
+
+
+@pytest.mark.parametrize("shape,group", [((32, 128), 32), ((3, 20, 70), 32), ((8, 24), 128)],
+                         ids=["aligned", "ragged-last-group", "group-wider-than-row"])
+def test_int4_group_round_trip_error_is_within_half_a_step_per_group(shape, group):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=gen) + 0.3  # offset: asymmetric ranges need the zero point
+    spec = QuantSpec("int4", group_size=group)
+    parts = quantize_tensor(w, spec)
+    groups = -(-shape[-1] // group)
+    assert parts["qweight"].dtype == torch.uint8 and parts["qweight"].shape[-1] == groups * group // 2
+    assert parts["scale"].shape == (*shape[:-1], groups) and parts["scale"].dtype == torch.float16
+    back = dequantize_tensor(parts, spec, shape[-1])
+    assert back.shape == w.shape
+    err = (back - w).abs()
+    assert (err <= _step_bound(parts, spec, shape[-1]) * (1 + 1e-3) + 1e-6).all()
+    # Both nibbles of a byte carry a code: unpacking the packed bytes gives codes spanning 0..15.
+    codes = torch.stack([parts["qweight"] & 15, parts["qweight"] >> 4], -1)
+    assert codes.min() == 0 and codes.max() == 15
+    assert 0.02 < float((back - w).norm() / w.norm()) < 0.2
+
+
+def test_quantized_linear_equals_float_linear_with_dequantized_weight():
+    lin = torch.nn.Linear(40, 24, bias=True)
+    x = torch.randn(5, 40)
+    for spec in (QuantSpec("int8"), QuantSpec("int4", group_size=16)):
+        q = QuantizedLinear.from_linear(lin, spec)
+        want = torch.nn.functional.linear(x, q.dequantized_weight(), lin.bias)
+        assert torch.allclose(q(x), want, atol=1e-6)
+        assert (q(x) - lin(x)).abs().max() < (0.02 if spec.scheme == "int8" else 0.3)
+
+
+@pytest.fixture(scope="module")
+def mixes(tmp_path_factory, request) -> dict[str, Path]:
+    """A three-expert Nexus mix per architecture (experts: the seed with noise on its FFN)."""
+    out = {}
+    for arch in ("llama_seed", "qwen2_seed"):
+        seed = request.getfixturevalue(arch)
+        root = tmp_path_factory.mktemp(f"quant-{arch}")
+        experts = [make_expert(seed, root / f"e{i}", f"e{i}", seed=i + 1, ffn_scale=0.2) for i in range(3)]
+        out[arch] = upcycle(seed, [load_expert(str(e)) for e in experts], root / "mix", progress=False)
+    return out
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _relative_logit_error(ref, model, ids, expert: int | None) -> float:
+    with torch.no_grad(), ref.route_to(expert), model.route_to(expert):
+        a, b = ref(input_ids=ids).logits, model(input_ids=ids).logits
+    return float((a - b).norm() / a.norm())
+
+
+# Bounds on |logits - logits~| / |logits| for a tiny random mix (int8 measures ~0.018, int4 ~0.23): weights of
+# std 0.02 through two layers. The next-token agreement checks the same thing as a user sees it.
+@pytest.mark.parametrize("arch,scheme,bound,agree", [("llama_seed", "int8", 0.04, 0.9),
+                                                     ("qwen2_seed", "int8", 0.04, 0.9),
+                                                     ("llama_seed", "int4", 0.35, 0.5)])
+def test_quantize_command_writes_a_smaller_mix_whose_logits_stay_close(mixes, tmp_path, arch, scheme, bound,
+                                                                      agree):
+    mix = mixes[arch]
+    out = tmp_path / f"mix-{scheme}"
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", scheme, "--group-size", "32",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "quantized mix written to" in result.output
+    float_bytes, q_bytes = (mix / "model.safetensors").stat().st_size, (out / "model.safetensors").stat().st_size
+    assert q_bytes < float_bytes * (0.45 if scheme == "int8" else 0.35)
+
+    # Plain transformers loads it (the registered quantizer rebuilds the quantized modules) ...
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.quantization_config.to_dict()["scheme"] == scheme
+    blocks = model.moe_blocks()
+    assert all(isinstance(b.experts, QuantizedExperts) for b in blocks)
+    assert not any(isinstance(m, NexusExperts) for m in model.modules())
+    assert all(isinstance(b.shared_expert.down_proj, QuantizedLinear) for b in blocks)
+    assert all(isinstance(b.router.up_proj, torch.nn.Linear) for b in blocks)  # routers stay float
+    # ... and the loader runs it on the CPU: every routed expert (forced) and the normal routing stay close.
+    ref = AutoModelForCausalLM.from_pretrained(mix).eval()
+    ids = _ids(ref.config.text_config.vocab_size)
+    for expert in (0, 1, 2):
+        assert _relative_logit_error(ref, model, ids, expert) < bound
+    with torch.no_grad():
+        r, q = ref(input_ids=ids, output_router_logits=True), model(input_ids=ids, output_router_logits=True)
+    same_route = torch.stack([(a.argmax(-1) == b.argmax(-1)).float().mean()
+                              for a, b in zip(r.router_logits, q.router_logits, strict=True)])
+    assert same_route.min() > 0.8
+    assert (r.logits.argmax(-1) == q.logits.argmax(-1)).float().mean() >= agree
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, q.logits)
+        generated = loaded.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9) and torch.equal(generated[:, :4], ids[:1, :4])
+
+
+def test_quantize_refuses_an_existing_output_and_a_float_loader_misuse(mixes, tmp_path):
+    mix = mixes["llama_seed"]
+    out = tmp_path / "taken"
+    out.mkdir()
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int8", "--out", str(out)])
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int4", "--group-size", "7",
+                                       "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "--group-size 7" in result.output
+    with pytest.raises(Exception, match="not a mix quantized by expertmix"):
+        load_quantized(mix)
