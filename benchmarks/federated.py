@@ -1,6 +1,6 @@
 """Federated vs central expert training on German, from seed-s, with the same total training tokens.
 
-    python benchmarks/federated.py --shared ../shared [--tokens 120000] [--rounds 4] [--kinds dense,lora]
+    python benchmarks/federated.py --shared ../shared [--tokens 40000] [--rounds 3] [--kinds dense,lora]
 
 ``de.train`` is shuffled and split into three shards of different sizes (``--shares``), one per node. The
 federated experts run through ``expertmix federate``'s code path (a local SuperLink, three SuperNode
@@ -79,9 +79,9 @@ def federated(args, seed: Path, valid: Path, kind: str, shards: dict[str, Path],
     cfg = FederationConfig(base=str(seed), base_id="seed-s", domain="de", name=f"de-federated-{kind}",
                            work_dir=str(work / f"fed-{kind}"), kind=kind, rounds=args.rounds, local_steps=local_steps,
                            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, lr_schedule=args.lr_schedule,
-                           min_nodes=len(shards), evaluate_every=args.rounds, lora_r=args.lora_r, seed=args.seed,
+                           min_nodes=len(shards), lora_r=args.lora_r, seed=args.seed,
                            strategy=args.strategy, proximal_mu=args.proximal_mu, publish=False)
-    nodes = [LocalNode(name=n, data=p, valid=valid) for n, p in shards.items()]
+    nodes = [LocalNode(name=n, data=p) for n, p in shards.items()]  # each holds out its own validation share
     t0 = time.perf_counter()
     result = run_local_federation(LocalFederation(cfg, nodes, threads_per_node=args.threads_per_node),
                                   log=lambda m: print(m, flush=True))
@@ -111,13 +111,13 @@ def _mb(b: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--tokens", type=int, default=120_000, help="Total training tokens of each run.")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=40_000, help="Total training tokens of each run.")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shares", default="0.5,0.3,0.2", help="Shard sizes of the three nodes.")
     ap.add_argument("--kinds", default="dense,lora")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3, help="Federated learning rate (cosine over the rounds).")
+    ap.add_argument("--lr", type=float, default=3e-4, help="Federated learning rate (cosine over the rounds).")
     ap.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--central-lr", type=float, default=None, help="Central learning rate (default: --lr).")
     ap.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")

@@ -130,11 +130,12 @@ def main() -> None:
                 init_routers(model, *router_input_statistics(model, calibration), seed=args.seed)
                 train_model = model.get_base_model()
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            everything = sum(p.numel() for p in model.parameters())  # the share's base, as in the mix's card
             extra = ""
             if method in ("molora", "mov"):
                 counts = parameter_counts(model)
                 extra = f" (routers {counts['routers']:,})"
-            print(f"\n== {method}: {trainable:,} trainable parameters ({100 * trainable / total_params:.3f}%)"
+            print(f"\n== {method}: {trainable:,} trainable parameters ({100 * trainable / everything:.3f}%)"
                   f"{extra}, lr {lrs[method]:g}", flush=True)
             s = TrainSettings(**{**settings.__dict__, "learning_rate": lrs[method]})
             t0 = time.perf_counter()
@@ -148,7 +149,7 @@ def main() -> None:
                 routing = {d: [round(float(x), 3) for x in rep.routing[i]] for i, d in enumerate(rep.domains)}
             else:
                 ppl = evaluate(model)
-            rows[method] = {"trainable": trainable, "share": trainable / total_params, "ppl": ppl, "seconds": seconds,
+            rows[method] = {"trainable": trainable, "share": trainable / everything, "ppl": ppl, "seconds": seconds,
                             "lr": lrs[method], "tokens": metrics["tokens"], "train_loss": metrics.get("train_loss"),
                             "routing": routing}
             print(f"{method}: " + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()) + f" ({seconds:.0f} s)", flush=True)

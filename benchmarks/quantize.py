@@ -214,7 +214,7 @@ def main() -> None:
     langs = sorted((g for g in report.groups if g.kind == "language"), key=lambda g: (g.script != LATIN, g.name))
     print(f"\nmix: {mix}; machine: CPU, {os.cpu_count()} cores, {args.threads} thread(s) for torch and onnxruntime")
     print(f"evaluation: valid split of each language, <= {args.max_bytes} bytes each, windows of {args.window}")
-    print("\nbits per byte (float32) and relative change per variant (%, 95% bootstrap interval over documents)\n")
+    print("\nbits per byte (float32) and relative change per variant (%, 95% bootstrap interval over windows)\n")
     print("| language | script | bytes | bpb fp32 | " + " | ".join(f"{c} Δ%" for c in cands) + " |")
     print("|---|---|---|---|" + "---|" * len(cands))
     script_rows = [report.group(s, "script") for s in (LATIN, NON_LATIN)]

@@ -587,7 +587,7 @@ def quantize(mix, scheme, group_size, out, keep_float):
 
     skip = tuple(x.strip() for x in keep_float.split(",") if x.strip()) if keep_float is not None else DEFAULT_SKIP
     report = quantize_mix(mix, out, QuantSpec(scheme=scheme, group_size=group_size, skip=skip), log=_log)
-    stdout.print(f"quantized mix written to {report.out}: {report.modules} weight tensors, "
+    stdout.print(f"quantized mix written to {report.out}: {report.tensors} weight tensors, "
                  f"{report.source_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB "
                  f"(mean relative weight error {report.stats['mean_relative_error']:.2e})", highlight=False)
 
@@ -683,8 +683,9 @@ def _parse_nodes(values: tuple[str, ...]):
 @click.option("--fraction-train", type=float, default=1.0, show_default=True, help="Share of nodes per round.")
 @click.option("--fraction-evaluate", type=float, default=1.0, show_default=True)
 @click.option("--min-nodes", type=int, default=2, show_default=True, help="Nodes a round needs.")
-@click.option("--evaluate-every", type=int, default=1, show_default=True,
-              help="Federated evaluation every N rounds (always after the last).")
+@click.option("--evaluate-every", type=int, default=0, show_default=True,
+              help="Federated evaluation every N rounds; always after the last (0: only then: each round's "
+                   "replies already evaluate the state the nodes received).")
 @click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds a round waits.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -743,14 +744,16 @@ def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_s
               help="Where to work (default: $EXPERTMIX_HOME/quickstart). Rerunning resumes.")
 @click.option("--seed-steps", type=int, default=300, show_default=True)
 @click.option("--expert-steps", type=int, default=150, show_default=True)
+@click.option("--align-steps", type=int, default=20, show_default=True,
+              help="RLOO steps of the alignment stage (0: skip).")
 @_registry_option
-def quickstart(workdir, seed_steps, expert_steps, registry):
+def quickstart(workdir, seed_steps, expert_steps, align_steps, registry):
     """Build a tiny seed, train an expert per synthetic domain, publish them and compare perplexities."""
     from .hub.store import expertmix_home, open_registry
     from .quickstart import QuickstartConfig, run_quickstart
 
     cfg = QuickstartConfig(workdir=workdir or expertmix_home() / "quickstart", seed_steps=seed_steps,
-                           expert_steps=expert_steps)
+                           expert_steps=expert_steps, align_steps=align_steps)
     result = run_quickstart(cfg, open_registry(registry), log=_log)
     table = Table("model", *next(iter(result["table"].values())).keys(), title="validation perplexity")
     for label, row in result["table"].items():
@@ -759,6 +762,10 @@ def quickstart(workdir, seed_steps, expert_steps, registry):
     stdout.print(table)
     for domain, ref in result["published"].items():
         stdout.print(f"{domain}: {ref}", highlight=False)
+    if result["alignment"]:
+        a = result["alignment"]
+        stdout.print(f"aligned arithmetic expert (RLOO, reward = correct sums): held-out reward "
+                     f"{a['reward_before']:.3f} → {a['reward_after']:.3f}, KL {a['kl']:.3f}", highlight=False)
 
 
 if __name__ == "__main__":  # python -m expertmix.cli

@@ -2,7 +2,8 @@
 
 Stages (each skipped when its output already exists, so an interrupted quickstart resumes):
 synthetic domains → tokenizer and tiny seed → seed pretraining → one dense expert per domain →
-publish to the local store → a perplexity table of every expert on every domain next to the seed.
+publish to the local store → a perplexity table of every expert on every domain next to the seed →
+a short RLOO alignment of the arithmetic expert on a verifiable reward (correct sums).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class QuickstartConfig:
     hidden_size: int = 128
     layers: int = 4
     namespace: str = "quickstart"
+    align_steps: int = 20
 
 
 def _pretrain_seed(cfg: QuickstartConfig, corpus: dict[str, dict], log) -> Path:
@@ -85,4 +87,14 @@ def run_quickstart(cfg: QuickstartConfig, registry: Registry, log=print) -> dict
         model = AutoModelForCausalLM.from_pretrained(path)
         table[label] = {d: perplexity(model, blocks) for d, blocks in valid.items()}
     (cfg.workdir / "perplexity.json").write_text(json.dumps(table, indent=2))
-    return {"table": table, "published": published, "workdir": str(cfg.workdir)}
+
+    alignment = None
+    if cfg.align_steps > 0:
+        from .alignment.align import align_quickstart_stage
+
+        log(f"align: RLOO on arithmetic correctness for {cfg.align_steps} steps")
+        summary = align_quickstart_stage(cfg.workdir / "experts" / "arithmetic", cfg.workdir, steps=cfg.align_steps,
+                                         log=log)
+        alignment = {"reward_before": summary["eval_before"]["reward"],
+                     "reward_after": summary["eval_after"]["reward"], "kl": summary["eval_after"]["kl"]}
+    return {"table": table, "published": published, "workdir": str(cfg.workdir), "alignment": alignment}

@@ -185,11 +185,14 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_s
 
 
 def test_quickstart_trains_publishes_and_prints_the_perplexity_table(tmp_path, home):
-    result = run("quickstart", "--workdir", tmp_path / "qs", "--seed-steps", "4", "--expert-steps", "3")
-    for word in ("validation perplexity", "seed", "expert:arithmetic", "expert:code", "expert:records"):
+    result = run("quickstart", "--workdir", tmp_path / "qs", "--seed-steps", "4", "--expert-steps", "3",
+                 "--align-steps", "2")
+    for word in ("validation perplexity", "seed", "expert:arithmetic", "expert:code", "expert:records",
+                 "aligned arithmetic expert (RLOO"):
         assert word in result.output
     names = sorted(e.name for e in LocalStore().list())
     assert names == ["quickstart/arithmetic", "quickstart/code", "quickstart/records"]
     table = json.loads((tmp_path / "qs" / "perplexity.json").read_text())
     assert set(table) == {"seed", "expert:arithmetic", "expert:code", "expert:records"}
     assert all(v > 1 for row in table.values() for v in row.values())
+    assert (tmp_path / "qs" / "aligned" / "alignment.json").is_file()

@@ -104,6 +104,12 @@ def test_documents_score_aya_targets_given_inputs_and_cut_plain_text_by_bytes(tm
     assert len(en) == 1 and en[0].n_bytes == len(b"the cat sat\non the mat")  # cut at a line end
     assert [d.script for d in docs if d.language == "ru"] == [NON_LATIN]
     assert [d.language for d in prepare_documents([DataSource("web", text)], tokenizer, langs=["ru"])] == ["ru"]
+    # Without a script field, a language's script is the majority of all its documents' letters.
+    ja = tmp_path / "ja.jsonl"
+    ja.write_text(json.dumps({"text": "ls --all --long --human", "language": "ja"}) + "\n"
+                  + json.dumps({"text": "ファイルの一覧を表示します。詳しい説明は下にあります", "language": "ja"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [d.script for d in prepare_documents([DataSource("ja", ja)], tokenizer)] == [NON_LATIN, NON_LATIN]
     assert script_of("def f(x): return x") == LATIN and script_of("日本語のテキスト") == NON_LATIN
 
 

@@ -131,13 +131,18 @@ def test_lora_federation_sends_only_the_adapter_and_publishes_an_adapter(tmp_pat
     assert log[0]["bytes_from_nodes"] < n_base * 4 and [r["round"] for r in log] == [1, 2]
 
 
-def test_restarted_server_resumes_after_its_last_checkpoint(tmp_path, llama_seed, shards, home):
-    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=3, evaluate_every=3)
+def test_restarted_server_resumes_after_its_last_checkpoint_and_only_with_the_same_settings(tmp_path, llama_seed,
+                                                                                            shards, home):
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=2)
     with pytest.raises(KeyboardInterrupt):
         run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=2), cfg)
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     assert state["rounds_done"] == 1 and not (tmp_path / "work" / "result.json").exists()
     after_round_1 = load_state(tmp_path / "work" / "checkpoints" / "round-0001.safetensors")
+
+    other, _ = _setup(tmp_path, llama_seed, shards, home, rounds=2, lr=1e-2)
+    with pytest.raises(ExpertmixError, match="other settings"):
+        run_federation(InProcessGrid(other.to_flat(), nodes), other)
 
     grid = InProcessGrid(cfg.to_flat(), nodes)
     result = run_federation(grid, cfg)
@@ -147,17 +152,8 @@ def test_restarted_server_resumes_after_its_last_checkpoint(tmp_path, llama_seed
     for k, v in after_round_1.items():
         torch.testing.assert_close(received[k], v)
     history = json.loads((tmp_path / "work" / "state.json").read_text())["history"]
-    assert [h["round"] for h in history] == [1, 2, 3]
-    assert read_card(result["expert"]).expert.federation["rounds"] == 3
-
-
-def test_resuming_with_other_settings_is_refused(tmp_path, llama_seed, shards, home):
-    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=2)
-    with pytest.raises(KeyboardInterrupt):
-        run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=2), cfg)
-    other, _ = _setup(tmp_path, llama_seed, shards, home, rounds=2, lr=1e-2)
-    with pytest.raises(ExpertmixError, match="other settings"):
-        run_federation(InProcessGrid(other.to_flat(), nodes), other)
+    assert [h["round"] for h in history] == [1, 2]
+    assert read_card(result["expert"]).expert.federation["rounds"] == 2
 
 
 def _update_norm(tmp_path, name: str, seed) -> float:
@@ -213,3 +209,22 @@ def test_run_config_errors_name_the_key(tmp_path):
         FederationConfig.from_run_config({"base": "s", "domain": "d", "work-dir": str(tmp_path), "fraction-train": 2})
     with pytest.raises(ExpertmixError, match="dp-noise needs dp-clip"):
         FederationConfig.from_run_config({"base": "s", "domain": "d", "work-dir": str(tmp_path), "dp-noise": 1.0})
+
+
+def test_federate_app_only_writes_a_flower_app_that_flower_accepts(tmp_path, llama_seed):
+    from click.testing import CliRunner
+    from flwr.cli.config_utils import load_and_validate
+
+    from expertmix.cli import main
+
+    res = CliRunner().invoke(main, ["federate", "--app-only", "--base", str(llama_seed), "--domain", "de",
+                                    "--work-dir", str(tmp_path / "fed"), "--rounds", "7", "--peft", "lora",
+                                    "--strategy", "fedprox", "--registry", "https://registry.example.org"])
+    assert res.exit_code == 0, res.output
+    config, _ = load_and_validate(tmp_path / "fed" / "app" / "pyproject.toml")  # imports both components
+    app = config["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "expertmix.server.federation:app",
+                                 "clientapp": "expertmix.client.app:app"}
+    run = FederationConfig.from_run_config(app["config"])
+    assert (run.rounds, run.kind, run.strategy, run.registry) == (7, "lora", "fedprox", "https://registry.example.org")
+    assert run.base == str(llama_seed.resolve())

@@ -9,7 +9,7 @@ included) score the targets given the inputs: the ``inputs`` tokens are context,
 Against a reference (the float mix) each candidate (a torch-quantized mix, an ONNX export or its onnxruntime
 int8/int4 variants) gets, per language, domain and script group (Latin vs non-Latin, after Marchisio et al.
 2024, where non-Latin scripts lose most): the relative change of bits per byte with a 95% bootstrap interval over
-documents, the KL divergence ``KL(p_ref || p)`` per scored token (nats) and the top-1 flip rate (share of tokens
+windows, the KL divergence ``KL(p_ref || p)`` per scored token (nats) and the top-1 flip rate (share of tokens
 whose most likely next token changes). Reports come as a table, a JSON file and a PNG bar chart.
 """
 
@@ -90,20 +90,24 @@ def open_scorer(path: str | Path, variant: str | None = None, device: str = "cpu
 
 # -- documents ---------------------------------------------------------------------------------------
 
-def script_of(text: str) -> str:
-    """``Latin`` when most letters of ``text`` are Latin-script letters, else ``non-Latin``."""
-    letters = [c for c in text[:4000] if c.isalpha()]
-    if not letters:
-        return LATIN
+def letter_counts(text: str, limit: int = 4000) -> tuple[int, int]:
+    """``(Latin-script letters, other letters)`` among the first ``limit`` characters of ``text``."""
+    letters = [c for c in text[:limit] if c.isalpha()]
     latin = sum(unicodedata.name(c, "").startswith("LATIN") for c in letters)
-    return LATIN if latin >= len(letters) / 2 else NON_LATIN
+    return latin, len(letters) - latin
 
 
-def script_group(doc: Document) -> str:
-    """The document's script group: its ``script`` field (ISO 15924, e.g. ``Latn``) or else its letters."""
-    if doc.script:
-        return LATIN if doc.script.strip().lower() in LATIN_SCRIPT_CODES else NON_LATIN
-    return script_of(doc.text)
+def script_of(text: str) -> str:
+    """``Latin`` when most letters of ``text`` are Latin-script letters (or it has none), else ``non-Latin``."""
+    latin, other = letter_counts(text)
+    return LATIN if latin >= other else NON_LATIN
+
+
+def declared_script(doc: Document) -> str | None:
+    """The script group a document declares in its ``script`` field (ISO 15924, e.g. ``Latn``), if any."""
+    if not doc.script:
+        return None
+    return LATIN if doc.script.strip().lower() in LATIN_SCRIPT_CODES else NON_LATIN
 
 
 @dataclass
@@ -163,6 +167,8 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
     if start is None:
         raise ExpertmixError("the tokenizer has neither an EOS nor a BOS token to start documents with")
     out: list[EvalDoc] = []
+    letters: dict[str, list[int]] = {}  # language -> [Latin, other] letters of documents that declare no script
+    undeclared: list[EvalDoc] = []
     for src in sources:
         docs = read_documents(src.path, text_field)
         docs = select_documents(docs, langs, max_bytes, default_language=src.name)
@@ -172,9 +178,20 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
             targets = tok.input_ids[n_context:]
             if not targets:
                 continue
-            out.append(EvalDoc(context=[start, *tok.input_ids[:n_context]], targets=targets,
-                               n_bytes=len(doc.text.encode("utf-8")), language=doc.language or src.name,
-                               domain=doc.domain or src.name, script=script_group(doc)))
+            item = EvalDoc(context=[start, *tok.input_ids[:n_context]], targets=targets,
+                           n_bytes=len(doc.text.encode("utf-8")), language=doc.language or src.name,
+                           domain=doc.domain or src.name, script=declared_script(doc) or "")
+            if not item.script:
+                counts = letters.setdefault(item.language, [0, 0])
+                for i, n in enumerate(letter_counts(doc.text)):
+                    counts[i] += n
+                undeclared.append(item)
+            out.append(item)
+    # Without a script field a language's script is the majority over all its documents' letters: a Japanese
+    # manual page full of Latin option names is still Japanese text.
+    for item in undeclared:
+        latin, other = letters[item.language]
+        item.script = LATIN if latin >= other else NON_LATIN
     if not out:
         what = f" in language(s) {', '.join(langs)}" if langs else ""
         raise DataError(f"no documents to evaluate{what} in {', '.join(str(s.path) for s in sources)}")
@@ -207,12 +224,13 @@ def chunk_documents(docs: Sequence[EvalDoc], window: int) -> list[Chunk]:
 
 
 def batches(chunks: Sequence[Chunk], batch_tokens: int, pad_id: int):
-    """Padded batches (longest first) of about ``batch_tokens`` tokens: ids, mask, targets, scored, doc ids."""
+    """Padded batches (longest first) of about ``batch_tokens`` tokens: ids, mask, targets, scored, chunk ids."""
     order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i].inputs))
     i = 0
     while i < len(order):
         longest = len(chunks[order[i]].inputs)
-        take = [chunks[j] for j in order[i:i + max(1, batch_tokens // longest)]]
+        picked = order[i:i + max(1, batch_tokens // longest)]
+        take = [chunks[j] for j in picked]
         i += len(take)
         ids = torch.full((len(take), longest), pad_id, dtype=torch.long)
         mask = torch.zeros(len(take), longest, dtype=torch.long)
@@ -224,15 +242,20 @@ def batches(chunks: Sequence[Chunk], batch_tokens: int, pad_id: int):
             mask[r, :n] = 1
             targets[r, :n] = torch.tensor(c.targets)
             scored[r, :n] = torch.tensor(c.scored)
-        yield ids, mask, targets, scored, torch.tensor([c.doc for c in take])
+        yield ids, mask, targets, scored, torch.tensor(picked)
 
 
 # -- scoring -----------------------------------------------------------------------------------------
 
 @dataclass
-class DocScores:
-    """Per-document sums: bits for every model; KL (nats) and top-1 flips for every candidate."""
+class Scores:
+    """Sums per window (chunk): bits for every model; KL (nats) and top-1 flips for every candidate.
 
+    Kept per window rather than per document so that the bootstrap has enough units where a language has
+    few, long documents.
+    """
+
+    chunk_doc: np.ndarray  # document index of each window
     bits: dict[str, np.ndarray]
     kl: dict[str, np.ndarray] = field(default_factory=dict)
     flips: dict[str, np.ndarray] = field(default_factory=dict)
@@ -240,7 +263,7 @@ class DocScores:
 
 def score_documents(models: dict[str, Scorer], docs: Sequence[EvalDoc], reference: str | None = None,
                     window: int = 512, batch_tokens: int = 4096, pad_id: int = 0, progress: bool = True,
-                    timings: dict[str, float] | None = None) -> DocScores:
+                    timings: dict[str, float] | None = None) -> Scores:
     """Run every model over the same batches; with ``reference``, compare the others with it token by token.
 
     ``timings`` (optional) accumulates each model's forward seconds.
@@ -248,14 +271,14 @@ def score_documents(models: dict[str, Scorer], docs: Sequence[EvalDoc], referenc
     if reference is not None and reference not in models:
         raise ExpertmixError(f"reference {reference!r} is not one of the models ({', '.join(models)})")
     order = [reference, *(m for m in models if m != reference)] if reference is not None else list(models)
-    n = len(docs)
-    scores = DocScores(bits={m: np.zeros(n) for m in order})
+    chunks = chunk_documents(docs, window)
+    n = len(chunks)
+    scores = Scores(chunk_doc=np.array([c.doc for c in chunks], dtype=np.int64), bits={m: np.zeros(n) for m in order})
     for m in order[1:] if reference is not None else []:
         scores.kl[m], scores.flips[m] = np.zeros(n), np.zeros(n)
-    chunks = chunk_documents(docs, window)
     bar = tqdm(total=sum(sum(c.scored) for c in chunks), desc="scoring", unit="tok", disable=not progress)
-    for ids, mask, targets, scored, doc_ids in batches(chunks, batch_tokens, pad_id):
-        row_doc = doc_ids[:, None].expand_as(targets)[scored].numpy()
+    for ids, mask, targets, scored, chunk_ids in batches(chunks, batch_tokens, pad_id):
+        row_chunk = chunk_ids[:, None].expand_as(targets)[scored].numpy()
         ref_logp = None
         for name in order:
             t = time.perf_counter()
@@ -264,13 +287,13 @@ def score_documents(models: dict[str, Scorer], docs: Sequence[EvalDoc], referenc
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
             logp = torch.log_softmax(logits.float(), dim=-1)[scored]  # [N, V] at the scored positions
             bits = -logp.gather(-1, targets[scored][:, None]).squeeze(-1).double() / math.log(2)
-            np.add.at(scores.bits[name], row_doc, bits.numpy())
+            np.add.at(scores.bits[name], row_chunk, bits.numpy())
             if name == reference:
                 ref_logp = logp
             elif ref_logp is not None:
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).double().clamp_min(0)
-                np.add.at(scores.kl[name], row_doc, kl.numpy())
-                np.add.at(scores.flips[name], row_doc, (ref_logp.argmax(-1) != logp.argmax(-1)).double().numpy())
+                np.add.at(scores.kl[name], row_chunk, kl.numpy())
+                np.add.at(scores.flips[name], row_chunk, (ref_logp.argmax(-1) != logp.argmax(-1)).double().numpy())
         bar.update(int(scored.sum()))
     bar.close()
     return scores
@@ -357,7 +380,7 @@ class QualityReport:
         shown = langs + [g for g in self.groups if g.kind == "script"]
         series = self.candidates if self.reference is not None else self.models
         width = 0.8 / max(len(series), 1)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(shown) * max(1, len(series)) ** 0.5 + 2), 4.2))
+        fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.45 * len(shown) * len(series) ** 0.5 + 2)), 4.5))
         x = np.arange(len(shown))
         for k, m in enumerate(series):
             if self.reference is not None:
@@ -389,7 +412,7 @@ class QualityReport:
 
 def bootstrap_ci(bits_model: np.ndarray, bits_ref: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
                  seed: int = 0) -> tuple[float, float]:
-    """95% interval of ``sum(model) / sum(ref) - 1`` resampling documents with replacement."""
+    """95% interval of ``sum(model) / sum(ref) - 1`` resampling units (windows) with replacement."""
     if len(bits_ref) < 2:
         rel = float(bits_model.sum() / bits_ref.sum() - 1)
         return rel, rel
@@ -400,34 +423,36 @@ def bootstrap_ci(bits_model: np.ndarray, bits_ref: np.ndarray, draws: int = BOOT
     return float(lo), float(hi)
 
 
-def build_report(docs: Sequence[EvalDoc], scores: DocScores, models: Sequence[str],
+def build_report(docs: Sequence[EvalDoc], scores: Scores, models: Sequence[str],
                  reference: str | None) -> QualityReport:
-    """Aggregate per-document scores by language, domain, script group and overall."""
+    """Aggregate per-window scores by language, domain, script group and overall."""
     tokens = np.array([len(d.targets) for d in docs], dtype=np.float64)
     n_bytes = np.array([d.n_bytes for d in docs], dtype=np.float64)
     groupings: list[tuple[str, Callable[[EvalDoc], str]]] = [
-        ("language", lambda d: d.language), ("domain", lambda d: d.domain), ("script", lambda d: d.script)]
+        ("language", lambda d: d.language), ("domain", lambda d: d.domain), ("script", lambda d: d.script),
+        ("all", lambda d: "all")]
     groups: list[GroupResult] = []
-    for kind, key in [*groupings, ("all", lambda d: "all")]:
+    for kind, key in groupings:
         names = list(dict.fromkeys(key(d) for d in docs))
         if kind == "domain" and len({(d.language, d.domain) for d in docs}) == len(names) == \
                 len({d.language for d in docs}):
             continue  # one domain per language and back: the domain rows would repeat the language rows
         for name in names:
             sel = np.array([key(d) == name for d in docs])
+            win = sel[scores.chunk_doc]
             scripts = {d.script for d, s in zip(docs, sel, strict=True) if s}
             g = GroupResult(name=name, kind=kind, script=scripts.pop() if len(scripts) == 1 else "mixed",
                             docs=int(sel.sum()), tokens=int(tokens[sel].sum()), bytes=int(n_bytes[sel].sum()),
-                            bpb={m: float(scores.bits[m][sel].sum() / n_bytes[sel].sum()) for m in models})
+                            bpb={m: float(scores.bits[m][win].sum() / n_bytes[sel].sum()) for m in models})
             if reference is not None:
-                ref_bits = scores.bits[reference][sel]
+                ref_bits = scores.bits[reference][win]
                 for m in models:
                     if m == reference:
                         continue
-                    g.relative_change[m] = float(scores.bits[m][sel].sum() / ref_bits.sum() - 1)
-                    g.ci95[m] = bootstrap_ci(scores.bits[m][sel], ref_bits)
-                    g.kl_per_token[m] = float(scores.kl[m][sel].sum() / tokens[sel].sum())
-                    g.top1_flip_rate[m] = float(scores.flips[m][sel].sum() / tokens[sel].sum())
+                    g.relative_change[m] = float(scores.bits[m][win].sum() / ref_bits.sum() - 1)
+                    g.ci95[m] = bootstrap_ci(scores.bits[m][win], ref_bits)
+                    g.kl_per_token[m] = float(scores.kl[m][win].sum() / tokens[sel].sum())
+                    g.top1_flip_rate[m] = float(scores.flips[m][win].sum() / tokens[sel].sum())
             groups.append(g)
     return QualityReport(models=list(models), reference=reference, groups=groups)
 
@@ -464,5 +489,6 @@ def evaluate_quality(model: str | Path, sources: Sequence, reference: str | Path
 
 
 __all__ = ["Scorer", "TorchScorer", "OrtScorer", "open_scorer", "EvalDoc", "prepare_documents", "script_of",
+           "declared_script", "letter_counts",
            "chunk_documents", "score_documents", "build_report", "compare_models", "evaluate_quality",
            "QualityReport", "GroupResult", "bootstrap_ci", "LATIN", "NON_LATIN"]

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
@@ -401,7 +401,6 @@ class OnnxCausalLM:
         self.kv_heads, self.head_dim = self.manifest["num_kv_heads"], self.manifest["head_dim"]
         self.eos_token_id = self.manifest.get("eos_token_id")
         self.vocab_size = self.manifest["vocab_size"]
-        self.config = AutoConfig.from_pretrained(self.folder)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)

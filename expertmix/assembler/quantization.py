@@ -311,7 +311,7 @@ class QuantizeReport:
 
     out: Path
     spec: QuantSpec
-    modules: int
+    tensors: int
     source_bytes: int
     quantized_bytes: int
     stats: dict[str, float] = field(default_factory=dict)
@@ -355,7 +355,7 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
                 shutil.copyfile(mix / name, tmp / name)
         (tmp / "quantization.json").write_text(json.dumps(
             {"source": str(mix.resolve()), **model.config.quantization_config.to_dict(), **stats}, indent=2) + "\n")
-    return QuantizeReport(out=out, spec=spec, modules=int(stats["tensors"]), source_bytes=weights_bytes(mix),
+    return QuantizeReport(out=out, spec=spec, tensors=int(stats["tensors"]), source_bytes=weights_bytes(mix),
                           quantized_bytes=weights_bytes(out), stats=stats)
 
 

@@ -150,7 +150,11 @@ class Node:
     # -- one round ---------------------------------------------------------------------------------
     def train_round(self, received: dict[str, torch.Tensor], server_round: int, lr: float, proximal_mu: float = 0.0,
                     base_fingerprint: str | None = None) -> RoundResult:
-        """Train the received global state on the local data; return the new state, metrics and summary."""
+        """Train the received global state on the local data; return the new state, metrics and summary.
+
+        The metrics include the received state's summed validation loss on the node's validation data
+        (``valid-nll-before``, with ``valid-tokens``): the evaluation of the previous round's global state.
+        """
         if base_fingerprint and base_fingerprint != self.base_fingerprint():
             raise ExpertmixError(f"node {self.label}: seed {self.base} differs from the coordinator's "
                                  f"(fingerprint {self.base_fingerprint()[:16]}, expected {base_fingerprint[:16]})")
@@ -166,13 +170,12 @@ class Node:
         callbacks = [ProximalTerm(model, proximal_mu)] if proximal_mu > 0 else None
         with tempfile.TemporaryDirectory(prefix="expertmix-node-") as tmp:
             out = fit(model, data.train, None, settings, tmp, callbacks=callbacks)
-        nll_after, _ = token_nll(model, data.valid, fed.batch_size)
         trained = travelling_state(model)
         state = {k: trained[k] for k in received}  # the received order: DP clipping pairs arrays by position
         n_examples = int(data.train["input_ids"].shape[0])
         metrics = {"num-examples": n_examples, "train-loss": float(out.get("train_loss", math.nan)),
                    "train-tokens": int(out["tokens"]), "valid-tokens": int(valid_tokens),
-                   "valid-nll-before": float(nll_before), "valid-nll-after": float(nll_after)}
+                   "valid-nll-before": float(nll_before)}
         self._debug_save(server_round, state, n_examples)
         return RoundResult(state=state, metrics=metrics, summary=self.summary(data))
 

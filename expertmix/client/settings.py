@@ -66,7 +66,8 @@ class FederationConfig(_Config):
     fraction_evaluate: float = Field(1.0, gt=0, le=1)
     min_nodes: int = Field(2, ge=1, description="nodes a round needs; also the nodes waited for at the start")
     round_timeout: float = Field(3600.0, gt=0, description="seconds a round waits for replies")
-    evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and after the last)")
+    evaluate_every: int = Field(0, ge=0, description="federated evaluation every N rounds; always after the "
+                                "last (0: only then; each train reply already evaluates the state it received)")
     lora_r: int = Field(16, ge=1)
     embedder: str = "seed"
     embed_sample: int = Field(64, ge=1)

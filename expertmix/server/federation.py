@@ -145,7 +145,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
                  "valid_loss_before": _pooled(rows, "valid_nll_before"),
                  "bytes_to_nodes": len(messages) * sent_bytes,
                  "bytes_from_nodes": int(sum(r["bytes"] for r in rows))}
-        if rnd % cfg.evaluate_every == 0 or rnd == cfg.rounds:
+        if rnd == cfg.rounds or (cfg.evaluate_every and rnd % cfg.evaluate_every == 0):
             entry["evaluate"] = _evaluate(strategy, grid, rnd, arrays, cfg, labels)
         entry["seconds"] = time.time() - started
         record.history.append(entry)

@@ -33,6 +33,7 @@ import tomli_w
 from ..client.settings import FederationConfig, NodeConfig
 from ..errors import ExpertmixError
 from ..fsutil import write_json_atomic, write_text_atomic
+from ..hub.repo import validate_name
 from .federation_state import FederationStore
 
 SUPERLINK_NAME = "expertmix-local"
@@ -111,6 +112,11 @@ class Processes:
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``argv`` in its own session, logging to ``LOG_DIR/NAME.log``; a restart gets ``NAME-2``, ..."""
+        base, n = name, 1
+        while name in self.procs:
+            n += 1
+            name = f"{base}-{n}"
         log = open(self.log_dir / f"{name}.log", "ab")
         try:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -218,6 +224,9 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
     names = [n.name for n in fed.nodes]
     if len(set(names)) != len(names):
         raise ExpertmixError(f"node names must be unique, got {names}")
+    validate_name(cfg.expert_name)
+    if not (Path(cfg.base) / "config.json").is_file():
+        raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
     for n in fed.nodes:
         if not Path(n.data).exists():
             raise ExpertmixError(f"node {n.name}: data {n.data} does not exist")
