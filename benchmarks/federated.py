@@ -1,6 +1,6 @@
 """Federated vs central expert training on German, from seed-s, with the same total training tokens.
 
-    python benchmarks/federated.py --shared ../shared [--tokens 40000] [--rounds 3] [--kinds dense,lora]
+    python benchmarks/federated.py --shared ../shared [--tokens 100000] [--rounds 4] [--kinds dense,lora]
 
 ``de.train`` is shuffled and split into three shards of different sizes (``--shares``), one per node. The
 federated experts run through ``expertmix federate``'s code path (a local SuperLink, three SuperNode
@@ -71,6 +71,22 @@ def central(args, seed: Path, valid: Path, kind: str, steps: int, work: Path) ->
             "wall_s": time.perf_counter() - t0, "bytes_to_nodes": None, "bytes_from_nodes": None}
 
 
+def payload(seed: Path, kind: str, lora_r: int, seed_value: int) -> dict:
+    """What one transfer of the global state costs for an expert kind, by the code the coordinator uses."""
+    from flwr.app import ArrayRecord
+    from transformers import AutoModelForCausalLM
+
+    from expertmix.client.weights import state_bytes, travelling_state
+
+    torch.manual_seed(seed_value)
+    model = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32)
+    if kind != "dense":
+        model = peft_wrap(model, kind, lora_r, 2 * lora_r)
+    state = travelling_state(model)
+    return {"kind": kind, "tensors": len(state), "parameters": sum(v.numel() for v in state.values()),
+            "payload_bytes": state_bytes(state), "record_bytes": ArrayRecord(state).count_bytes()}
+
+
 def federated(args, seed: Path, valid: Path, kind: str, shards: dict[str, Path], local_steps: int,
               work: Path) -> dict:
     """The same budget over three nodes with Flower; the published-style expert is read back and evaluated."""
@@ -111,13 +127,14 @@ def _mb(b: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--tokens", type=int, default=40_000, help="Total training tokens of each run.")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=100_000, help="Total training tokens of each run.")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--shares", default="0.5,0.3,0.2", help="Shard sizes of the three nodes.")
-    ap.add_argument("--kinds", default="dense,lora")
+    ap.add_argument("--kinds", default="dense", help="Expert kinds to train both ways (dense,lora on a GPU); "
+                    "the bytes per round of dense and LoRA are reported either way.")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4, help="Federated learning rate (cosine over the rounds).")
+    ap.add_argument("--lr", type=float, default=5e-4, help="Federated learning rate (cosine over the rounds).")
     ap.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--central-lr", type=float, default=None, help="Central learning rate (default: --lr).")
     ap.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
@@ -145,6 +162,7 @@ def main() -> None:
 
         seed_ppl = valid_ppl(AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32),
                              AutoTokenizer.from_pretrained(seed), valid, args.seq_len, args.batch_size)
+        payloads = [payload(seed, kind, args.lora_r, args.seed) for kind in ("dense", "lora")]
         for kind in args.kinds.split(","):
             rows.append(central(args, seed, valid, kind, central_steps, work))
             print(json.dumps(rows[-1]), flush=True)
@@ -165,9 +183,18 @@ def main() -> None:
         gap = (r["valid_ppl"] / central_ppl[r["kind"]] - 1) * 100
         print(f"| {r['run']} | {r['kind']} | {r['tokens']:,} | {r['sequential_steps']} | {r['valid_ppl']:.2f} | "
               f"{gap:+.1f}% | {_mb(r['bytes_to_nodes'])} | {_mb(r['bytes_from_nodes'])} | {r['wall_s']:.0f} |")
+    measured = {r["kind"]: r["bytes_from_nodes"] for r in rows if r["run"] == "federated"}
+    print(f"\n| kind | tensors sent | parameters sent | MB per transfer | MB per round ({len(NODES)} nodes, each way) "
+          "| measured in the run above |")
+    print("|---|---|---|---|---|---|")
+    for pl in payloads:
+        per_round = pl["record_bytes"] * len(NODES)
+        seen = measured.get(pl["kind"])
+        print(f"| {pl['kind']} | {pl['tensors']} | {pl['parameters']:,} | {pl['record_bytes'] / 1e6:.3f} | "
+              f"{per_round / 1e6:.3f} | {'-' if seen is None else f'{seen / 1e6:.3f}'} |")
     if args.json:
-        args.json.write_text(json.dumps({"seed_ppl": seed_ppl, "rows": rows, "args": vars(args)}, indent=2,
-                                        default=str))
+        args.json.write_text(json.dumps({"seed_ppl": seed_ppl, "rows": rows, "payloads": payloads,
+                                         "args": vars(args)}, indent=2, default=str))
 
 
 if __name__ == "__main__":

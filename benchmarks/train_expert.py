@@ -46,13 +46,14 @@ def main() -> None:
         e = read_card(out).expert
         import torch
 
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({threads} threads)"
         row = {"device": device, "domain": args.domain, "tokens": e.training["tokens"], "steps": e.training["steps"],
                "train_seconds": e.training["runtime_seconds"],
                "tokens_per_second": e.training["tokens"] / e.training["runtime_seconds"],
                "seed_valid_ppl": e.metrics["valid_perplexity_before"],
                "expert_valid_ppl": e.metrics["valid_perplexity_after"], "wall_seconds_total": wall}
-        print("\n| device | tokens | steps | tokens/s | seed ppl (%s valid) | expert ppl | total wall s |" % args.domain)
+        print(f"\n| device | tokens | steps | tokens/s | seed ppl ({args.domain} valid) | expert ppl | total wall s |")
         print("|---|---|---|---|---|---|---|")
         print(f"| {device} | {row['tokens']:,} | {row['steps']} | {row['tokens_per_second']:,.0f} | "
               f"{row['seed_valid_ppl']:.2f} | {row['expert_valid_ppl']:.2f} | {wall:.0f} |")

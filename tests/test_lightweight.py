@@ -260,7 +260,8 @@ def test_mixture_settings_are_checked(llama_seed, corpus, tmp_path):
     with pytest.raises(ExpertmixError, match="--top-k 3"):
         build_mixture(load_base(llama_seed), [ia3, ia3], top_k=3)
     narrow = fresh_expert_config(MixtureSpec("molora", target_modules=["q_proj"]), base)
-    with pytest.raises(IncompatibleExpertError, match="adapt the same modules"):
-        build_mixture(load_base(llama_seed), [lora, narrow])
+    for order in ([lora, narrow], [narrow, lora]):
+        with pytest.raises(IncompatibleExpertError, match="adapt the same modules"):
+            build_mixture(load_base(llama_seed), order)
     result = run("assemble", "--seed", llama_seed, "--data", corpus["math"], "--out", tmp_path / "x", ok=False)
     assert result.exit_code != 0 and "--kind nexus needs --experts" in result.output

@@ -180,6 +180,12 @@ def install_routers(model: nn.Module, adapter_name: str, config) -> int:
     return swapped
 
 
+def unrouted_layers(model: nn.Module) -> list[str]:
+    """Names of peft layers that are not routed (e.g. made by an expert that adapts extra modules)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (ia3_layer.IA3Layer, lora_layer.LoraLayer)) and not isinstance(m, RoutedMixin)]
+
+
 def set_top_k(model: nn.Module, top_k: int | None) -> None:
     """Keep only the ``top_k`` largest merging weights per token in every router (None: soft merging)."""
     if top_k is not None and top_k < 1:
