@@ -52,8 +52,9 @@ def valid_ppl(model, tokenizer, valid: Path, seq_len: int, batch_size: int) -> f
     return perplexity(model, blocks, batch_size)
 
 
-def central(args, seed: Path, valid: Path, kind: str, steps: int, work: Path) -> dict:
-    """All of de.train on one machine, ``steps`` optimizer steps (the federation's total tokens)."""
+def central(args, seed: Path, valid: Path, kind: str, steps: int, work: Path, label: str = "central") -> dict:
+    """All of de.train on one machine for ``steps`` optimizer steps (the federation's total tokens, or, as a
+    reference, its number of sequential steps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(seed)
@@ -65,8 +66,8 @@ def central(args, seed: Path, valid: Path, kind: str, steps: int, work: Path) ->
     t0 = time.perf_counter()
     settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, learning_rate=args.central_lr or args.lr,
                              save_steps=0, logging_steps=max(1, steps // 5), seed=args.seed)
-    out = fit(model, blocks, None, settings, work / f"central-{kind}")
-    return {"run": "central", "kind": kind, "tokens": out["tokens"], "sequential_steps": steps,
+    out = fit(model, blocks, None, settings, work / f"{label}-{kind}")
+    return {"run": label, "kind": kind, "tokens": out["tokens"], "sequential_steps": steps,
             "valid_ppl": valid_ppl(model, tok, valid, args.seq_len, args.batch_size),
             "wall_s": time.perf_counter() - t0, "bytes_to_nodes": None, "bytes_from_nodes": None}
 
@@ -95,8 +96,10 @@ def federated(args, seed: Path, valid: Path, kind: str, shards: dict[str, Path],
     cfg = FederationConfig(base=str(seed), base_id="seed-s", domain="de", name=f"de-federated-{kind}",
                            work_dir=str(work / f"fed-{kind}"), kind=kind, rounds=args.rounds, local_steps=local_steps,
                            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, lr_schedule=args.lr_schedule,
+                           local_warmup=args.local_warmup,
                            min_nodes=len(shards), lora_r=args.lora_r, seed=args.seed,
-                           strategy=args.strategy, proximal_mu=args.proximal_mu, publish=False)
+                           strategy=args.strategy, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
+                           server_momentum=args.server_momentum, publish=False)
     nodes = [LocalNode(name=n, data=p) for n, p in shards.items()]  # each holds out its own validation share
     t0 = time.perf_counter()
     result = run_local_federation(LocalFederation(cfg, nodes, threads_per_node=args.threads_per_node),
@@ -136,9 +139,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4, help="Federated learning rate (cosine over the rounds).")
     ap.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
+    ap.add_argument("--local-warmup", type=float, default=0.0, help="Warm-up share of each round's local steps.")
     ap.add_argument("--central-lr", type=float, default=None, help="Central learning rate (default: --lr).")
-    ap.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    ap.add_argument("--strategy", choices=["fedavg", "fedprox", "fedavgm"], default="fedavg")
     ap.add_argument("--proximal-mu", type=float, default=0.01)
+    ap.add_argument("--server-lr", type=float, default=1.0, help="fedavgm: server step size.")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="fedavgm: server momentum.")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--threads-per-node", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,6 +173,9 @@ def main() -> None:
             rows.append(central(args, seed, valid, kind, central_steps, work))
             print(json.dumps(rows[-1]), flush=True)
             rows.append(federated(args, seed, valid, kind, shards, local_steps, work))
+            print(json.dumps(rows[-1]), flush=True)
+            rows.append(central(args, seed, valid, kind, args.rounds * local_steps, work,
+                                label="central, same sequential steps"))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         if args.work is None:

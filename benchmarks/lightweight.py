@@ -27,13 +27,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("full", "lora", "ia3", "molora", "mov")
+# Also offered: the mixture built from one adapter per domain (contributors' experts): half the budget
+# trains them (an equal share each, on their own domain), half trains the mixture, routers starting from
+# each expert's domain.
+DOMAIN_METHODS = ("molora-domain", "mov-domain")
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--domains", default="code,de,ja,ru")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS + DOMAIN_METHODS)}")
     ap.add_argument("--max-tokens", type=int, default=49_152, help="training tokens per method")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -55,7 +60,7 @@ def main() -> None:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer would otherwise pick a GPU
     import torch
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoTokenizer
 
     from expertmix.assembler.assemble import mixture_blocks, read_sources
@@ -81,13 +86,15 @@ def main() -> None:
     corpus = args.shared / "corpus"
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := set(methods) - set(METHODS):
+    if unknown := set(methods) - set(METHODS + DOMAIN_METHODS):
         sys.exit(f"unknown method(s): {', '.join(sorted(unknown))}")
     lrs = {"full": 2e-4, "lora": DEFAULT_LEARNING_RATES["molora"], "ia3": DEFAULT_LEARNING_RATES["mov"],
            **DEFAULT_LEARNING_RATES}
     for spec in args.lr:
         name, _, value = spec.partition("=")
         lrs[name] = float(value)
+    for m in DOMAIN_METHODS:
+        lrs.setdefault(m, lrs[m.split("-")[0]])
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
 
     tokenizer = AutoTokenizer.from_pretrained(seed_dir)
@@ -126,6 +133,28 @@ def main() -> None:
                 model = get_peft_model(base, fresh_expert_config(MixtureSpec(kind, rank=args.rank,
                                                                              target_modules=targets), base))
                 train_model = model.get_base_model()
+            elif method in DOMAIN_METHODS:
+                kind = method.split("-")[0]
+                spec = MixtureSpec(kind, rank=args.rank, target_modules=targets if kind == "molora" else None)
+                t0 = time.perf_counter()
+                states, pre_tokens = [], 0
+                for d in domains:  # each contributor trains an adapter on its own domain
+                    torch.manual_seed(args.seed)
+                    b = load_base(seed_dir)
+                    single = get_peft_model(b, fresh_expert_config(spec, b))
+                    own = mixture_blocks({d: tokenized[d]}, None, args.max_tokens // (2 * len(domains)),
+                                         args.seq_len, args.seed)[0]
+                    pre_tokens += fit(single.get_base_model(), own, None, TrainSettings(**{
+                        **settings.__dict__, "learning_rate": lrs[method], "progress": False,
+                        "max_tokens": args.max_tokens // (2 * len(domains))}), work / f"{method}-{d}")["tokens"]
+                    states.append(get_peft_model_state_dict(single))
+                pre_seconds = time.perf_counter() - t0
+                model = build_mixture(base, [fresh_expert_config(spec, base)] * len(domains))
+                for i, state in enumerate(states):
+                    set_peft_model_state_dict(model, state, adapter_name=f"expert{i}")
+                init_routers(model, *router_input_statistics(model, calibration),
+                             assignment=torch.eye(len(domains)), seed=args.seed)
+                train_model = model.get_base_model()
             else:
                 spec = MixtureSpec(method, rank=args.rank, target_modules=targets if method == "molora" else None)
                 model = build_mixture(base, [fresh_expert_config(spec, base)] * args.experts)
@@ -134,25 +163,30 @@ def main() -> None:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             everything = sum(p.numel() for p in model.parameters())  # the share's base, as in the mix's card
             extra = ""
-            if method in ("molora", "mov"):
+            mixture = method in ("molora", "mov") + DOMAIN_METHODS
+            if mixture:
                 counts = parameter_counts(model)
                 extra = f" (routers {counts['routers']:,})"
             print(f"\n== {method}: {trainable:,} trainable parameters ({100 * trainable / everything:.3f}%)"
                   f"{extra}, lr {lrs[method]:g}", flush=True)
             s = TrainSettings(**{**settings.__dict__, "learning_rate": lrs[method]})
+            if method in DOMAIN_METHODS:  # the other half of the budget went to the domain adapters
+                s.max_tokens = args.max_tokens - len(domains) * (args.max_tokens // (2 * len(domains)))
             t0 = time.perf_counter()
             metrics = fit(train_model, train_blocks, None, s, work / method)
-            seconds = time.perf_counter() - t0
-            if method in ("molora", "mov"):
+            seconds = time.perf_counter() - t0 + (pre_seconds if method in DOMAIN_METHODS else 0.0)
+            if mixture:
                 model.to(device)
-                rep = evaluate_lightweight(model, valid, [f"e{i}" for i in range(args.experts)],
+                names = domains if method in DOMAIN_METHODS else [f"e{i}" for i in range(args.experts)]
+                rep = evaluate_lightweight(model, valid, names,
                                            batch_size=args.batch_size)
                 ppl = rep.perplexity
                 routing = {d: [round(float(x), 3) for x in rep.routing[i]] for i, d in enumerate(rep.domains)}
             else:
                 ppl = evaluate(model)
+            tokens = metrics["tokens"] + (pre_tokens if method in DOMAIN_METHODS else 0)
             rows[method] = {"trainable": trainable, "share": trainable / everything, "ppl": ppl, "seconds": seconds,
-                            "lr": lrs[method], "tokens": metrics["tokens"], "train_loss": metrics.get("train_loss"),
+                            "lr": lrs[method], "tokens": tokens, "train_loss": metrics.get("train_loss"),
                             "routing": routing}
             print(f"{method}: " + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()) + f" ({seconds:.0f} s)", flush=True)
             del model, train_model, base

@@ -678,8 +678,10 @@ def _parse_nodes(values: tuple[str, ...]):
               help="dense: all weights travel; lora: only the adapter travels.")
 @click.option("--rounds", type=int, default=3, show_default=True)
 @click.option("--local-steps", type=int, default=20, show_default=True, help="Optimizer steps per node and round.")
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm"]), default="fedavg", show_default=True)
 @click.option("--proximal-mu", type=float, default=0.01, show_default=True, help="FedProx's proximal weight.")
+@click.option("--server-lr", type=float, default=1.0, show_default=True, help="FedAvgM: server step size.")
+@click.option("--server-momentum", type=float, default=0.0, show_default=True, help="FedAvgM: server momentum.")
 @click.option("--fraction-train", type=float, default=1.0, show_default=True, help="Share of nodes per round.")
 @click.option("--fraction-evaluate", type=float, default=1.0, show_default=True)
 @click.option("--min-nodes", type=int, default=2, show_default=True, help="Nodes a round needs.")
@@ -693,6 +695,8 @@ def _parse_nodes(values: tuple[str, ...]):
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning rate over the rounds.")
+@click.option("--local-warmup", type=float, default=0.0, show_default=True,
+              help="Share of each round's local steps that ramps the rate up (the optimizer restarts each round).")
 @click.option("--valid-fraction", type=float, default=0.05, show_default=True)
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--embedder", default="seed", show_default=True,
@@ -709,9 +713,9 @@ def _parse_nodes(values: tuple[str, ...]):
               help="Only write the Flower app (WORK_DIR/app) for a real deployment, and print how to run it.")
 @_registry_option
 def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
-             fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout, seq_len, batch_size,
-             grad_accum, lr, lr_schedule, valid_fraction, lora_r, embedder, dp_clip, dp_noise, seed, out, no_publish,
-             threads_per_node, debug_dir, app_only, registry):
+             server_lr, server_momentum, fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout, seq_len, batch_size,
+             grad_accum, lr, lr_schedule, local_warmup, valid_fraction, lora_r, embedder, dp_clip, dp_noise, seed,
+             out, no_publish, threads_per_node, debug_dir, app_only, registry):
     """Train one expert across nodes with Flower: a local SuperLink, a SuperNode per --node, flwr run."""
     from .client.settings import FederationConfig
     from .server.local_federation import LocalFederation, run_local_federation, write_app
@@ -719,8 +723,10 @@ def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_s
     cfg = FederationConfig.from_run_config(dict(
         base=str(base.resolve()), domain=domain, work_dir=str(work_dir.resolve()), name=name or "",
         base_id=base_id or "", kind=kind, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, seq_len=seq_len, valid_fraction=valid_fraction,
-        strategy=strategy, proximal_mu=proximal_mu, fraction_train=fraction_train,
+        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, local_warmup=local_warmup, seq_len=seq_len,
+        valid_fraction=valid_fraction,
+        strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, server_momentum=server_momentum,
+        fraction_train=fraction_train,
         fraction_evaluate=fraction_evaluate, min_nodes=min_nodes, round_timeout=round_timeout,
         evaluate_every=evaluate_every, lora_r=lora_r, embedder=embedder, seed=seed, dp_clip=dp_clip,
         dp_noise=dp_noise, out=str(out.resolve()) if out else "", registry=registry or "", publish=not no_publish))

@@ -159,27 +159,34 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(case, tmp_path, llama_
 def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_seed, corpus, home):
     out = tmp_path / "resumed"
     args = [sys.executable, "-m", "expertmix", "train", "--base", str(llama_seed), "--data", str(corpus["prose"]),
-            "--domain", "prose", "--out", str(out), "--max-steps", "400", "--seq-len", "32", "--batch-size", "2",
+            "--domain", "prose", "--out", str(out), "--max-steps", "100000", "--seq-len", "32", "--batch-size", "2",
             "--save-steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = out.with_name("resumed.partial") / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-6/model.safetensors")):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(checkpoints.glob("checkpoint-*")), "no checkpoint appeared before the kill"
+    log = tmp_path / "train.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        checkpoints = out.with_name("resumed.partial") / "checkpoints"
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None \
+                and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+            time.sleep(0.2)
+        assert proc.poll() is None, f"training ended before it could be killed:\n{log.read_text()[-3000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list(checkpoints.glob("checkpoint-*")), f"no checkpoint appeared before the kill:\n{log.read_text()[-3000:]}"
     assert not out.exists()  # a killed run leaves no half-written expert
     again = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
-                "--max-steps", "400", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", ok=False)
+                "--max-steps", "100000", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", ok=False)
     assert again.exit_code == 1 and "--resume" in again.output
+    from expertmix.experts.training import last_complete_checkpoint
+
+    resume_from = Path(last_complete_checkpoint(checkpoints))
+    target = int(resume_from.name.split("-")[1]) + 6
     run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
-        "--max-steps", "12", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume")
+        "--max-steps", str(target), "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume")
     card = read_card(out).expert
-    assert card.training["resumed_from"].startswith("checkpoint-")
-    assert card.training["steps"] == 12
+    assert card.training["resumed_from"] == resume_from.name
+    assert card.training["steps"] == target
     assert not out.with_name("resumed.partial").exists()
     assert LocalStore().list() == []
 
@@ -196,3 +203,16 @@ def test_quickstart_trains_publishes_and_prints_the_perplexity_table(tmp_path, h
     assert set(table) == {"seed", "expert:arithmetic", "expert:code", "expert:records"}
     assert all(v > 1 for row in table.values() for v in row.values())
     assert (tmp_path / "qs" / "aligned" / "alignment.json").is_file()
+
+
+def test_resume_skips_a_checkpoint_left_half_written_by_a_kill(tmp_path):
+    from expertmix.experts.training import last_complete_checkpoint
+
+    for step, whole in ((3, True), (6, True), (9, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+        if whole:
+            (d / "trainer_state.json").write_text("{}")
+    assert Path(last_complete_checkpoint(tmp_path)).name == "checkpoint-6"
+    assert last_complete_checkpoint(tmp_path / "missing") is None

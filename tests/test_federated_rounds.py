@@ -156,6 +156,25 @@ def test_restarted_server_resumes_after_its_last_checkpoint_and_only_with_the_sa
     assert read_card(result["expert"]).expert.federation["rounds"] == 2
 
 
+def test_fedavgm_applies_server_step_and_momentum_across_a_restart(tmp_path, llama_seed, shards, home):
+    from transformers import AutoModelForCausalLM
+
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=2, strategy="fedavgm", server_lr=2.0,
+                        server_momentum=0.5, publish=False)
+    with pytest.raises(KeyboardInterrupt):  # the coordinator stops after round 1: its momentum is checkpointed
+        run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=2), cfg)
+    run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+
+    g0 = {k: v.detach().double() for k, v in AutoModelForCausalLM.from_pretrained(llama_seed).named_parameters()}
+    g1 = {k: v.double() for k, v in load_state(tmp_path / "work" / "checkpoints" / "round-0001.safetensors").items()}
+    g2 = load_state(tmp_path / "work" / "checkpoints" / "round-0002.safetensors")
+    mean1, mean2 = _weighted_mean(tmp_path, 1, SIZES), _weighted_mean(tmp_path, 2, SIZES)
+    for k in g2:
+        pg1, pg2 = g0[k] - mean1[k], g1[k] - mean2[k]  # pseudo-gradients: old minus averaged
+        torch.testing.assert_close(g1[k], g0[k] - 2.0 * pg1, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g2[k].double(), g1[k] - 2.0 * (0.5 * pg1 + pg2), atol=1e-5, rtol=1e-4)
+
+
 def _update_norm(tmp_path, name: str, seed) -> float:
     from transformers import AutoModelForCausalLM
 

@@ -164,7 +164,8 @@ class Node:
         self._debug_marker(server_round)
         fed = self.fed
         settings = TrainSettings(max_steps=fed.local_steps, batch_size=fed.batch_size, grad_accum=fed.grad_accum,
-                                 learning_rate=lr, warmup_ratio=0.0, lr_scheduler="constant",
+                                 learning_rate=lr, warmup_ratio=fed.local_warmup,
+                                 lr_scheduler="constant_with_warmup" if fed.local_warmup else "constant",
                                  save_steps=0, logging_steps=max(1, fed.local_steps // 4),
                                  seed=fed.seed + server_round, progress=False)
         callbacks = [ProximalTerm(model, proximal_mu)] if proximal_mu > 0 else None

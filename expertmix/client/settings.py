@@ -58,10 +58,15 @@ class FederationConfig(_Config):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    local_warmup: float = Field(0.0, ge=0, lt=1, description="share of each round's local steps (at least one "
+                                "when > 0) over which the rate ramps up from 0: every round starts the node's "
+                                "optimizer afresh, and a fresh Adam's first full step moves every weight by lr")
     seq_len: int = Field(256, ge=2)
     valid_fraction: float = Field(0.05, gt=0, lt=1)
-    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedavgm"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0)
+    server_lr: float = Field(1.0, gt=0, description="fedavgm: step size of the averaged update on the server")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="fedavgm: server momentum")
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, gt=0, le=1)
     min_nodes: int = Field(2, ge=1, description="nodes a round needs; also the nodes waited for at the start")

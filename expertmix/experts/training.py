@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
@@ -110,12 +110,31 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
     trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks),
                       eval_dataset=BlockDataset(valid_blocks) if valid_blocks is not None else None,
                       callbacks=list(callbacks or []))
-    checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(work_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
     metrics.update(steps=steps, tokens=steps * settings.batch_size * settings.grad_accum * seq_len,
                    resumed_from=Path(checkpoint).name if checkpoint else None)
     return metrics
+
+
+def last_complete_checkpoint(work_dir: str | Path) -> str | None:
+    """The newest checkpoint that was written whole (a run killed mid-save leaves a partial newest one).
+
+    transformers' ``get_last_checkpoint`` takes the highest step even when its files are incomplete; the
+    Trainer writes ``trainer_state.json`` after the weights and optimizer state, so its presence marks a whole one.
+    """
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return None
+    steps = []
+    for d in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and suffix.isdigit() and (d / "trainer_state.json").is_file() \
+                and any((d / f).is_file() for f in ("model.safetensors", "adapter_model.safetensors",
+                                                    "model.safetensors.index.json")):
+            steps.append((int(suffix), d))
+    return str(max(steps)[1]) if steps else None
 
 
 @torch.no_grad()

@@ -19,7 +19,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    Strategy,
+)
 
 from ..client.settings import FederationConfig
 from ..client.weights import load_travelling_state, travelling_state
@@ -39,11 +45,17 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
-    """FedAvg or FedProx with the configured sampling; wrapped for central DP when ``dp-clip`` is set."""
+    """FedAvg, FedProx or FedAvgM (server step size and momentum) with the configured sampling; wrapped for
+    central DP when ``dp-clip`` is set."""
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                   min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes)
-    strategy: Strategy = FedProx(proximal_mu=cfg.proximal_mu, **common) if cfg.strategy == "fedprox" \
-        else FedAvg(**common)
+    strategy: Strategy
+    if cfg.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif cfg.strategy == "fedavgm":
+        strategy = FedAvgM(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum, **common)
+    else:
+        strategy = FedAvg(**common)
     if cfg.dp_clip > 0:
         strategy = DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=cfg.dp_noise,
                                                               clipping_norm=cfg.dp_clip,
@@ -118,6 +130,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     strategy = build_strategy(cfg)
     strategy.summary()
     arrays = ArrayRecord(state)
+    inner = getattr(strategy, "strategy", strategy)  # the aggregating strategy inside a DP wrapper
+    if isinstance(inner, FedAvgM) and (momentum := store.load_momentum(record)) is not None:
+        inner.momentum_vector = [momentum[k].numpy() for k in arrays]
     labels: dict[int, str] = {}  # node id -> the name the node reported
 
     for rnd in range(record.rounds_done + 1, cfg.rounds + 1):
@@ -150,7 +165,10 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
         entry["seconds"] = time.time() - started
         record.history.append(entry)
         record.rounds_done = rnd
-        store.save_round(record, arrays.to_torch_state_dict())
+        momentum = getattr(inner, "momentum_vector", None)
+        store.save_round(record, arrays.to_torch_state_dict(),
+                         None if momentum is None else {k: torch.from_numpy(v) for k, v in zip(arrays, momentum,
+                                                                                               strict=True)})
         log(INFO, "[expertmix] round %d done: %d node(s), validation loss before %s, after %s", rnd, len(rows),
             _fmt(entry["valid_loss_before"]), _fmt((entry.get("evaluate") or {}).get("valid_loss")))
 
@@ -223,6 +241,8 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
         federation = {
             "framework": "flower", "strategy": cfg.strategy, "rounds": record.rounds_done,
             "proximal_mu": cfg.proximal_mu if cfg.strategy == "fedprox" else None,
+            "server_optimizer": {"learning_rate": cfg.server_lr, "momentum": cfg.server_momentum}
+            if cfg.strategy == "fedavgm" else None,
             "nodes": len(nodes), "node_names": sorted(nodes), "examples_per_node": examples,
             "documents_per_node": {k: int(s["documents"]) for k, s in nodes.items()},
             "tokens_per_node": {k: int(s["tokens"]) for k, s in nodes.items()},

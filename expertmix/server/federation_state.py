@@ -38,6 +38,7 @@ class FederationRecord:
     history: list[dict] = field(default_factory=list)
     nodes: dict[str, dict] = field(default_factory=dict)  # label -> latest summary (counts, languages, embedding)
     expert: str | None = None
+    momentum: str | None = None  # FedAvgM's server momentum, checkpointed beside the global state
 
 
 class FederationStore:
@@ -67,15 +68,24 @@ class FederationStore:
         state = load_state(self.root / record.checkpoint) if record.checkpoint else None
         return record, state
 
-    def save_round(self, record: FederationRecord, state: dict[str, torch.Tensor]) -> None:
-        """Checkpoint the global state after ``record.rounds_done`` rounds, then the record that points at it."""
+    def save_round(self, record: FederationRecord, state: dict[str, torch.Tensor],
+                   momentum: dict[str, torch.Tensor] | None = None) -> None:
+        """Checkpoint the global state (and a server momentum) after ``record.rounds_done`` rounds, then the
+        record that points at them."""
         name = f"{CHECKPOINTS}/round-{record.rounds_done:04d}.safetensors"
         save_state(self.root / name, state, {"round": record.rounds_done})
         record.checkpoint = name
+        if momentum is not None:
+            record.momentum = f"{CHECKPOINTS}/momentum-{record.rounds_done:04d}.safetensors"
+            save_state(self.root / record.momentum, momentum, {"round": record.rounds_done})
         self.save_record(record)
-        kept = sorted((self.root / CHECKPOINTS).glob("round-*.safetensors"))
-        for old in kept[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
+        for pattern in ("round-*.safetensors", "momentum-*.safetensors"):
+            kept = sorted((self.root / CHECKPOINTS).glob(pattern))
+            for old in kept[:-KEEP_CHECKPOINTS]:
+                old.unlink(missing_ok=True)
+
+    def load_momentum(self, record: FederationRecord) -> dict[str, torch.Tensor] | None:
+        return load_state(self.root / record.momentum) if record.momentum else None
 
     def save_record(self, record: FederationRecord) -> None:
         write_json_atomic(self.root / STATE_FILE, record.__dict__)

@@ -211,6 +211,29 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str,
     raise ExpertmixError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s:\n{procs.log_tail(name)}")
 
 
+def online_nodes(procs: Processes) -> int:
+    """How many SuperNodes the SuperLink counts as online (``flwr supernode list``)."""
+    out = subprocess.run([_tool("flwr"), "supernode", "list", SUPERLINK_NAME, "--format", "json"], env=procs.env,
+                         capture_output=True, text=True, timeout=60)
+    try:
+        nodes = json.loads(out.stdout).get("nodes", [])
+    except ValueError:
+        return 0
+    return sum(1 for n in nodes if n.get("status") == "online")
+
+
+def _wait_for_nodes(procs: Processes, expected: int, timeout: float) -> None:
+    """Start the run only once every node is connected, so round 1 samples all of them."""
+    deadline = time.time() + timeout
+    while (n := online_nodes(procs)) < expected:
+        for name, proc in procs.procs.items():
+            if name.startswith("node-") and proc.poll() is not None:
+                raise ExpertmixError(f"{name} exited with code {proc.returncode}:\n{procs.log_tail(name)}")
+        if time.time() > deadline:
+            raise ExpertmixError(f"only {n} of {expected} nodes connected within {timeout:g}s; see {procs.log_dir}")
+        time.sleep(1.0)
+
+
 def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = print, progress: bool = True,
                          on_started: Callable[[Processes], None] | None = None) -> dict:
     """Run the federation with local Flower processes until the expert is written (and published).
@@ -254,6 +277,7 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
             for node in fed.nodes:
                 start_node(procs, node, port, work, fed)
             write_json_atomic(work / "processes.json", procs.manifest())
+            _wait_for_nodes(procs, len(fed.nodes), fed.startup_timeout)
             if on_started is not None:
                 on_started(procs)
             run = procs.start("flwr-run", [_tool("flwr"), "run", str(app_dir), SUPERLINK_NAME, "--stream"])
