@@ -713,8 +713,9 @@ def _parse_nodes(values: tuple[str, ...]):
               help="Only write the Flower app (WORK_DIR/app) for a real deployment, and print how to run it.")
 @_registry_option
 def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
-             server_lr, server_momentum, fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout, seq_len, batch_size,
-             grad_accum, lr, lr_schedule, local_warmup, valid_fraction, lora_r, embedder, dp_clip, dp_noise, seed,
+             server_lr, server_momentum, fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout,
+             seq_len, batch_size, grad_accum, lr, lr_schedule, local_warmup, valid_fraction, lora_r, embedder,
+             dp_clip, dp_noise, seed,
              out, no_publish, threads_per_node, debug_dir, app_only, registry):
     """Train one expert across nodes with Flower: a local SuperLink, a SuperNode per --node, flwr run."""
     from .client.settings import FederationConfig

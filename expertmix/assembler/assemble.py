@@ -6,7 +6,6 @@ settings), so an interrupted run resumes with ``resume=True``; the mix appears a
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from collections.abc import Callable, Iterable, Sequence
@@ -19,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, pack, read_documents, tokenize_documents
 from ..experts.mixing import mix_sources, parse_mix_spec
-from ..experts.training import Blocks, DataSource, TrainSettings, fit
-from ..fsutil import atomic_dir, write_json_atomic
+from ..experts.training import Blocks, DataSource, TrainSettings, fit, run_fingerprint, start_work_dir
+from ..fsutil import atomic_dir
 from .manifest import DataRef, MixManifest, read_manifest
 from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
 
@@ -28,13 +27,6 @@ from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
 GROUPS = ("router", "experts", "shared", "dense")
 SAMPLE_CHUNK = 32  # documents tokenized at a time when sampling up to a token budget
 GROUP_MARKERS = (("router", ".mlp.router."), ("experts", ".mlp.experts."), ("shared", ".mlp.shared_expert."))
-
-
-def run_fingerprint(cfg) -> dict:
-    """A run's settings as JSON (``resume`` excluded): what a resumed run must keep."""
-    d = asdict(cfg)
-    d.pop("resume")
-    return json.loads(json.dumps(d, default=str))
 
 
 def param_group(name: str) -> str:
@@ -138,25 +130,6 @@ class AssembleConfig:
     @property
     def train_groups(self) -> tuple[str, ...]:
         return GROUPS if (self.train_all or self.router == "merge") else ("router",)
-
-
-def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path) -> None:
-    """Create (or, with ``resume``, reuse) the run's work folder; a resumed run must keep its settings."""
-    if out.exists():
-        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
-    if work.exists() and not resume:
-        raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
-                             f"or delete that folder to start over")
-    run_file = work / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if previous != fingerprint:
-            changed = sorted(k for k in set(previous) | set(fingerprint)
-                             if previous.get(k) != fingerprint.get(k))
-            raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
-                                 f"(differs in: {', '.join(changed)})")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, fingerprint)
 
 
 def train_stage(model, blocks: Blocks, settings: TrainSettings, work: Path, resume: bool) -> dict:

@@ -39,16 +39,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument
-from ..experts.training import DataSource, TrainSettings
+from ..experts.training import DataSource, TrainSettings, run_fingerprint, start_work_dir
 from .assemble import (
     Blocks,
     budget_tokens,
     freeze_except,
     mixture_blocks,
     read_sources,
-    run_fingerprint,
     save_mix,
-    start_work_dir,
     train_stage,
 )
 from .configuration_nexus import NexusConfig

@@ -40,10 +40,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
-from ..experts.training import Blocks, DataSource, TrainSettings
+from ..experts.training import Blocks, DataSource, TrainSettings, run_fingerprint, start_work_dir
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from ..hub.card import check_compatible
-from .assemble import budget_tokens, mixture_blocks, read_sources, start_work_dir, train_stage
+from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
 from .manifest import MIX_FILE, DataRef, SeedInfo, Standardisation
 from .mixture_layers import capture_routing, install_routers, routed_layers, set_top_k, unrouted_layers
 from .routing_report import EvalReport, eval_blocks
@@ -505,9 +505,7 @@ class LightweightConfig:
         return self.out.with_name(self.out.name + ".partial")
 
     def fingerprint(self) -> dict:
-        d = asdict(self)
-        d.pop("resume")
-        return json.loads(json.dumps(d, default=str))
+        return run_fingerprint(self)
 
     def spec(self) -> MixtureSpec:
         return MixtureSpec(kind=self.kind, num_experts=self.num_experts, top_k=self.top_k, rank=self.rank,

@@ -208,12 +208,36 @@ class ExpertTrainConfig:
         return self.out.with_name(self.out.name + ".partial")
 
     def fingerprint(self) -> dict:
-        """What must stay the same for ``--resume`` to continue a run."""
-        d = asdict(self)
-        d.pop("resume")
+        return run_fingerprint(self)
+
+
+def run_fingerprint(cfg) -> dict:
+    """A job's settings as JSON, less ``resume`` and the budget: what a resumed run must keep."""
+    d = asdict(cfg)
+    d.pop("resume")
+    settings = d.get("settings")
+    if isinstance(settings, dict):
         for budget in ("max_steps", "max_tokens", "save_steps", "logging_steps", "progress"):
-            d["settings"].pop(budget)  # a resumed run may train longer or checkpoint differently
-        return json.loads(json.dumps(d, default=str))
+            settings.pop(budget, None)  # a resumed run may train longer or checkpoint differently
+    return json.loads(json.dumps(d, default=str))
+
+
+def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path) -> None:
+    """Create (or, with ``resume``, reuse) a job's ``OUT.partial`` folder; a resumed job must keep its settings."""
+    if out.exists():
+        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+    if work.exists() and not resume:
+        raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
+                             f"or delete that folder to start over")
+    run_file = work / "run.json"
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
+                                 f"(differs in: {', '.join(changed)})")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, fingerprint)
 
 
 def split_valid(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
@@ -258,26 +282,15 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
 
     out, work = Path(cfg.out), cfg.work_dir
     name = validate_name(cfg.name or cfg.domain)
-    if out.exists():
+    if out.exists():  # checked again by start_work_dir; here before any model is loaded
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
-    if work.exists() and not cfg.resume:
-        raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
-                             f"or delete that folder to start over")
     if not (Path(cfg.base) / "config.json").is_file():
         raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
     if not cfg.data:
         raise ExpertmixError("no training data given (--data)")
     prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
-    run_file = work / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if previous != cfg.fingerprint():
-            changed = sorted(k for k in previous if previous.get(k) != cfg.fingerprint().get(k))
-            raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
-                                 f"(differs in: {', '.join(changed)})")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, cfg.fingerprint())
+    start_work_dir(work, cfg.fingerprint(), cfg.resume, out)
     torch.manual_seed(cfg.settings.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
