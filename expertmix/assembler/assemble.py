@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, pack, read_documents, tokenize_documents
 from ..experts.mixing import mix_sources, parse_mix_spec
-from ..experts.training import Blocks, DataSource, TrainSettings, fit, run_fingerprint, start_work_dir
+from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit, start_work_dir
 from ..fsutil import atomic_dir
 from .manifest import DataRef, MixManifest, read_manifest
 from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
@@ -102,7 +102,7 @@ def mixture_blocks(tokenized: dict[str, list[TokenizedDocument]], shares: dict[s
 
 
 @dataclass
-class AssembleConfig:
+class AssembleConfig(ResumableJob):
     """Everything ``expertmix assemble`` needs."""
 
     seed: Path
@@ -119,13 +119,6 @@ class AssembleConfig:
     aux_loss_coef: float = 0.05
     resume: bool = False
     settings: TrainSettings = field(default_factory=TrainSettings)
-
-    @property
-    def work_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".partial")
-
-    def fingerprint(self) -> dict:
-        return run_fingerprint(self)
 
     @property
     def train_groups(self) -> tuple[str, ...]:

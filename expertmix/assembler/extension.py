@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument
-from ..experts.training import DataSource, TrainSettings, run_fingerprint, start_work_dir
+from ..experts.training import DataSource, ResumableJob, TrainSettings, start_work_dir
 from .assemble import (
     Blocks,
     budget_tokens,
@@ -133,7 +133,7 @@ def parse_recipe(spec: str) -> ExtensionRecipe:
 
 
 @dataclass
-class ExtendConfig:
+class ExtendConfig(ResumableJob):
     """Everything ``expertmix extend`` needs."""
 
     mix: Path
@@ -148,13 +148,6 @@ class ExtendConfig:
     text_field: str | None = None
     resume: bool = False
     settings: TrainSettings = field(default_factory=lambda: TrainSettings(max_steps=15))
-
-    @property
-    def work_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".partial")
-
-    def fingerprint(self) -> dict:
-        return run_fingerprint(self)
 
 
 # -- merging -----------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
-from ..experts.training import Blocks, DataSource, TrainSettings, run_fingerprint, start_work_dir
+from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, start_work_dir
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from ..hub.card import check_compatible
 from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
@@ -477,7 +477,7 @@ def evaluate_lightweight_mix(mix: str | Path, sources: Sequence[DataSource], seq
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
-class LightweightConfig:
+class LightweightConfig(ResumableJob):
     """Everything ``expertmix assemble --kind mov|molora`` needs."""
 
     seed: Path
@@ -499,13 +499,6 @@ class LightweightConfig:
     calibration_blocks: int = 4
     resume: bool = False
     settings: TrainSettings = field(default_factory=TrainSettings)
-
-    @property
-    def work_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".partial")
-
-    def fingerprint(self) -> dict:
-        return run_fingerprint(self)
 
     def spec(self) -> MixtureSpec:
         return MixtureSpec(kind=self.kind, num_experts=self.num_experts, top_k=self.top_k, rank=self.rank,

@@ -176,8 +176,19 @@ class DataSource:
     path: Path
 
 
+class ResumableJob:
+    """For job configs with ``out`` and ``resume``: work happens in ``OUT.partial``, keyed by the settings."""
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+    def fingerprint(self) -> dict:
+        return run_fingerprint(self)
+
+
 @dataclass
-class ExpertTrainConfig:
+class ExpertTrainConfig(ResumableJob):
     """Everything ``expertmix train`` needs; validated by :func:`train_expert` before any work starts."""
 
     base: Path
@@ -202,13 +213,6 @@ class ExpertTrainConfig:
     lora_alpha: int = 32
     resume: bool = False
     settings: TrainSettings = field(default_factory=TrainSettings)
-
-    @property
-    def work_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".partial")
-
-    def fingerprint(self) -> dict:
-        return run_fingerprint(self)
 
 
 def run_fingerprint(cfg) -> dict:
