@@ -18,6 +18,7 @@ import torch
 from rich.progress import Progress
 
 from ..errors import DataError
+from ..experts.data import iter_jsonl_records
 from ..fsutil import write_text_atomic
 from .policy import load_policy, sample_completions, score_samples
 from .rewards import RewardFn, load_reward
@@ -56,21 +57,7 @@ def _read_rows(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path} line {i}: not valid UTF-8") from exc
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
-            yield i, row
+    return iter_jsonl_records(path)
 
 
 def _string(row: dict, key: str, path: Path, line: int) -> str:

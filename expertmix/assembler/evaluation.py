@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, ExpertmixError
 from ..experts.data import IGNORE_INDEX, Document, read_documents, tokenize_documents
-from ..fsutil import atomic_path, write_json_atomic
+from ..fsutil import save_figure, write_json_atomic
 
 LATIN, NON_LATIN = "Latin", "non-Latin"
 LATIN_SCRIPT_CODES = {"latn", "latin"}
@@ -403,11 +403,7 @@ class QualityReport:
                      fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = Path(path)
-        with atomic_path(path, ".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def bootstrap_ci(bits_model: np.ndarray, bits_ref: np.ndarray, draws: int = BOOTSTRAP_DRAWS,

@@ -34,7 +34,7 @@ from huggingface_hub import ModelCardData
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -44,7 +44,7 @@ from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, 
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from ..hub.card import check_compatible
 from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
-from .manifest import MIX_FILE, DataRef, SeedInfo, Standardisation
+from .manifest import MIX_FILE, DataRef, SeedInfo, Standardisation, read_manifest
 from .mixture_layers import capture_routing, install_routers, routed_layers, set_top_k, unrouted_layers
 from .routing_report import EvalReport, eval_blocks
 from .upcycling import ExpertSource, load_expert, seed_info
@@ -326,16 +326,7 @@ def is_lightweight_mix(folder: str | Path) -> bool:
 
 def read_lightweight_manifest(folder: str | Path) -> LightweightManifest:
     """Read and validate a lightweight mix's ``mix.json``; errors name the file and the field."""
-    path = Path(folder) / MIX_FILE
-    if not path.is_file():
-        raise ExpertmixError(f"{folder}: not a mix (no {MIX_FILE})")
-    try:
-        return LightweightManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as exc:
-        raise ExpertmixError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except ValidationError as exc:
-        fields = "; ".join(f"field '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors())
-        raise ExpertmixError(f"{path}: {fields}") from exc
+    return read_manifest(folder, LightweightManifest)
 
 
 def card_markdown(manifest: LightweightManifest, metrics: dict[str, float] | None = None) -> str:

@@ -97,13 +97,14 @@ class MixManifest(BaseModel):
         return path
 
 
-def read_manifest(folder: str | Path) -> MixManifest:
-    """Read and validate ``folder/mix.json``; errors name the file and the field."""
+def read_manifest(folder: str | Path, model: type[BaseModel] | None = None):
+    """Read and validate ``folder/mix.json`` as ``model`` (default :class:`MixManifest`); errors name file and field."""
+    model = model or MixManifest
     path = Path(folder) / MIX_FILE
     if not path.is_file():
         raise ExpertmixError(f"{folder}: not a mix (no {MIX_FILE})")
     try:
-        return MixManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
         raise ExpertmixError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     except ValidationError as exc:

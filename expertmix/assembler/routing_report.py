@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..experts.data import pack, read_documents, tokenize_documents
 from ..experts.training import Blocks, DataSource, perplexity
-from ..fsutil import atomic_path
+from ..fsutil import save_figure
 from .upcycling import require_mix_folder
 
 
@@ -113,8 +113,4 @@ def save_heatmap(report: EvalReport, path: str | Path, title: str = "tokens rout
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

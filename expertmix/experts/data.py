@@ -66,7 +66,8 @@ def _record_to_document(rec: dict, path: Path, line: int, text_field: str | None
     return Document(text=val, **extra)
 
 
-def read_jsonl(path: Path, text_field: str | None = None) -> Iterator[Document]:
+def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; bad lines are errors naming them."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
             line = _decode(raw, path, i).strip()
@@ -78,7 +79,12 @@ def read_jsonl(path: Path, text_field: str | None = None) -> Iterator[Document]:
                 raise DataError(f"{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
             if not isinstance(rec, dict):
                 raise DataError(f"{path} line {i}: expected a JSON object, got {type(rec).__name__}")
-            yield _record_to_document(rec, path, i, text_field)
+            yield i, rec
+
+
+def read_jsonl(path: Path, text_field: str | None = None) -> Iterator[Document]:
+    for i, rec in iter_jsonl_records(path):
+        yield _record_to_document(rec, path, i, text_field)
 
 
 def read_text(path: Path, split: str = "paragraph") -> Iterator[Document]:
