@@ -432,10 +432,12 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
               help="mov/molora, fresh experts: comma list of modules to adapt (default: peft's for the model).")
 @click.option("--router-init", type=click.Choice(["auto", "domain", "random"]), default="auto", show_default=True,
               help="mov/molora: domain = from the experts' domain embeddings (auto: when experts have them).")
+@click.option("--shared-router", is_flag=True,
+              help="mov/molora: one router per block for the adapted projections of one input width.")
 @_registry_option
 @_budget_options
 def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all, aux_loss, seed_id, text_field,
-             kind, num_experts, top_k, rank, targets, router_init,
+             kind, num_experts, top_k, rank, targets, router_init, shared_router,
              registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed, resume):
     """Upcycle experts of one seed into a Nexus MoE (or a baseline), or mix PEFT experts (MoV, MoLoRA)."""
     from .assembler.assemble import AssembleConfig
@@ -448,7 +450,8 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
             seed=seed_dir, kind=kind, data=_named_sources(data), out=out, experts=[*experts, *more_experts],
             num_experts=num_experts, top_k=top_k, rank=rank, alpha=16,
             target_modules=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-            router_init=router_init, registry=registry, seed_id=seed_id, mix=mix, seq_len=seq_len,
+            shared_router=shared_router, router_init=router_init, registry=registry, seed_id=seed_id, mix=mix,
+            seq_len=seq_len,
             text_field=text_field, resume=resume,
             settings=_settings(batch_size, grad_accum, DEFAULT_LEARNING_RATES[kind] if lr is None else lr, max_steps,
                                max_tokens, save_steps, run_seed))
@@ -695,8 +698,12 @@ def _parse_nodes(values: tuple[str, ...]):
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning rate over the rounds.")
+@click.option("--warmup", type=float, default=0.1, show_default=True,
+              help="Share of the federation's steps (rounds x local steps) that ramps the rate up.")
+@click.option("--keep-optimizer/--fresh-optimizer", default=True, show_default=True,
+              help="Nodes keep their AdamW moments between rounds, or start a fresh optimizer every round.")
 @click.option("--local-warmup", type=float, default=0.0, show_default=True,
-              help="Share of each round's local steps that ramps the rate up (the optimizer restarts each round).")
+              help="Share of each round's local steps that ramps the rate up again (for --fresh-optimizer).")
 @click.option("--valid-fraction", type=float, default=0.05, show_default=True)
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--embedder", default="seed", show_default=True,
@@ -714,7 +721,8 @@ def _parse_nodes(values: tuple[str, ...]):
 @_registry_option
 def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
              server_lr, server_momentum, fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout,
-             seq_len, batch_size, grad_accum, lr, lr_schedule, local_warmup, valid_fraction, lora_r, embedder,
+             seq_len, batch_size, grad_accum, lr, lr_schedule, warmup, keep_optimizer, local_warmup, valid_fraction,
+             lora_r, embedder,
              dp_clip, dp_noise, seed,
              out, no_publish, threads_per_node, debug_dir, app_only, registry):
     """Train one expert across nodes with Flower: a local SuperLink, a SuperNode per --node, flwr run."""
@@ -724,7 +732,8 @@ def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_s
     cfg = FederationConfig.from_run_config(dict(
         base=str(base.resolve()), domain=domain, work_dir=str(work_dir.resolve()), name=name or "",
         base_id=base_id or "", kind=kind, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, local_warmup=local_warmup, seq_len=seq_len,
+        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup=warmup, keep_optimizer=keep_optimizer,
+        local_warmup=local_warmup, seq_len=seq_len,
         valid_fraction=valid_fraction,
         strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, server_momentum=server_momentum,
         fraction_train=fraction_train,

@@ -148,6 +148,8 @@ def test_restarted_server_resumes_after_its_last_checkpoint_and_only_with_the_sa
     result = run_federation(grid, cfg)
     first = grid.sent[0]
     assert first.content["config"]["server-round"] == 2  # round 1 was not trained again
+    # the nodes keep their optimizer moments under the federation's id, which the restart keeps
+    assert first.content["config"]["federation-id"] == state["federation_id"]
     received = first.content["arrays"].to_torch_state_dict()
     for k, v in after_round_1.items():
         torch.testing.assert_close(received[k], v)
@@ -247,3 +249,68 @@ def test_federate_app_only_writes_a_flower_app_that_flower_accepts(tmp_path, lla
     run = FederationConfig.from_run_config(app["config"])
     assert (run.rounds, run.kind, run.strategy, run.registry) == (7, "lora", "fedprox", "https://registry.example.org")
     assert run.base == str(llama_seed.resolve())
+
+
+def test_node_continues_its_adam_moments_between_rounds_and_drops_them_after_the_last(tmp_path, llama_seed,
+                                                                                     shards, home):
+    from expertmix.client.node import Node
+    from expertmix.client.settings import NodeConfig
+    from expertmix.client.weights import travelling_state
+
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=3, local_steps=2)
+    node = Node(cfg, NodeConfig.from_node_config(nodes[0]))
+    moments = node.optimizer_file("fed-1")
+    state = travelling_state(node.model())
+    trainable = {n for n, p in node.model().named_parameters() if p.requires_grad}
+
+    def steps_saved() -> set[float]:
+        saved = load_state(moments)
+        assert {k.partition("/")[2] for k in saved if k.startswith("exp_avg_sq/")} == trainable
+        return {v.item() for k, v in saved.items() if k.startswith("step/")}
+
+    state = node.train_round(state, 1, federation_id="fed-1").state
+    assert steps_saved() == {2.0}
+    state = node.train_round(state, 2, federation_id="fed-1").state
+    assert steps_saved() == {4.0}  # round 2 continued round 1's AdamW instead of starting afresh
+    node.train_round(state, 2, federation_id="fed-2")
+    assert node.optimizer_file("fed-2") != moments and load_state(node.optimizer_file("fed-2"))
+    node.train_round(state, 3, federation_id="fed-1")
+    assert not moments.exists()  # the last round: nothing continues from them
+
+    fresh = Node(cfg.model_copy(update={"keep_optimizer": False}), NodeConfig.from_node_config(nodes[0]))
+    fresh.train_round(state, 1, federation_id="fed-3")
+    assert not fresh.optimizer_file("fed-3").exists()
+
+
+def test_node_local_steps_take_the_rates_of_the_central_schedule(tmp_path, llama_seed, shards):
+    from transformers import TrainerCallback, get_cosine_schedule_with_warmup
+
+    from expertmix.client.local_optimizer import LocalOptimizerState
+    from expertmix.experts.data import pack, read_documents, tokenize_documents
+    from expertmix.experts.training import TrainSettings, fit
+
+    cfg = FederationConfig.from_run_config(dict(base=str(llama_seed), domain="d", work_dir=str(tmp_path / "w"),
+                                                rounds=3, local_steps=4, lr=1e-3, warmup=0.2))
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1e-3), 3, 12)
+    central = []
+    for _ in range(12):
+        central.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert [cfg.step_lr(s) for s in range(12)] == pytest.approx(central)
+
+    class Seen(TrainerCallback):
+        rates: list[float] = []
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.rates.append(optimizer.param_groups[0]["lr"])
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_seed)
+    blocks = pack(tokenize_documents(read_documents(shards["n1"]), AutoTokenizer.from_pretrained(llama_seed)), 32)
+    settings = TrainSettings(max_steps=4, batch_size=2, learning_rate=5.0, warmup_ratio=0.0, lr_scheduler="constant",
+                             save_steps=0, progress=False)
+    fit(model, blocks, None, settings, tmp_path / "fit",
+        callbacks=[LocalOptimizerState(model, lambda i: cfg.local_lr(2, i)), Seen()])
+    assert Seen.rates == pytest.approx(central[4:8])  # round 2's slice of the federation's schedule

@@ -153,7 +153,7 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
         raise ExpertmixError("no training data given (--data NAME=PATH, one per domain)")
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
     work = cfg.work_dir
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out)
+    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out, cfg.fingerprint_defaults())
     init = work / "init"
     if not init.is_dir():
         experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]

@@ -9,7 +9,9 @@ Routers start Nexus-style when the experts carry domain embeddings: each trainin
 with the experts' embedder and matched to the experts by similarity; an expert's router row at every
 adapted projection is then the mean input of that projection over its matched domain (the domain
 embedding, measured in the router's own input space), centred over the experts and scaled to unit logit
-spread. Fresh experts get random rows at the same scale.
+spread. Fresh experts get random rows at the same scale. With ``shared_router`` (``--shared-router``) the
+adapted projections of a block that read inputs of one width share one router (its owner's rows are the ones
+initialised and saved), which on small models frees most of the router's share of the trainable parameters.
 
 A mix folder holds no base weights: ``experts/expertN/`` (peft adapter folders, router rows included),
 ``mix.json`` (seed signature and path, experts' provenance, parameter counts, history), ``README.md``
@@ -45,7 +47,15 @@ from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atom
 from ..hub.card import check_compatible
 from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
 from .manifest import MIX_FILE, DataRef, SeedInfo, Standardisation, read_manifest
-from .mixture_layers import capture_routing, install_routers, routed_layers, set_top_k, unrouted_layers
+from .mixture_layers import (
+    capture_routing,
+    install_routers,
+    routed_layers,
+    router_owners,
+    set_top_k,
+    share_routers,
+    unrouted_layers,
+)
 from .routing_report import EvalReport, eval_blocks
 from .upcycling import ExpertSource, load_expert, seed_info
 
@@ -81,6 +91,7 @@ class MixtureSpec:
     rank: int = 4  # MoLoRA: rank of each expert
     alpha: int = 16  # MoLoRA: scaling alpha / rank (the paper: 16 / r)
     target_modules: list[str] | None = None  # None: peft's default for the architecture
+    shared_router: bool = False  # one router per block and input width (see mixture_layers.share_routers)
 
 
 def is_seq2seq(config) -> bool:
@@ -112,8 +123,11 @@ def fresh_expert_config(spec: MixtureSpec, model) -> PeftConfig:
     return LoraConfig(task_type=task, r=spec.rank, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=0.0)
 
 
-def build_mixture(model, configs: Sequence[PeftConfig], top_k: int | None = None) -> PeftModel:
-    """Wrap ``model`` in one peft adapter per expert config and route them (only adapters and routers train)."""
+def build_mixture(model, configs: Sequence[PeftConfig], top_k: int | None = None,
+                  shared_router: bool = False) -> PeftModel:
+    """Wrap ``model`` in one peft adapter per expert config and route them (only adapters and routers train).
+
+    ``shared_router``: the adapted projections of a block that read inputs of one width share one router."""
     if not configs:
         raise ExpertmixError("a mixture needs at least one expert")
     kinds = {c.peft_type.value for c in configs}
@@ -139,6 +153,8 @@ def build_mixture(model, configs: Sequence[PeftConfig], top_k: int | None = None
             missing = sorted(set(names) - set(layer.experts()))
             raise IncompatibleExpertError(f"{layer_name}: adapted by some experts but not by {', '.join(missing)}; "
                                           f"the experts of a mixture must adapt the same modules")
+    if shared_router:
+        share_routers(peft_model)
     set_top_k(peft_model, top_k)
     return peft_model
 
@@ -252,7 +268,7 @@ def init_routers(model: PeftModel, means: dict[str, torch.Tensor] | None, sample
     """Set every router's rows: from the assigned sources' mean inputs (centred over the experts), else random;
     with calibration samples, rows are scaled so that the initial logits have unit standard deviation."""
     gen = torch.Generator().manual_seed(seed)
-    for name, layer in routed_layers(model):
+    for name, layer in router_owners(model):  # a shared router starts from its owner's input
         experts = layer.experts()
         rows = None
         if assignment is not None and means is not None:
@@ -301,6 +317,7 @@ class LightweightManifest(BaseModel):
     seed: SeedInfo
     seed_path: str
     top_k: int | None = None
+    shared_router: bool = False
     experts: list[LightweightExpert]
     router_init: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -399,7 +416,7 @@ def load_lightweight(folder: str | Path, seed: str | Path | None = None, device:
         if not (a / "adapter_config.json").is_file():
             raise ExpertmixError(f"{a}: expert adapter folder missing (no adapter_config.json)")
     model = build_mixture(load_base(seed_dir), [PeftConfig.from_pretrained(str(a)) for a in adapters],
-                          manifest.top_k)
+                          manifest.top_k, manifest.shared_router)
     load_expert_weights(model, adapters)
     model.eval()
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -481,6 +498,7 @@ class LightweightConfig(ResumableJob):
     rank: int = 4
     alpha: int = 16
     target_modules: list[str] | None = None
+    shared_router: bool = False
     router_init: Literal["auto", "domain", "random"] = "auto"
     registry: str | None = None
     seed_id: str | None = None
@@ -493,7 +511,7 @@ class LightweightConfig(ResumableJob):
 
     def spec(self) -> MixtureSpec:
         return MixtureSpec(kind=self.kind, num_experts=self.num_experts, top_k=self.top_k, rank=self.rank,
-                           alpha=self.alpha, target_modules=self.target_modules)
+                           alpha=self.alpha, target_modules=self.target_modules, shared_router=self.shared_router)
 
 
 def check_lightweight_experts(seed: SeedInfo, experts: Sequence[ExpertSource], kind: str) -> None:
@@ -549,7 +567,7 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
     if experts:  # refused before any work folder exists
         check_lightweight_experts(seed, experts, cfg.kind)
     work = cfg.work_dir
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out)
+    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out, cfg.fingerprint_defaults())
     tokenizer = AutoTokenizer.from_pretrained(cfg.seed)
     torch.manual_seed(cfg.settings.seed)
     base = load_base(cfg.seed)
@@ -560,7 +578,7 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
     else:
         configs = [fresh_expert_config(cfg.spec(), base) for _ in range(cfg.num_experts)]
         log(f"{cfg.num_experts} fresh {EXPERT_KINDS[cfg.kind]} experts")
-    model = build_mixture(base, configs, cfg.top_k)
+    model = build_mixture(base, configs, cfg.top_k, cfg.shared_router)
     if experts:
         load_expert_weights(model, [e.folder for e in experts])
 
@@ -593,7 +611,7 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
     names = [e.info.name for e in experts] or [adapter_name(i) for i in range(cfg.num_experts)]
     manifest = LightweightManifest(
         kind=cfg.kind, task="seq2seq" if seq2seq else "causal", seed=seed, seed_path=str(Path(cfg.seed).resolve()),
-        top_k=cfg.top_k,
+        top_k=cfg.top_k, shared_router=cfg.shared_router,
         experts=[LightweightExpert(name=name, adapter=f"{EXPERTS_DIR}/{adapter_name(i)}",
                                    **(_provenance(experts[i]) if experts else {}))
                  for i, name in enumerate(names)],

@@ -13,11 +13,17 @@ for every token instead of applying them all (several active (IA)³ adapters wou
 
 ``s(x) = softmax(x R^T)``; with ``top_k`` only the k largest weights are kept and renormalised, so a
 merge of (IA)³ vectors stays a convex combination (all-ones experts remain the identity).
+
+With shared routers (:func:`share_routers`), the routed layers of one transformer block whose inputs have the
+same width use one router between them (held by the first; the others keep none), each applied to its own
+input: the router then costs ``E x hidden`` per block instead of ``E x in_features`` per projection, which on
+a small model is as much as the experts themselves.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,25 +43,34 @@ class RoutedMixin:
 
     top_k: int | None = None
     routing_sink: list[torch.Tensor] | None = None  # set by capture_routing: per-call probabilities
+    router_owner: RoutedMixin | None = None  # set by share_routers: the layer whose router this one uses
 
     def _ensure_router(self) -> None:
         if ROUTER not in self._modules:  # peft's update_layer already walks adapter_layer_names
             self.mix_router = nn.ParameterDict({})
 
     def _add_router_row(self, adapter_name: str) -> None:
+        if self.router_owner is not None:  # a shared router: the owner gets the row
+            return
         weight = self.get_base_layer().weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         row = torch.empty(self.in_features, device=weight.device, dtype=dtype)
         nn.init.normal_(row, std=1.0 / math.sqrt(self.in_features))
         self.mix_router[adapter_name] = nn.Parameter(row, requires_grad=adapter_name in self.active_adapters)
 
+    def router_layer(self) -> RoutedMixin:
+        """The layer that holds this layer's router (itself, unless its router is shared)."""
+        return self if self.router_owner is None else self.router_owner
+
     def experts(self) -> list[str]:
         """The active experts this layer mixes, in adapter order."""
-        return [a for a in self.active_adapters if a in self.mix_router]
+        rows = self.router_layer().mix_router
+        return [a for a in self.active_adapters if a in rows]
 
     def router_weight(self, experts: list[str]) -> torch.Tensor:
         """The router's weight ``[E, in_features]`` for ``experts``."""
-        return torch.stack([self.mix_router[e] for e in experts])
+        rows = self.router_layer().mix_router
+        return torch.stack([rows[e] for e in experts])
 
     def route(self, x: torch.Tensor, experts: list[str]) -> torch.Tensor:
         """Per-token merging weights ``[..., E]`` (float32): softmax of ``x R^T``, optionally top-k."""
@@ -178,6 +193,38 @@ def install_routers(model: nn.Module, adapter_name: str, config) -> int:
     if swapped == 0:
         raise ExpertmixError("no layer of the model was adapted: check the adapters' target_modules")
     return swapped
+
+
+def block_of(name: str) -> str:
+    """The transformer block a module belongs to: its name up to the last numeric part (``model.layers.3``)."""
+    match = re.match(r"^(.*\.\d+)(?:\.|$)", name)
+    return match.group(1) if match else ""
+
+
+def share_routers(model: nn.Module) -> int:
+    """Let the routed layers of each block with inputs of one width share the first one's router.
+
+    The others' router rows are dropped (so saved adapters hold each shared router once); call after every
+    expert is added. Returns how many layers now use another layer's router.
+    """
+    owners: dict[tuple[str, int], RoutedMixin] = {}
+    shared = 0
+    for name, layer in routed_layers(model):
+        owner = owners.setdefault((block_of(name), layer.in_features), layer)
+        if owner is layer:
+            continue
+        if list(layer.mix_router) != list(owner.mix_router):
+            raise ExpertmixError(f"{name}: its experts differ from those of the router it would share")
+        for key in list(layer.mix_router):
+            del layer.mix_router[key]
+        layer.__dict__["router_owner"] = owner  # a plain reference: not a submodule, not in the state dict
+        shared += 1
+    return shared
+
+
+def router_owners(model: nn.Module) -> list[tuple[str, RoutedMixin]]:
+    """The routed layers that hold a router (all of them unless routers are shared)."""
+    return [(n, layer) for n, layer in routed_layers(model) if layer.router_owner is None]
 
 
 def unrouted_layers(model: nn.Module) -> list[str]:

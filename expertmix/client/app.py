@@ -1,9 +1,9 @@
 """The Flower ``ClientApp`` a contributor's SuperNode runs (Message API).
 
-- ``train``: receives the global state (``arrays``) and the round's ``config`` (``server-round``, ``lr``,
-  ``base-fingerprint``, FedProx's ``proximal-mu``), trains locally, replies with the new state, a MetricRecord
-  (``num-examples`` = the node's training blocks, losses) and a ConfigRecord ``node`` (the node's summary:
-  counts, languages, domain embedding; never text).
+- ``train``: receives the global state (``arrays``) and the round's ``config`` (``server-round``,
+  ``federation-id``, ``base-fingerprint``, FedProx's ``proximal-mu``; ``lr`` for the log only), trains
+  locally, replies with the new state, a MetricRecord (``num-examples`` = the node's training blocks,
+  losses) and a ConfigRecord ``node`` (the node's summary: counts, languages, domain embedding; never text).
 - ``evaluate``: validation loss of the global state on the node's validation data (``num-examples`` = tokens).
 
 Settings come from the run config (:class:`FederationConfig`) and the SuperNode's node config
@@ -32,8 +32,9 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     config = msg.content["config"]
     result = node.train_round(msg.content["arrays"].to_torch_state_dict(), server_round=int(config["server-round"]),
-                              lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
-                              base_fingerprint=str(config.get("base-fingerprint", "")) or None)
+                              proximal_mu=float(config.get("proximal-mu", 0.0)),
+                              base_fingerprint=str(config.get("base-fingerprint", "")) or None,
+                              federation_id=str(config.get("federation-id", "")) or None)
     content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics),
                           "node": ConfigRecord(result.summary)})
     return Message(content=content, reply_to=msg)

@@ -24,6 +24,7 @@ from ..experts.training import Blocks, TrainSettings, fit, peft_wrap, split_vali
 from ..fsutil import write_json_atomic
 from ..hub.fingerprint import fingerprint_tokenizer, fingerprint_weights, weight_files
 from ..hub.store import expertmix_home
+from .local_optimizer import LocalOptimizerState
 from .settings import FederationConfig, NodeConfig
 from .weights import load_state, load_travelling_state, save_state, travelling_state
 
@@ -148,11 +149,13 @@ class Node:
                 "embedding": [float(x) for x in data.embedding.tolist()]}
 
     # -- one round ---------------------------------------------------------------------------------
-    def train_round(self, received: dict[str, torch.Tensor], server_round: int, lr: float, proximal_mu: float = 0.0,
-                    base_fingerprint: str | None = None) -> RoundResult:
+    def train_round(self, received: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0,
+                    base_fingerprint: str | None = None, federation_id: str | None = None) -> RoundResult:
         """Train the received global state on the local data; return the new state, metrics and summary.
 
-        The metrics include the received state's summed validation loss on the node's validation data
+        Each local step takes the federation schedule's rate for its global step; with ``keep_optimizer`` the
+        node continues its AdamW moments from its previous round in the federation ``federation_id``. The
+        metrics include the received state's summed validation loss on the node's validation data
         (``valid-nll-before``, with ``valid-tokens``): the evaluation of the previous round's global state.
         """
         if base_fingerprint and base_fingerprint != self.base_fingerprint():
@@ -164,13 +167,17 @@ class Node:
         self._debug_marker(server_round)
         fed = self.fed
         settings = TrainSettings(max_steps=fed.local_steps, batch_size=fed.batch_size, grad_accum=fed.grad_accum,
-                                 learning_rate=lr, warmup_ratio=fed.local_warmup,
-                                 lr_scheduler="constant_with_warmup" if fed.local_warmup else "constant",
+                                 learning_rate=fed.lr, warmup_ratio=0.0, lr_scheduler="constant",
                                  save_steps=0, logging_steps=max(1, fed.local_steps // 4),
                                  seed=fed.seed + server_round, progress=False)
-        callbacks = [ProximalTerm(model, proximal_mu)] if proximal_mu > 0 else None
+        moments = self.optimizer_file(federation_id) if fed.keep_optimizer and federation_id else None
+        callbacks = [LocalOptimizerState(model, lambda i: fed.local_lr(server_round, i), moments)]
+        if proximal_mu > 0:
+            callbacks.append(ProximalTerm(model, proximal_mu))
         with tempfile.TemporaryDirectory(prefix="expertmix-node-") as tmp:
             out = fit(model, data.train, None, settings, tmp, callbacks=callbacks)
+        if moments is not None and server_round >= fed.rounds:
+            moments.unlink(missing_ok=True)  # the federation's last round: nothing continues from them
         trained = travelling_state(model)
         state = {k: trained[k] for k in received}  # the received order: DP clipping pairs arrays by position
         n_examples = int(data.train["input_ids"].shape[0])
@@ -179,6 +186,10 @@ class Node:
                    "valid-nll-before": float(nll_before)}
         self._debug_save(server_round, state, n_examples)
         return RoundResult(state=state, metrics=metrics, summary=self.summary(data))
+
+    def optimizer_file(self, federation_id: str) -> Path:
+        """Where this node keeps its optimizer moments between the rounds of one federation."""
+        return self.cache / "optimizer" / f"{_key(federation_id, self.label)}.safetensors"
 
     def evaluate(self, received: dict[str, torch.Tensor]) -> dict[str, float | int]:
         """Validation loss of the received global state on the local validation blocks, weighted by tokens."""

@@ -58,9 +58,13 @@ class FederationConfig(_Config):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of the federation's steps (rounds x local steps) "
+                          "over which the rate ramps up from 0, as central training's warm-up")
+    keep_optimizer: bool = Field(True, description="nodes keep their AdamW moments between rounds (in their "
+                                 "cache); off, every round starts a fresh optimizer")
     local_warmup: float = Field(0.0, ge=0, lt=1, description="share of each round's local steps (at least one "
-                                "when > 0) over which the rate ramps up from 0: every round starts the node's "
-                                "optimizer afresh, and a fresh Adam's first full step moves every weight by lr")
+                                "when > 0) over which the rate ramps up again: for keep-optimizer off, where a "
+                                "fresh Adam's first full step moves every weight by lr")
     seq_len: int = Field(256, ge=2)
     valid_fraction: float = Field(0.05, gt=0, lt=1)
     strategy: Literal["fedavg", "fedprox", "fedavgm"] = "fedavg"
@@ -107,13 +111,36 @@ class FederationConfig(_Config):
         d = {k: v for k, v in self.model_dump().items() if k not in RESUMABLE_CHANGES}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
-    def round_lr(self, server_round: int) -> float:
-        """The learning rate of a round: cosine decay over the rounds (evaluated mid-round), or constant."""
-        if self.lr_schedule == "constant":
-            return self.lr
+    @property
+    def total_steps(self) -> int:
+        """Sequential optimizer steps of the whole federation: every node takes ``local_steps`` per round."""
+        return self.rounds * self.local_steps
+
+    def step_lr(self, step: int) -> float:
+        """The rate of the federation's global step ``step`` (0-based): linear warm-up from 0, then cosine to 0
+        or constant; the schedule central training uses (transformers' ``cosine`` with warm-up)."""
         import math
 
-        return self.lr * 0.5 * (1 + math.cos(math.pi * (server_round - 0.5) / self.rounds))
+        warmup = math.ceil(self.warmup * self.total_steps)
+        if step < warmup:
+            return self.lr * step / warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def local_lr(self, server_round: int, local_step: int) -> float:
+        """The rate of a node's local step in a round: the global schedule, ramped up again over the round's
+        first steps when ``local_warmup`` is set."""
+        import math
+
+        lr = self.step_lr((server_round - 1) * self.local_steps + local_step)
+        ramp = math.ceil(self.local_warmup * self.local_steps) if self.local_warmup else 0
+        return lr * local_step / ramp if local_step < ramp else lr
+
+    def round_lr(self, server_round: int) -> float:
+        """The rate at the middle of a round (what the round log records)."""
+        return self.step_lr((server_round - 1) * self.local_steps + self.local_steps // 2)
 
 
 class NodeConfig(_Config):

@@ -11,7 +11,7 @@ import math
 import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -186,6 +186,17 @@ class ResumableJob:
     def fingerprint(self) -> dict:
         return run_fingerprint(self)
 
+    def fingerprint_defaults(self) -> dict:
+        """Top-level settings that have defaults, at their defaults: a run started by an older version, before
+        a setting existed, resumes when the setting is left at its default."""
+        out = {}
+        for f in fields(self):
+            if f.default is not MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                out[f.name] = f.default_factory()
+        return json.loads(json.dumps(out, default=lambda v: asdict(v) if is_dataclass(v) else str(v)))
+
 
 @dataclass
 class ExpertTrainConfig(ResumableJob):
@@ -226,8 +237,10 @@ def run_fingerprint(cfg) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path) -> None:
-    """Create (or, with ``resume``, reuse) a job's ``OUT.partial`` folder; a resumed job must keep its settings."""
+def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path, defaults: dict | None = None) -> None:
+    """Create (or, with ``resume``, reuse) a job's ``OUT.partial`` folder; a resumed job must keep its settings.
+
+    ``defaults``: settings the interrupted run may lack (it predates them) as long as they keep these values."""
     if out.exists():
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     if work.exists() and not resume:
@@ -236,6 +249,7 @@ def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path) -> No
     run_file = work / "run.json"
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
+        previous = {**{k: v for k, v in (defaults or {}).items() if k in fingerprint}, **previous}
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
@@ -294,7 +308,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         raise ExpertmixError("no training data given (--data)")
     prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, out)
+    start_work_dir(work, cfg.fingerprint(), cfg.resume, out, cfg.fingerprint_defaults())
     torch.manual_seed(cfg.settings.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)

@@ -138,7 +138,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     for rnd in range(record.rounds_done + 1, cfg.rounds + 1):
         started = time.time()
         log(INFO, "[expertmix] round %d/%d", rnd, cfg.rounds)
-        config = ConfigRecord({"lr": cfg.round_lr(rnd), "base-fingerprint": signature.base_fingerprint})
+        config = ConfigRecord({"lr": cfg.round_lr(rnd), "base-fingerprint": signature.base_fingerprint,
+                               "federation-id": record.federation_id})
         sent_bytes = int(arrays.count_bytes())
         messages = list(strategy.configure_train(rnd, arrays, config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -267,7 +268,7 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
             metrics=metrics,
             training={"rounds": record.rounds_done, "local_steps": cfg.local_steps, "batch_size": cfg.batch_size,
                       "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len, "learning_rate": cfg.lr,
-                      "lr_schedule": cfg.lr_schedule,
+                      "lr_schedule": cfg.lr_schedule, "warmup": cfg.warmup, "keep_optimizer": cfg.keep_optimizer,
                       "tokens": sum(int(r.get("train_tokens", 0)) for h in history for r in h["nodes"]),
                       "trainable_parameters": int(trainable), "total_parameters": int(total),
                       "trainable_share": trainable / total},

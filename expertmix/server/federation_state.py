@@ -14,6 +14,7 @@ server killed at any moment leaves either the previous round's checkpoint or the
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class FederationRecord:
     nodes: dict[str, dict] = field(default_factory=dict)  # label -> latest summary (counts, languages, embedding)
     expert: str | None = None
     momentum: str | None = None  # FedAvgM's server momentum, checkpointed beside the global state
+    # Names this federation to the nodes (they keep their optimizer moments under it); kept across restarts
+    federation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class FederationStore:
