@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--merge-steps", type=int, default=0, help="finetuning of the dense merge (0: plain average)")
     p.add_argument("--ext-share", type=float, default=0.05, help="extension tokens / es expert tokens")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--min-lr-ratio", type=float, default=None,
+                   help="cosine floor as a share of the peak rate (default 0; 0.3 with --reference, as the issue's)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr-expert", type=float, default=5e-4)
     p.add_argument("--lr-moe", type=float, default=3e-4)
@@ -87,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     a = p.parse_args()
     if a.reference:
         a.expert_steps, a.batch_size, a.seq_len, a.eval_blocks = 300, 32, 512, 0
+    if a.min_lr_ratio is None:
+        a.min_lr_ratio = 0.3 if a.reference else 0.0
     a.moe_steps = a.moe_steps if a.moe_steps is not None else a.expert_steps
     a.lr_ext = a.lr_ext if a.lr_ext is not None else a.lr_moe
     return a
@@ -125,7 +129,8 @@ def main() -> None:
 
     def settings(steps: int, lr: float) -> TrainSettings:
         return TrainSettings(max_steps=steps, batch_size=budget.batch_size, learning_rate=lr, warmup_ratio=0.1,
-                             save_steps=10**9, logging_steps=max(1, steps // 5), bf16=budget.bf16, progress=False)
+                             min_lr_ratio=args.min_lr_ratio, save_steps=10**9, logging_steps=max(1, steps // 5),
+                             bf16=budget.bf16, progress=False)
 
     def log(msg: str) -> None:
         print(f"  {msg}", flush=True)

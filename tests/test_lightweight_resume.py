@@ -77,7 +77,7 @@ def test_interrupted_lightweight_assemble_resumes_from_its_checkpoint(kind, extr
     if not extra:  # a run started before a setting existed resumes while the setting keeps its default
         run_file = work / "run.json"
         older = json.loads(run_file.read_text())
-        del older["shared_router"]
+        del older["shared_router"], older["settings"]["min_lr_ratio"]
         run_file.write_text(json.dumps(older))
         changed = run(*args, "--shared-router", "--out", out, "--resume", ok=False)
         assert changed.exit_code == 1 and "shared_router" in changed.output

@@ -40,6 +40,7 @@ class TrainSettings:
     learning_rate: float = 5e-4
     warmup_ratio: float = 0.1
     lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.0  # cosine decays to this share of the peak rate (Nexus' reference: 0.3)
     weight_decay: float = 0.0
     save_steps: int = 100  # checkpoint every N steps; 0 writes none
     logging_steps: int = 10
@@ -91,7 +92,10 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
         warmup_steps=settings.warmup_ratio,
-        lr_scheduler_type=settings.lr_scheduler,
+        lr_scheduler_type="cosine_with_min_lr" if settings.lr_scheduler == "cosine" and settings.min_lr_ratio
+        else settings.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": settings.min_lr_ratio}
+        if settings.lr_scheduler == "cosine" and settings.min_lr_ratio else {},
         weight_decay=settings.weight_decay,
         logging_steps=settings.logging_steps,
         save_strategy="steps" if settings.save_steps > 0 else "no",  # 0: no checkpoints (e.g. a federated round)
@@ -249,13 +253,27 @@ def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path, defau
     run_file = work / "run.json"
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
-        previous = {**{k: v for k, v in (defaults or {}).items() if k in fingerprint}, **previous}
+        previous = _with_defaults(previous, defaults or {}, fingerprint)
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
                                  f"(differs in: {', '.join(changed)})")
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_file, fingerprint)
+
+
+def _with_defaults(previous: dict, defaults: dict, current: dict) -> dict:
+    """``previous`` with the settings it lacks (it predates them) filled from ``defaults``, nested dicts too, where
+    the current run has them."""
+    out = dict(previous)
+    for key, value in defaults.items():
+        if key not in current:
+            continue
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict) and isinstance(current[key], dict):
+            out[key] = _with_defaults(out[key], value, current[key])
+    return out
 
 
 def split_valid(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:

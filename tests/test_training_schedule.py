@@ -1,0 +1,35 @@
+"""The training loop's schedule: cosine with warm-up, optionally down to a floor (Nexus' reference recipe decays
+to 30% of the peak rate)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from expertmix.experts.data import pack, read_documents, tokenize_documents
+from expertmix.experts.training import TrainSettings, fit
+
+
+class _Rates(TrainerCallback):
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_cosine_schedule_decays_to_the_configured_share_of_the_peak(floor, llama_seed, corpus, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_seed)
+    blocks = pack(tokenize_documents(read_documents(corpus["prose"]), AutoTokenizer.from_pretrained(llama_seed)), 32)
+    seen = _Rates()
+    settings = TrainSettings(max_steps=10, batch_size=2, learning_rate=1e-3, warmup_ratio=0.2, min_lr_ratio=floor,
+                             save_steps=0, progress=False)
+    fit(model, blocks, None, settings, tmp_path / "fit", callbacks=[seen])
+    assert len(seen.rates) == 10 and max(seen.rates) == pytest.approx(1e-3)
+    after_peak = seen.rates[seen.rates.index(max(seen.rates)):]
+    assert after_peak == sorted(after_peak, reverse=True)  # decays monotonically after the warm-up
+    assert min(after_peak) >= floor * 1e-3 - 1e-12
+    assert after_peak[-1] == pytest.approx(floor * 1e-3 + (1 - floor) * 1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
