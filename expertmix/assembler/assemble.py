@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, pack, read_documents, tokenize_documents
 from ..experts.mixing import mix_sources, parse_mix_spec
-from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit, start_work_dir
+from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit
 from ..fsutil import atomic_dir
 from .manifest import DataRef, MixManifest, read_manifest
 from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
@@ -153,7 +153,7 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
         raise ExpertmixError("no training data given (--data NAME=PATH, one per domain)")
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
     work = cfg.work_dir
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out, cfg.fingerprint_defaults())
+    cfg.start_work_dir()
     init = work / "init"
     if not init.is_dir():
         experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]

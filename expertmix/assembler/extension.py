@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument
-from ..experts.training import DataSource, ResumableJob, TrainSettings, start_work_dir
+from ..experts.training import DataSource, ResumableJob, TrainSettings
 from .assemble import (
     Blocks,
     budget_tokens,
@@ -399,7 +399,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     if recipe.placement == "reinit" and "router" not in recipe.train:
         raise ExpertmixError("placement 'reinit' starts a fresh router: it must train (add 'router' to --train)")
     work = cfg.work_dir
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out, cfg.fingerprint_defaults())
+    cfg.start_work_dir()
     expert = load_expert(cfg.expert, cfg.registry)
     check_experts(manifest.seed, [expert], f"the mix {mix_dir} (seed '{manifest.seed.id}')")
     if expert.info.name in config.expert_names:

@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
-from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, start_work_dir
+from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from ..hub.card import check_compatible
 from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
@@ -567,7 +567,7 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
     if experts:  # refused before any work folder exists
         check_lightweight_experts(seed, experts, cfg.kind)
     work = cfg.work_dir
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, cfg.out, cfg.fingerprint_defaults())
+    cfg.start_work_dir()
     tokenizer = AutoTokenizer.from_pretrained(cfg.seed)
     torch.manual_seed(cfg.settings.seed)
     base = load_base(cfg.seed)

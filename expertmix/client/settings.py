@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,8 +120,6 @@ class FederationConfig(_Config):
     def step_lr(self, step: int) -> float:
         """The rate of the federation's global step ``step`` (0-based): linear warm-up from 0, then cosine to 0
         or constant; the schedule central training uses (transformers' ``cosine`` with warm-up)."""
-        import math
-
         warmup = math.ceil(self.warmup * self.total_steps)
         if step < warmup:
             return self.lr * step / warmup
@@ -132,8 +131,6 @@ class FederationConfig(_Config):
     def local_lr(self, server_round: int, local_step: int) -> float:
         """The rate of a node's local step in a round: the global schedule, ramped up again over the round's
         first steps when ``local_warmup`` is set."""
-        import math
-
         lr = self.step_lr((server_round - 1) * self.local_steps + local_step)
         ramp = math.ceil(self.local_warmup * self.local_steps) if self.local_warmup else 0
         return lr * local_step / ramp if local_step < ramp else lr

@@ -84,6 +84,7 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
     work_dir = Path(work_dir)
     seq_len = train_blocks["input_ids"].shape[1]
     steps = settings.steps_for(train_blocks["input_ids"].shape[0], seq_len)
+    floored = settings.lr_scheduler == "cosine" and settings.min_lr_ratio > 0  # cosine down to a floor
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=steps,
@@ -92,10 +93,8 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
         warmup_steps=settings.warmup_ratio,
-        lr_scheduler_type="cosine_with_min_lr" if settings.lr_scheduler == "cosine" and settings.min_lr_ratio
-        else settings.lr_scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": settings.min_lr_ratio}
-        if settings.lr_scheduler == "cosine" and settings.min_lr_ratio else {},
+        lr_scheduler_type="cosine_with_min_lr" if floored else settings.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": settings.min_lr_ratio} if floored else {},
         weight_decay=settings.weight_decay,
         logging_steps=settings.logging_steps,
         save_strategy="steps" if settings.save_steps > 0 else "no",  # 0: no checkpoints (e.g. a federated round)
@@ -201,6 +200,25 @@ class ResumableJob:
                 out[f.name] = f.default_factory()
         return json.loads(json.dumps(out, default=lambda v: asdict(v) if is_dataclass(v) else str(v)))
 
+    def start_work_dir(self) -> None:
+        """Create (or, with ``resume``, reuse) the job's ``OUT.partial`` folder; a resumed job must keep its
+        settings (those added since it started may be missing from its record while they keep their defaults)."""
+        work, out, fingerprint = self.work_dir, Path(self.out), self.fingerprint()
+        if out.exists():
+            raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+        if work.exists() and not self.resume:
+            raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
+                                 f"or delete that folder to start over")
+        run_file = work / "run.json"
+        if run_file.is_file():
+            previous = _with_defaults(json.loads(run_file.read_text()), self.fingerprint_defaults(), fingerprint)
+            if previous != fingerprint:
+                changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+                raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
+                                     f"(differs in: {', '.join(changed)})")
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, fingerprint)
+
 
 @dataclass
 class ExpertTrainConfig(ResumableJob):
@@ -239,27 +257,6 @@ def run_fingerprint(cfg) -> dict:
         for budget in ("max_steps", "max_tokens", "save_steps", "logging_steps", "progress"):
             settings.pop(budget, None)  # a resumed run may train longer or checkpoint differently
     return json.loads(json.dumps(d, default=str))
-
-
-def start_work_dir(work: Path, fingerprint: dict, resume: bool, out: Path, defaults: dict | None = None) -> None:
-    """Create (or, with ``resume``, reuse) a job's ``OUT.partial`` folder; a resumed job must keep its settings.
-
-    ``defaults``: settings the interrupted run may lack (it predates them) as long as they keep these values."""
-    if out.exists():
-        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
-    if work.exists() and not resume:
-        raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
-                             f"or delete that folder to start over")
-    run_file = work / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        previous = _with_defaults(previous, defaults or {}, fingerprint)
-        if previous != fingerprint:
-            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-            raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
-                                 f"(differs in: {', '.join(changed)})")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, fingerprint)
 
 
 def _with_defaults(previous: dict, defaults: dict, current: dict) -> dict:
@@ -318,7 +315,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
 
     out, work = Path(cfg.out), cfg.work_dir
     name = validate_name(cfg.name or cfg.domain)
-    if out.exists():  # checked again by start_work_dir; here before any model is loaded
+    if out.exists():  # checked again by cfg.start_work_dir(); here before any model is loaded
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     if not (Path(cfg.base) / "config.json").is_file():
         raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
@@ -326,7 +323,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         raise ExpertmixError("no training data given (--data)")
     prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
-    start_work_dir(work, cfg.fingerprint(), cfg.resume, out, cfg.fingerprint_defaults())
+    cfg.start_work_dir()
     torch.manual_seed(cfg.settings.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
