@@ -100,8 +100,9 @@ def federated(args, seed: Path, valid: Path, kind: str, shards: dict[str, Path],
 
     cfg = FederationConfig(base=str(seed), base_id="seed-s", domain="de", name=f"de-federated-{kind}",
                            work_dir=str(work / f"fed-{kind}"), kind=kind, rounds=args.rounds, local_steps=local_steps,
-                           batch_size=args.node_batch_size, seq_len=args.seq_len, lr=args.lr,
-                           lr_schedule=args.lr_schedule, warmup=args.warmup, keep_optimizer=args.keep_optimizer,
+                           batch_size=args.node_batch_size, batch_split=args.batch_split, seq_len=args.seq_len,
+                           lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                           keep_optimizer=args.keep_optimizer,
                            local_warmup=args.local_warmup,
                            min_nodes=len(shards), lora_r=args.lora_r, seed=args.seed,
                            strategy=args.strategy, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
@@ -141,15 +142,18 @@ def federated_in_process(args, seed: Path, valid: Path, kind: str, shards: dict[
 
     cfg = FederationConfig(base=str(seed), domain="de", work_dir=str(work / f"fed-{kind}"), kind=kind,
                            rounds=args.rounds, local_steps=local_steps, batch_size=args.node_batch_size,
-                           seq_len=args.seq_len, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                           batch_split=args.batch_split, seq_len=args.seq_len, lr=args.lr,
+                           lr_schedule=args.lr_schedule, warmup=args.warmup,
                            keep_optimizer=args.keep_optimizer, local_warmup=args.local_warmup, lora_r=args.lora_r,
                            seed=args.seed, publish=False)
     nodes = [Node(cfg, NodeConfig(data=str(p), name=n, cache_dir=str(work / "node-cache")), i)
              for i, (n, p) in enumerate(shards.items())]
+    batches = cfg.node_batches({node.label: node.data().tokens for node in nodes})  # as the coordinator splits
     state, tokens, t0 = travelling_state(nodes[0].model()), 0, time.perf_counter()
     momentum: dict[str, torch.Tensor] = {}
     for rnd in range(1, cfg.rounds + 1):
-        results = [node.train_round(state, rnd, federation_id=f"bench-{kind}-{args.seed}") for node in nodes]
+        results = [node.train_round(state, rnd, federation_id=f"bench-{kind}-{args.seed}",
+                                    batch_size=batches[node.label]) for node in nodes]
         weights = [r.metrics["num-examples"] for r in results]
         mean = {k: sum(w / sum(weights) * r.state[k] for w, r in zip(weights, results, strict=True)) for k in state}
         if args.strategy == "fedavgm":  # as Flower's FedAvgM: a server step on the averaged update
@@ -192,6 +196,8 @@ def main() -> None:
     ap.add_argument("--proximal-mu", type=float, default=0.01)
     ap.add_argument("--server-lr", type=float, default=1.0, help="fedavgm: server step size.")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="fedavgm: server momentum.")
+    ap.add_argument("--batch-split", choices=["by-data", "equal"], default="by-data",
+                    help="Split the global batch over the nodes by their data, or give each --node-batch-size.")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--threads-per-node", type=int, default=1)
     ap.add_argument("--in-process", action="store_true", help="Run the nodes' training in this process without "

@@ -693,7 +693,11 @@ def _parse_nodes(values: tuple[str, ...]):
                    "replies already evaluate the state the nodes received).")
 @click.option("--round-timeout", type=float, default=3600, show_default=True, help="Seconds a round waits.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="A node's batch on average: the round's global batch is this times the nodes in the round.")
+@click.option("--batch-split", type=click.Choice(["by-data", "equal"]), default="by-data", show_default=True,
+              help="by-data: split the global batch over the nodes by their training tokens; equal: each takes "
+                   "--batch-size.")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
@@ -721,8 +725,8 @@ def _parse_nodes(values: tuple[str, ...]):
 @_registry_option
 def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
              server_lr, server_momentum, fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout,
-             seq_len, batch_size, grad_accum, lr, lr_schedule, warmup, keep_optimizer, local_warmup, valid_fraction,
-             lora_r, embedder,
+             seq_len, batch_size, batch_split, grad_accum, lr, lr_schedule, warmup, keep_optimizer, local_warmup,
+             valid_fraction, lora_r, embedder,
              dp_clip, dp_noise, seed,
              out, no_publish, threads_per_node, debug_dir, app_only, registry):
     """Train one expert across nodes with Flower: a local SuperLink, a SuperNode per --node, flwr run."""
@@ -732,7 +736,8 @@ def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_s
     cfg = FederationConfig.from_run_config(dict(
         base=str(base.resolve()), domain=domain, work_dir=str(work_dir.resolve()), name=name or "",
         base_id=base_id or "", kind=kind, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup=warmup, keep_optimizer=keep_optimizer,
+        batch_split=batch_split, grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
+        keep_optimizer=keep_optimizer,
         local_warmup=local_warmup, seq_len=seq_len,
         valid_fraction=valid_fraction,
         strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, server_momentum=server_momentum,

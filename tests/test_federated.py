@@ -25,7 +25,7 @@ from expertmix.hub.repo import load_domain_embedding
 from expertmix.hub.store import LocalStore
 from expertmix.server.local_federation import free_port
 
-SHARDS = {"n0": (0, 12), "n1": (12, 30), "n2": (30, 57)}  # disjoint, different sizes
+SHARDS = {"n0": (0, 8), "n1": (8, 26), "n2": (26, 57)}  # disjoint, sizes far enough apart for distinct batches
 VICTIM = "n2"
 TIMEOUT = 600
 
@@ -39,21 +39,6 @@ def _wait(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = T
             raise AssertionError(f"expertmix federate exited ({proc.returncode}) before {what}:\n{log.read_text()}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _clientapp_running(pid: int):
-    """A ClientApp process under the SuperNode means the node is working on a message right now."""
-    try:
-        kids = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return None
-    for k in kids:
-        try:
-            if "flwr-clientapp" in " ".join(k.cmdline()):
-                return True
-        except psutil.Error:  # gone, or a zombie, meanwhile
-            continue
-    return None
 
 
 def _kill_tree(pid: int) -> None:
@@ -90,7 +75,9 @@ def federation(llama_seed, corpus, tmp_path_factory):
         processes = _wait(lambda: json.loads((work / "processes.json").read_text())
                           if (work / "processes.json").is_file() else None, "the nodes to start", proc, log)
         victim = processes[f"node-{VICTIM}"]["pid"]
-        _wait(lambda: _clientapp_running(victim), f"{VICTIM} to start working on round 1", proc, log)
+        # (before round 1 each node is asked for its data size; the victim dies once it has started training)
+        _wait(lambda: True if (debug / VICTIM / "round-0001.started").is_file() else None,
+              f"{VICTIM} to start working on round 1", proc, log)
         _kill_tree(victim)
         # The node's owner brings it back: the same node config, the coordinator's address.
         address = (work / "flower" / "config.toml").read_text().split('address = "')[1].split('"')[0]
@@ -140,8 +127,8 @@ def test_aggregate_is_the_example_weighted_mean_of_what_the_nodes_sent(federatio
         names = [r["name"] for r in h["nodes"]]
         sends = [_sent(federation["debug"], n, h["round"]) for n in names]
         weights = [w for w, _ in sends]
-        assert len(set(weights)) == len(weights)  # shards of different sizes: the weighting matters
-        assert weights == [r["num_examples"] for r in h["nodes"]]
+        assert len(set(weights)) == len(weights)  # shards of different sizes, batches split by them: it matters
+        assert weights == [r["num_examples"] for r in h["nodes"]] == [4 * r["batch_size"] for r in h["nodes"]]
         total = sum(weights)
         aggregate = load_state(federation["work"] / "checkpoints" / f"round-{h['round']:04d}.safetensors")
         assert set(aggregate) == set(sends[0][1])
@@ -172,7 +159,8 @@ def test_card_records_the_federation(federation):
     fed = expert.federation
     assert fed["rounds"] == 2 and fed["nodes"] == 3 and fed["strategy"] == "fedavg"
     history = federation["state"]["history"]
-    assert fed["examples_per_node"] == {r["name"]: r["num_examples"] for r in history[1]["nodes"]}
+    assert fed["examples_per_node"] == {n: sum(r["num_examples"] for h in history for r in h["nodes"] if r["name"] == n)
+                                        for n in ("n0", "n1", "n2")}
     assert [sorted(r["nodes"]) for r in fed["rounds_log"]] == [["n0", "n1"], ["n0", "n1", "n2"]]
     nodes = federation["state"]["nodes"]
     assert expert.data.documents == sum(s["documents"] for s in nodes.values())

@@ -101,6 +101,50 @@ def _weighted_mean(tmp_path, rnd: int, names) -> dict[str, torch.Tensor]:
     return {k: sum(w / total * s[k].double() for w, s in sends) for k in sends[0][1]}
 
 
+def test_global_batch_is_split_over_the_nodes_by_their_data_and_weighted_by_examples_trained(tmp_path, llama_seed,
+                                                                                             shards, home):
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=2, evaluate_every=0)
+    grid = InProcessGrid(cfg.to_flat(), nodes)
+    run_federation(grid, cfg)
+    kinds = [m.metadata.message_type for m in grid.sent]
+    # the coordinator asks each node for its size once, before the first round; it knows them afterwards
+    assert kinds[:3] == ["query"] * 3 and kinds.count("query") == 3
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    tokens = {n: s["tokens"] for n, s in state["nodes"].items()}
+    assert len(set(tokens.values())) == 3
+    for h in state["history"]:
+        batch = {r["name"]: r["batch_size"] for r in h["nodes"]}
+        assert sum(batch.values()) == cfg.batch_size * 3  # the global batch, split
+        assert sorted(batch, key=batch.get) == sorted(tokens, key=tokens.get)  # more data, more of the batch
+        assert batch == cfg.node_batches(tokens)
+        for r in h["nodes"]:
+            assert r["num_examples"] == cfg.local_steps * batch[r["name"]]  # the FedAvg weight: examples trained
+        final = load_state(tmp_path / "work" / "checkpoints" / f"round-{h['round']:04d}.safetensors")
+        expected = _weighted_mean(tmp_path, h["round"], SIZES)
+        for k, v in final.items():
+            torch.testing.assert_close(v.double(), expected[k], atol=1e-6, rtol=1e-5)
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert {m.content["config"]["batch-size"] for m in sent} == set(cfg.node_batches(tokens).values())
+
+
+def test_equal_batch_split_gives_every_node_the_batch_size_without_asking(tmp_path, llama_seed, shards, home):
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=1, evaluate_every=0, batch_split="equal")
+    grid = InProcessGrid(cfg.to_flat(), nodes)
+    run_federation(grid, cfg)
+    assert "query" not in [m.metadata.message_type for m in grid.sent]
+    rows = json.loads((tmp_path / "work" / "state.json").read_text())["history"][0]["nodes"]
+    assert [r["batch_size"] for r in rows] == [4, 4, 4]
+    assert [r["num_examples"] for r in rows] == [cfg.local_steps * 4] * 3
+
+
+def test_node_batches_split_by_largest_remainder_with_at_least_one_each():
+    cfg = FederationConfig(base="seed", domain="d", work_dir="w", batch_size=2)
+    assert cfg.node_batches({"a": 50, "b": 30, "c": 20}) == {"a": 3, "b": 2, "c": 1}
+    assert cfg.node_batches({"a": 1000, "b": 1, "c": 1}) == {"a": 5, "b": 1, "c": 1}  # no node left out
+    assert cfg.node_batches({"a": 10, "b": None}) == {"a": 2, "b": 2}  # an unknown size takes the batch size
+    assert cfg.model_copy(update={"batch_split": "equal"}).node_batches({"a": 50, "b": 10}) == {"a": 2, "b": 2}
+
+
 def test_lora_federation_sends_only_the_adapter_and_publishes_an_adapter(tmp_path, llama_seed, shards, home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -146,7 +190,7 @@ def test_restarted_server_resumes_after_its_last_checkpoint_and_only_with_the_sa
 
     grid = InProcessGrid(cfg.to_flat(), nodes)
     result = run_federation(grid, cfg)
-    first = grid.sent[0]
+    first = next(m for m in grid.sent if m.metadata.message_type == "train")
     assert first.content["config"]["server-round"] == 2  # round 1 was not trained again
     # the nodes keep their optimizer moments under the federation's id, which the restart keeps
     assert first.content["config"]["federation-id"] == state["federation_id"]

@@ -1,9 +1,11 @@
 """The Flower ``ClientApp`` a contributor's SuperNode runs (Message API).
 
 - ``train``: receives the global state (``arrays``) and the round's ``config`` (``server-round``,
-  ``federation-id``, ``base-fingerprint``, FedProx's ``proximal-mu``; ``lr`` for the log only), trains
-  locally, replies with the new state, a MetricRecord (``num-examples`` = the node's training blocks,
-  losses) and a ConfigRecord ``node`` (the node's summary: counts, languages, domain embedding; never text).
+  ``federation-id``, ``base-fingerprint``, ``batch-size``, FedProx's ``proximal-mu``; ``lr`` for the log
+  only), trains locally, replies with the new state, a MetricRecord (``num-examples`` = the blocks it trained on
+  this round, losses) and a ConfigRecord ``node`` (the node's summary: counts, languages, domain embedding;
+  never text).
+- ``query``: the node's summary alone, which the coordinator sizes the node's share of the global batch by.
 - ``evaluate``: validation loss of the global state on the node's validation data (``num-examples`` = tokens).
 
 Settings come from the run config (:class:`FederationConfig`) and the SuperNode's node config
@@ -34,7 +36,8 @@ def train(msg: Message, context: Context) -> Message:
     result = node.train_round(msg.content["arrays"].to_torch_state_dict(), server_round=int(config["server-round"]),
                               proximal_mu=float(config.get("proximal-mu", 0.0)),
                               base_fingerprint=str(config.get("base-fingerprint", "")) or None,
-                              federation_id=str(config.get("federation-id", "")) or None)
+                              federation_id=str(config.get("federation-id", "")) or None,
+                              batch_size=int(config.get("batch-size", 0)) or None)
     content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics),
                           "node": ConfigRecord(result.summary)})
     return Message(content=content, reply_to=msg)
@@ -45,3 +48,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the global state on the node's validation data."""
     metrics = _node(context).evaluate(msg.content["arrays"].to_torch_state_dict())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The node's summary (counts, languages, domain embedding; never text), before it trains."""
+    node = _node(context)
+    return Message(content=RecordDict({"node": ConfigRecord(node.summary(node.data()))}), reply_to=msg)

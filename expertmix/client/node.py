@@ -150,11 +150,14 @@ class Node:
 
     # -- one round ---------------------------------------------------------------------------------
     def train_round(self, received: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0,
-                    base_fingerprint: str | None = None, federation_id: str | None = None) -> RoundResult:
+                    base_fingerprint: str | None = None, federation_id: str | None = None,
+                    batch_size: int | None = None) -> RoundResult:
         """Train the received global state on the local data; return the new state, metrics and summary.
 
         Each local step takes the federation schedule's rate for its global step; with ``keep_optimizer`` the
-        node continues its AdamW moments from its previous round in the federation ``federation_id``. The
+        node continues its AdamW moments from its previous round in the federation ``federation_id``.
+        ``batch_size`` is this node's share of the round's global batch (the coordinator's split; default: the run
+        config's). ``num-examples`` is what the node trained on this round (the FedAvg weight). The
         metrics include the received state's summed validation loss on the node's validation data
         (``valid-nll-before``, with ``valid-tokens``): the evaluation of the previous round's global state.
         """
@@ -166,7 +169,8 @@ class Node:
         nll_before, valid_tokens = token_nll(model, data.valid, self.fed.batch_size)
         self._debug_marker(server_round)
         fed = self.fed
-        settings = TrainSettings(max_steps=fed.local_steps, batch_size=fed.batch_size, grad_accum=fed.grad_accum,
+        batch = batch_size or fed.batch_size
+        settings = TrainSettings(max_steps=fed.local_steps, batch_size=batch, grad_accum=fed.grad_accum,
                                  learning_rate=fed.lr, warmup_ratio=0.0, lr_scheduler="constant",
                                  save_steps=0, logging_steps=max(1, fed.local_steps // 4),
                                  seed=fed.seed + server_round, progress=False)
@@ -180,8 +184,10 @@ class Node:
             moments.unlink(missing_ok=True)  # the federation's last round: nothing continues from them
         trained = travelling_state(model)
         state = {k: trained[k] for k in received}  # the received order: DP clipping pairs arrays by position
-        n_examples = int(data.train["input_ids"].shape[0])
-        metrics = {"num-examples": n_examples, "train-loss": float(out.get("train_loss", math.nan)),
+        n_examples = fed.local_steps * batch * fed.grad_accum  # the blocks trained on (with repeats when few)
+        metrics = {"num-examples": n_examples, "batch-size": batch,
+                   "train-blocks": int(data.train["input_ids"].shape[0]),
+                   "train-loss": float(out.get("train_loss", math.nan)),
                    "train-tokens": int(out["tokens"]), "valid-tokens": int(valid_tokens),
                    "valid-nll-before": float(nll_before)}
         self._debug_save(server_round, state, n_examples)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -19,6 +20,8 @@ from ..errors import ExpertmixError
 
 # What must not change when a restarted server resumes from its checkpoint (the rest may: more rounds, a longer
 # timeout, another registry).
+K = TypeVar("K")
+
 RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout", "evaluate_every", "registry", "publish", "out"})
 
 
@@ -55,7 +58,11 @@ class FederationConfig(_Config):
     kind: Literal["dense", "lora"] = "dense"
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(20, ge=1, description="optimizer steps per node and round")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="a node's batch per step on average: the round's global batch is "
+                            "batch-size x the nodes training in it")
+    batch_split: Literal["by-data", "equal"] = Field(
+        "by-data", description="by-data: the global batch is split over the round's nodes in proportion to their "
+        "training tokens, as a batch drawn from all their data would be; equal: every node takes batch-size")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -116,6 +123,27 @@ class FederationConfig(_Config):
     def total_steps(self) -> int:
         """Sequential optimizer steps of the whole federation: every node takes ``local_steps`` per round."""
         return self.rounds * self.local_steps
+
+    def node_batches(self, sizes: Mapping[K, int | None]) -> dict[K, int]:
+        """Each node's batch for a round, from the training tokens each node holds (``None``: unknown).
+
+        by-data splits the global batch (``batch_size`` x nodes) in proportion to the sizes by largest
+        remainders, so the batches add up to it (at least 1 each, which may add a little); nodes of unknown size
+        take ``batch_size``.
+        With every node's update weighted by the examples it trained on, each example then counts the same, as
+        in central training on all the nodes' data, and no node's data is oversampled.
+        """
+        known = {k: int(v) for k, v in sizes.items() if v is not None and int(v) > 0}
+        out = {k: self.batch_size for k in sizes if k not in known}
+        if self.batch_split == "equal" or not known:
+            return {**out, **{k: self.batch_size for k in known}}
+        total, budget = sum(known.values()), self.batch_size * len(known)
+        exact = {k: max(1.0, budget * v / total) for k, v in known.items()}
+        batches = {k: int(x) for k, x in exact.items()}
+        by_remainder = sorted(known, key=lambda k: (exact[k] - batches[k], known[k]), reverse=True)
+        for k in by_remainder[:max(0, budget - sum(batches.values()))]:
+            batches[k] += 1
+        return {**out, **batches}
 
     def step_lr(self, step: int) -> float:
         """The rate of the federation's global step ``step`` (0-based): linear warm-up from 0, then cosine to 0

@@ -16,8 +16,8 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
-from flwr.common import log
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import MessageType, log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -108,6 +108,37 @@ def _node_rows(replies: list[Message]) -> tuple[list[dict], dict[str, dict]]:
     return rows, summaries
 
 
+def _with_batches(messages: list[Message], cfg: FederationConfig, grid: Grid, record: FederationRecord,
+                  labels: dict[int, str]) -> list[Message]:
+    """The round's train messages, each with its node's ``batch-size``: the global batch split over the sampled
+    nodes by their training tokens (``cfg.node_batches``). Nodes the coordinator has no summary of yet (the first
+    round, a node that joined, a restarted coordinator) are asked for one first (a query message: counts and
+    the domain embedding, no text); one that does not answer takes the default batch and is dealt with in the
+    round itself."""
+    def size(node_id: int) -> int | None:
+        return record.nodes.get(labels.get(node_id, ""), {}).get("tokens")
+
+    dst = [m.metadata.dst_node_id for m in messages]
+    if cfg.batch_split == "by-data" and (unknown := [n for n in dst if size(n) is None]):
+        queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=n,
+                           message_type=MessageType.QUERY) for n in unknown]
+        replies = list(grid.send_and_receive(queries, timeout=cfg.round_timeout))
+        for m in replies:
+            if not m.has_error() and "node" in m.content.config_records:
+                summary = dict(m.content["node"])
+                label = str(summary.get("name") or f"node-{m.metadata.src_node_id}")
+                record.nodes[label], labels[int(m.metadata.src_node_id)] = summary, label
+        for e in _errors(queries, replies, labels):
+            log(WARNING, "asking for the node's data size: %s", e)
+    batches = cfg.node_batches({n: size(n) for n in dst})
+    out = []
+    for m in messages:  # the strategy's messages share one RecordDict: give each its own config
+        content = RecordDict(dict(m.content.items()))
+        content["config"] = ConfigRecord({**dict(m.content["config"]), "batch-size": batches[m.metadata.dst_node_id]})
+        out.append(Message(content=content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
+    return out
+
+
 def _pooled(rows: list[dict], nll_key: str) -> float | None:
     tokens = sum(r.get("valid_tokens", 0) for r in rows)
     return sum(r[nll_key] for r in rows) / tokens if rows and tokens else None
@@ -141,7 +172,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
         config = ConfigRecord({"lr": cfg.round_lr(rnd), "base-fingerprint": signature.base_fingerprint,
                                "federation-id": record.federation_id})
         sent_bytes = int(arrays.count_bytes())
-        messages = list(strategy.configure_train(rnd, arrays, config, grid))
+        messages = _with_batches(list(strategy.configure_train(rnd, arrays, config, grid)), cfg, grid, record, labels)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         rows, summaries = _node_rows(replies)  # before aggregation: a DP wrapper clips the replies in place
         labels.update({r["node_id"]: r["name"] for r in rows})
@@ -218,7 +249,8 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
     from ..experts.training import _saved_dtype, parameter_counts, write_expert_repo
 
     out = cfg.out_dir
-    nodes = record.nodes
+    trained = {r["name"] for h in record.history for r in h["nodes"]}
+    nodes = {k: v for k, v in record.nodes.items() if k in trained}  # not a node that was asked but never trained
     if record.expert is None:
         if out.exists():
             raise ExpertmixError(f"expert folder {out} already exists; set run config 'out' to a new folder")
@@ -238,7 +270,7 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
         examples = {}
         for h in history:
             for r in h["nodes"]:
-                examples[r["name"]] = int(r["num_examples"])
+                examples[r["name"]] = examples.get(r["name"], 0) + int(r["num_examples"])
         federation = {
             "framework": "flower", "strategy": cfg.strategy, "rounds": record.rounds_done,
             "proximal_mu": cfg.proximal_mu if cfg.strategy == "fedprox" else None,
