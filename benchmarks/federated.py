@@ -1,14 +1,14 @@
 """Federated vs central expert training on German, from seed-s, with the same total training tokens.
 
-    python benchmarks/federated.py --shared ../shared [--tokens 100000] [--rounds 4] [--seeds 0,1,2]
+    python benchmarks/federated.py --shared ../shared [--tokens 100000] [--rounds 16] [--seeds 0,1,2]
         [--kinds dense,lora] [--in-process]
 
 ``de.train`` is shuffled and split into three shards of different sizes (``--shares``), one per node. The
 federated experts run through ``expertmix federate``'s code path (a local SuperLink, three SuperNode
-processes, ``flwr run``; FedAvg weighted by each node's examples). The central experts train on all of
-``de.train`` with ``experts.training.fit`` for as many tokens as all nodes together, with the same global
-batch (``--batch-size``; each node takes a third of it per step, ``--node-batch-size``) and so the same
-number of sequential optimizer steps and the same warm-up + cosine schedule. Everything is evaluated
+processes, ``flwr run``; FedAvg weighted by the examples each node trained on). The central experts train on
+all of ``de.train`` with ``experts.training.fit`` for as many tokens as all nodes together, with the same global
+batch (``--batch-size``; the nodes split it by their data, ``--node-batch-size`` being their mean) and so the
+same number of sequential optimizer steps and the same warm-up + cosine schedule. Everything is evaluated
 on ``de.valid``. Prints validation perplexity of both, the relative gap (target: federated within 5%), and
 the bytes sent per round (coordinator to nodes, nodes to coordinator) for dense vs LoRA.
 """
@@ -177,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--tokens", type=int, default=100_000, help="Total training tokens of each run.")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=16, help="Rounds (local steps = the budget split over them).")
     ap.add_argument("--shares", default="0.5,0.3,0.2", help="Shard sizes, one per node.")
     ap.add_argument("--kinds", default="dense", help="Expert kinds to train both ways (dense,lora on a GPU); "
                     "the bytes per round of dense and LoRA are reported either way.")

@@ -162,6 +162,8 @@ def test_card_records_the_federation(federation):
     assert fed["examples_per_node"] == {n: sum(r["num_examples"] for h in history for r in h["nodes"] if r["name"] == n)
                                         for n in ("n0", "n1", "n2")}
     assert [sorted(r["nodes"]) for r in fed["rounds_log"]] == [["n0", "n1"], ["n0", "n1", "n2"]]
+    assert fed["batch_split"] == "by-data" and sum(fed["batch_per_node"].values()) == 4 * 3  # round 2's split
+    assert fed["batch_per_node"]["n0"] < fed["batch_per_node"]["n1"] < fed["batch_per_node"]["n2"]
     nodes = federation["state"]["nodes"]
     assert expert.data.documents == sum(s["documents"] for s in nodes.values())
     assert "valid_perplexity_before" in expert.metrics and "valid_perplexity_after" in expert.metrics

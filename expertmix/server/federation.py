@@ -279,7 +279,10 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
             "nodes": len(nodes), "node_names": sorted(nodes), "examples_per_node": examples,
             "documents_per_node": {k: int(s["documents"]) for k, s in nodes.items()},
             "tokens_per_node": {k: int(s["tokens"]) for k, s in nodes.items()},
-            "local_steps": cfg.local_steps, "fraction_train": cfg.fraction_train, "min_nodes": cfg.min_nodes,
+            "local_steps": cfg.local_steps, "batch_split": cfg.batch_split,
+            "batch_per_node": {r["name"]: int(r["batch_size"]) for h in history for r in h["nodes"]
+                               if "batch_size" in r},  # the latest round each node trained in
+            "fraction_train": cfg.fraction_train, "min_nodes": cfg.min_nodes,
             "differential_privacy": {"clipping_norm": cfg.dp_clip, "noise_multiplier": cfg.dp_noise}
             if cfg.dp_clip > 0 else None,
             "rounds_log": [{"round": h["round"], "nodes": [r["name"] for r in h["nodes"]],
