@@ -186,7 +186,6 @@ class Node:
         state = {k: trained[k] for k in received}  # the received order: DP clipping pairs arrays by position
         n_examples = fed.local_steps * batch * fed.grad_accum  # the blocks trained on (with repeats when few)
         metrics = {"num-examples": n_examples, "batch-size": batch,
-                   "train-blocks": int(data.train["input_ids"].shape[0]),
                    "train-loss": float(out.get("train_loss", math.nan)),
                    "train-tokens": int(out["tokens"]), "valid-tokens": int(valid_tokens),
                    "valid-nll-before": float(nll_before)}

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ExpertmixError
 
-# What must not change when a restarted server resumes from its checkpoint (the rest may: more rounds, a longer
-# timeout, another registry).
 K = TypeVar("K")
 
+# What must not change when a restarted server resumes from its checkpoint (the rest may: more rounds, a longer
+# timeout, another registry).
 RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout", "evaluate_every", "registry", "publish", "out"})
 
 
