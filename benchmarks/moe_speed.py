@@ -6,13 +6,15 @@ experts have width I too, or I / k with ``--fine-grained`` (same active routed c
 Dense equivalent = one SwiGLU FFN with the block's active compute: width k * routed width + I (the k routed
 experts plus the shared one). Rows: dense; transformers' ``Qwen2MoeSparseMoeBlock`` with
 ``experts_implementation`` eager and grouped_mm; expertmix = the same block's weights through ``router_topk`` +
-``experts_forward`` (impl auto). Speed ratio = dense time / block time (1.00x = as fast as dense). Times: the
+``experts_forward`` (impl auto). Speed ratio = dense time / block time (1.00x = as fast as dense); with
+``--compile`` the dense FFN and expertmix rows are timed compiled too, each compiled row against the dense FFN
+compiled in the same mode (inductor fuses SwiGLU and the routing's elementwise work on both sides). Times: the
 minimum over repeats on the CPU (robust to other load on shared cores), the median on a GPU.
 ``--check`` first compares expertmix's outputs and gradients with the eager reference on the device.
 Random weights and inputs: this needs no data; ``--shared`` is accepted for the benchmark convention only.
 
     python benchmarks/moe_speed.py --device cpu [--clock cpu]
-    python benchmarks/moe_speed.py --device cuda --check [--fine-grained]
+    python benchmarks/moe_speed.py --device cuda --check [--fine-grained] [--compile default]
 """
 
 from __future__ import annotations
@@ -129,9 +131,18 @@ def interleaved_times(
 
 
 def run_case(
-    case: Case, repeats: int, clock: Callable[[], float], impls: list[str], profile: bool = False
+    case: Case,
+    repeats: int,
+    clock: Callable[[], float],
+    impls: list[str],
+    profile: bool = False,
+    compile_modes: tuple[str, ...] = (),
 ) -> list[tuple[str, float | None, float | None]]:
-    """Time every implementation of one case; a row's times are None where it does not run."""
+    """Time every implementation of one case; a row's times are None where it does not run.
+
+    ``compile_modes``: also time the dense FFN and each expertmix row under ``torch.compile`` (inductor) in
+    these modes, rows named ``... [compile MODE]`` (compile time is spent in the warm-up, not timed).
+    """
     torch.manual_seed(0)
     config, block, dense = build(case)
     x = torch.randn(case.tokens, case.hidden, device=case.device, dtype=case.dtype)
@@ -159,6 +170,10 @@ def run_case(
         "transformers grouped_mm": hf("grouped_mm"),
         **ours,
     }
+    for mode in compile_modes:
+        torch._dynamo.reset()
+        for name in ("dense FFN", *ours):
+            modules[f"{name} [compile {mode}]"] = torch.compile(modules[name], mode=mode)
     calls: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
     for name, module in modules.items():
         fwd, fwd_bwd = make_calls(module, x, grad)
@@ -166,7 +181,7 @@ def run_case(
             fwd()
             fwd_bwd()
             calls[name] = (fwd, fwd_bwd)
-        except (RuntimeError, NotImplementedError) as err:
+        except (RuntimeError, NotImplementedError, ValueError) as err:  # no kernel here, or no compiler
             print(f"  {name} does not run: {str(err).splitlines()[0][:120]}")
     if profile:
         print_profile(calls, case.device)
@@ -260,6 +275,12 @@ def main() -> None:
         default="wall",
         help="cpu: this process's CPU time, unaffected by other load on shared cores (sets 1 thread)",
     )
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="also time the dense FFN and expertmix under torch.compile in these modes, e.g. default,max-autotune; "
+        "compiled rows' ratios are to the compiled dense FFN of the same mode",
+    )
     parser.add_argument("--shared", default="../shared", help="unused: the benchmark makes random data")
     args = parser.parse_args()
     if args.clock == "cpu":
@@ -294,13 +315,21 @@ def main() -> None:
         expert_width = width // top_k if args.fine_grained else width
         print(f"## {experts} experts, top-{top_k}, routed width {expert_width}", flush=True)
         case = Case(experts, top_k, hidden, width, expert_width, tokens, dtype, args.device)
+        compile_modes = tuple(m for m in args.compile.split(",") if m)
         rows = run_case(
-            case, repeats, clock, args.ours.split(","), args.profile and (experts, top_k) == configs[0]
+            case,
+            repeats,
+            clock,
+            args.ours.split(","),
+            args.profile and (experts, top_k) == configs[0],
+            compile_modes,
         )
-        dense_f, dense_fb = rows[0][1], rows[0][2]
+        by_name = {name: (f, fb) for name, f, fb in rows}
         for name, f, fb in rows:
-            fcol = f"{f:.1f} | {dense_f / f:.2f}x" if f else "- | -"
-            fbcol = f"{fb:.1f} | {dense_fb / fb:.2f}x" if fb else "- | -"
+            mode = name[name.index(" [compile ") :] if name.endswith("]") else ""
+            dense_f, dense_fb = by_name["dense FFN" + mode]  # compiled rows: to the compiled dense FFN
+            fcol = f"{f:.1f} | " + (f"{dense_f / f:.2f}x" if dense_f else "-") if f else "- | -"
+            fbcol = f"{fb:.1f} | " + (f"{dense_fb / fb:.2f}x" if dense_fb else "-") if fb else "- | -"
             lines.append(f"| {experts}x{top_k} | {name} | {fcol} | {fbcol} |")
         print("\n".join(lines[-len(rows) :]), flush=True)
         if args.device == "cuda":

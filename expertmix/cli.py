@@ -484,7 +484,7 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
 @click.option("--merge-lambda", type=float, default=None, help="Override lambda (default 1/(n+1)).")
 @click.option("--train", "train_groups", default=None,
               help="Override what finetunes: comma list of router,experts,shared,dense (experts = the new one).")
-@click.option("--placement", type=click.Choice(["project", "fit", "reinit"]), default=None,
+@click.option("--placement", type=click.Choice(["project", "fit", "fit-layers", "reinit"]), default=None,
               help="Override where the new expert enters the router.")
 @click.option("--new-share", type=float, default=None, help="Share of new-domain tokens (default 0.5).")
 @click.option("--text-field", default=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -132,6 +133,30 @@ def test_fitted_placement_routes_the_new_domain_to_the_new_expert(base_mixes, co
     assert fits[4]["old_tokens_to_new"] < fits[1]["old_tokens_to_new"]
 
 
+def test_per_layer_placement_fits_each_layer_and_records_every_router_input(base_mixes, corpus, tmp_path):
+    one = _extend(base_mixes, corpus, "nexus", "isolated:fit_old_weight=4", tmp_path / "one", 0)
+    per = _extend(base_mixes, corpus, "nexus", "isolated:placement=fit-layers;fit_old_weight=4", tmp_path / "per", 0)
+    key = "language_model.model.layers.{}.mlp.router.domain_embeddings"
+    before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))
+    got = {name: load_file(str(path / "model.safetensors")) for name, path in (("one", one), ("per", per))}
+    layers = range(AutoModelForCausalLM.from_pretrained(per).config.text_config.num_hidden_layers)
+    for layer in layers:  # old experts' router inputs never move; no router weight changes shape
+        for tensors in got.values():
+            assert torch.equal(tensors[key.format(layer)][:2], before[key.format(layer)])
+    # one fitted input shared by all layers, against one per layer
+    assert all(torch.equal(got["one"][key.format(i)][2], got["one"][key.format(0)][2]) for i in layers)
+    assert not torch.equal(got["per"][key.format(0)][2], got["per"][key.format(1)][2])
+    manifest = read_manifest(per)
+    inputs = manifest.experts[-1].router_input
+    assert len(inputs) == len(layers)
+    assert all(torch.allclose(torch.tensor(inputs[i]), got["per"][key.format(i)][2]) for i in layers)
+    assert isinstance(read_manifest(one).experts[-1].router_input[0], float)
+    fits = {name: read_manifest(path).history[-1]["placement_fit"] for name, path in (("one", one), ("per", per))}
+    # more freedom fits at least as well: the per-layer loss is no higher
+    assert fits["per"]["placement_loss"] <= fits["one"]["placement_loss"] + 1e-3
+    assert fits["per"]["new_tokens_to_new"] > 0.5
+
+
 def test_extension_refuses_a_foreign_expert_and_a_duplicate(base_mixes, corpus, tmp_path, tokenizer):
     _, mixes, _ = base_mixes
     foreign_seed = build_seed(tmp_path / "seed2", tokenizer, arch="llama", seed=9)
@@ -144,6 +169,13 @@ def test_extension_refuses_a_foreign_expert_and_a_duplicate(base_mixes, corpus, 
     dup = replace(cfg, expert=str(base_mixes[0] / "math"), out=tmp_path / "y")
     with pytest.raises(ExpertmixError, match="already holds an expert named 'math'"):
         extend(dup, log=lambda _: None)
+
+
+def test_recipe_refuses_an_unknown_placement_merge_or_init():
+    for spec, field_name in (("targeted:placement=fitted", "placement"), ("paper:merge=rows", "merge"),
+                             ("targeted:ffn_init=copy", "ffn_init")):
+        with pytest.raises(ExpertmixError, match=f"{field_name}=.*choose one of"):
+            parse_recipe(spec)
 
 
 def test_parse_recipe_overrides_fields_and_names_bad_keys():
@@ -204,3 +236,19 @@ def test_export_refuses_a_cohere_mix_and_a_dense_merge(tmp_path, tokenizer, llam
     with pytest.raises(ExpertmixError, match="dense merge"):
         export(merged, tmp_path / "q2")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q2").exists()
+
+
+@pytest.mark.parametrize("distill", ["replay", "all"])
+def test_distilled_extension_trains_from_its_teachers(base_mixes, corpus, tmp_path, distill):
+    out = _extend(base_mixes, corpus, "nexus", f"targeted:distill={distill}", tmp_path / "ext", steps=2)
+    before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    for k in before:
+        if k.endswith(EXPERT_KEYS):
+            assert torch.equal(after[k][:2], before[k]), k
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after[q], before[q])  # the dense weights trained
+    step = read_manifest(out).history[-1]
+    assert step["distill"] == distill and step["metrics"]["steps"] == 2
+    assert math.isfinite(step["metrics"]["train_loss"])
+    assert step["mix"]["prose"] == pytest.approx(0.5, abs=0.15)  # half new domain, half replay

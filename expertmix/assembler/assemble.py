@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, pack, read_documents, tokenize_documents
@@ -125,11 +125,12 @@ class AssembleConfig(ResumableJob):
         return GROUPS if (self.train_all or self.router == "merge") else ("router",)
 
 
-def train_stage(model, blocks: Blocks, settings: TrainSettings, work: Path, resume: bool) -> dict:
+def train_stage(model, blocks: Blocks, settings: TrainSettings, work: Path, resume: bool,
+                trainer_class: Callable[..., Trainer] = Trainer) -> dict:
     """One budgeted Trainer run (none when the budget is zero steps)."""
     if settings.max_steps == 0 or settings.max_tokens == 0:
         return {"steps": 0, "tokens": 0}
-    metrics = fit(model, blocks, None, settings, work / "checkpoints", resume=resume)
+    metrics = fit(model, blocks, None, settings, work / "checkpoints", resume=resume, trainer_class=trainer_class)
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) or v is None}
 
 

@@ -10,12 +10,19 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
 - ``train``: which parameter groups finetune (``experts`` = the new expert only);
 - ``placement``: where the new expert sits in the router. Nexus ``project``: ``e_new = P(d_new)`` with the
   mix's standardisation (the paper); ``fit``: the router input of the new expert (an m-vector, no new
-  router parameters) is fitted so that tokens of the new domain pick it and old tokens keep their experts.
-  Linear ``reinit`` (the paper's baseline: a fresh router) or ``fit`` (a fitted new gate row per layer);
+  router parameters) is fitted so that tokens of the new domain pick it and old tokens keep their experts;
+  ``fit-layers``: the same with one router input per layer (each layer's router keeps its own copy of the
+  inputs, so this too adds no parameters; it separates the new domain from a close old one, e.g. es from de,
+  layer by layer). Linear ``reinit`` (the paper's baseline: a fresh router) or ``fit``/``fit-layers`` (a
+  fitted new gate row per layer);
 - ``ffn_init``: the new routed FFN is the expert's own FFN (``expert``), or that plus the mean update the old
   experts received while the mix trained (``transfer``: mix weights minus the published ones, pulled again at
   the revisions mix.json records), so the new expert starts in the regime "shared FFN + gated expert";
-- ``learning_rate`` and ``new_share`` of the short finetuning.
+- ``learning_rate`` and ``new_share`` of the short finetuning;
+- ``distill``: what the finetuning learns from. ``none``: the labels; ``replay``: replayed rows learn the mix's
+  own next-token distributions before the extension (KL), so the few steps pull the old domains back to where
+  they were; ``all``: new-domain rows also learn the new expert's distributions
+  (``expertmix.assembler.distillation``).
 
 ``RECIPES`` holds the paper's recipe, the paper without the merge, ``isolated`` (only the new FFN trains) and
 ``targeted``, the default, chosen by benchmarks/nexus_table.py (numbers in benchmarks/RESULTS.md).
@@ -27,15 +34,16 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument
@@ -50,6 +58,7 @@ from .assemble import (
     train_stage,
 )
 from .configuration_nexus import NexusConfig
+from .distillation import TEACHER_KEY, DistillationTrainer
 from .manifest import MixManifest, read_manifest
 from .modeling_nexus import NexusForCausalLM
 from .upcycling import (
@@ -65,8 +74,10 @@ from .upcycling import (
 )
 
 MergeScope = Literal["all", "none", "token-rows"]
-Placement = Literal["project", "fit", "reinit"]
+Placement = Literal["project", "fit", "fit-layers", "reinit"]
+FITTED: tuple[Placement, ...] = ("fit", "fit-layers")
 FfnInit = Literal["expert", "transfer"]
+Distill = Literal["none", "replay", "all"]
 FREQUENCY_SAMPLE = 262_144  # tokens per source read at least, for token-row merge weights and placement
 
 
@@ -82,6 +93,14 @@ class ExtensionRecipe:
     ffn_init: FfnInit = "expert"  # transfer: add the old experts' mean in-mix update to the new FFN
     learning_rate: float | None = None  # None: the run's learning rate
     fit_old_weight: float = 1.0  # placement fit: weight of "old tokens keep their expert" against the new domain
+    distill: Distill = "none"  # replay rows learn the mix's distributions; "all": new rows the new expert's too
+
+    def __post_init__(self) -> None:
+        for name, kind in (("merge", MergeScope), ("placement", Placement), ("ffn_init", FfnInit),
+                           ("distill", Distill)):
+            if getattr(self, name) not in get_args(kind):
+                raise ExpertmixError(f"recipe field {name}={getattr(self, name)!r}: choose one of "
+                                     f"{', '.join(get_args(kind))}")
 
     def lam(self, n_old: int) -> float:
         return 1.0 / (n_old + 1) if self.merge_lambda is None else self.merge_lambda
@@ -104,9 +123,11 @@ RECIPES: dict[str, ExtensionRecipe] = {
     # Only the new expert's FFN trains (every old weight stays), with the new domain's token rows and a fitted
     # router placement.
     "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
-    # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a fitted placement,
-    # the new FFN shifted by the old experts' mean in-mix update, then everything finetuned gently.
-    "targeted": ExtensionRecipe(merge="token-rows", placement="fit", ffn_init="transfer", learning_rate=1e-4),
+    # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a placement fitted per
+    # layer that keeps old tokens with their experts, the new FFN shifted by the old experts' mean in-mix update,
+    # then everything finetuned gently, replayed rows distilled from the mix and new rows from the new expert.
+    "targeted": ExtensionRecipe(merge="token-rows", placement="fit-layers", fit_old_weight=4.0, ffn_init="transfer",
+                                learning_rate=1e-4, distill="all"),
 }
 DEFAULT_RECIPE = "targeted"
 
@@ -291,14 +312,14 @@ def collect_router_inputs(model: NexusForCausalLM, blocks: Blocks, max_blocks: i
 
 
 def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_inputs: list[torch.Tensor],
-                  steps: int = 300, lr: float = 0.05, old_weight: float = 1.0,
+                  steps: int = 300, lr: float = 0.05, old_weight: float = 1.0, per_layer: bool = False,
                   progress: bool = True) -> dict[str, float]:
     """Place the new (last) expert so that new-domain tokens pick it and old tokens keep their experts.
 
-    Nexus: only the new expert's router input (its standardised domain embedding, shared by all layers)
-    moves; linear: the new gate row of each layer. Old experts' router embeddings stay fixed. The loss is
-    a cross-entropy over experts on the recorded block inputs: target = new expert for new-domain tokens,
-    the current top-1 old expert for old tokens (so their routing does not change).
+    Nexus: only the new expert's router input moves (its standardised domain embedding, one for all layers,
+    or one per layer with ``per_layer``); linear: the new gate row of each layer. Old experts' router
+    embeddings stay fixed. The loss is a cross-entropy over experts on the recorded block inputs: target = new
+    expert for new-domain tokens, the current top-1 old expert for old tokens (so their routing does not change).
     """
     blocks = model.moe_blocks()
     n = model.config.num_experts
@@ -308,13 +329,16 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
         targets_old = [(x @ e.T).argmax(-1) for x, e in zip(old_inputs, old_e, strict=True)]
     if nexus:
         routers = [b.router for b in blocks]
-        z = routers[0].domain_embeddings[n - 1].detach().float().cpu().clone().requires_grad_(True)
-        params = [z]
+        start = routers[0].domain_embeddings[n - 1].detach().float().cpu()
+        params = [start.clone().requires_grad_(True) for _ in (routers if per_layer else routers[:1])]
         proj = [(r.up_proj.weight.detach().float().cpu(), r.down_proj.weight.detach().float().cpu()) for r in routers]
+
+        def router_input(layer: int) -> torch.Tensor:
+            return params[layer if per_layer else 0]
 
         def new_embedding(layer: int) -> torch.Tensor:
             w1, w2 = proj[layer]
-            gate, value = (w1 @ z).chunk(2)
+            gate, value = (w1 @ router_input(layer)).chunk(2)
             return w2 @ (F.silu(gate) * value)
     else:
         rows = [torch.zeros(old_e[0].shape[1], requires_grad=True) for _ in blocks]
@@ -339,7 +363,7 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
         share_new, share_old = [], []
         for layer, b in enumerate(blocks):
             if nexus:
-                b.router.domain_embeddings[n - 1] = z.to(b.router.domain_embeddings.dtype)
+                b.router.domain_embeddings[n - 1] = router_input(layer).to(b.router.domain_embeddings.dtype)
             else:
                 b.router.weight[n - 1] = rows[layer].to(b.router.weight.dtype)
             e = b.router.expert_embeddings().float().cpu()
@@ -373,6 +397,27 @@ def restore_old_experts(model: NexusForCausalLM, source: Path, n_old: int) -> No
             for attr in ("gate_up_proj", "down_proj"):
                 p = getattr(b.experts, attr)
                 p[:n_old] = sf.get_tensor(f"{prefix}.experts.{attr}")[:n_old].to(p.dtype)
+
+
+def taught_blocks(new_docs: dict[str, list[TokenizedDocument]], old_docs: dict[str, list[TokenizedDocument]],
+                  recipe: ExtensionRecipe, total_tokens: int | None, seq_len: int,
+                  seed: int) -> tuple[Blocks, dict]:
+    """New-domain and replay blocks packed apart, each row naming its teacher (``TEACHER_KEY``).
+
+    Replay rows learn from teacher 0 (the mix before the extension); new-domain rows from teacher 1 (the new
+    expert) with ``distill="all"``, else from their labels (-1).
+    """
+    parts = []
+    for docs, share, teacher in ((new_docs, recipe.new_share, 1 if recipe.distill == "all" else -1),
+                                 (old_docs, 1 - recipe.new_share, 0)):
+        if share <= 0:
+            continue
+        tokens = round(share * total_tokens) if total_tokens is not None else None
+        blocks, report = mixture_blocks(docs, None, tokens, seq_len, seed)
+        blocks[TEACHER_KEY] = torch.full((blocks["input_ids"].shape[0],), teacher, dtype=torch.long)
+        parts.append((blocks, {k: {**v, "actual_share": v["actual_share"] * share} for k, v in report.items()}))
+    merged = {k: torch.cat([b[k] for b, _ in parts]) for k in parts[0][0]}
+    return merged, {k: v for _, r in parts for k, v in r.items()}
 
 
 def replay_sources(cfg: ExtendConfig, manifest: MixManifest) -> list[DataSource]:
@@ -437,16 +482,24 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         tmp.rename(init)
 
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-    shares = {k: recipe.new_share / len(new_docs) for k in new_docs}
-    shares.update({k: (1 - recipe.new_share) / len(old_docs) for k in old_docs})
-    blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, needed, cfg.seq_len, cfg.settings.seed)
+    trainer_class: Callable[..., Trainer] = Trainer
+    if recipe.distill == "none":
+        shares = {k: recipe.new_share / len(new_docs) for k in new_docs}
+        shares.update({k: (1 - recipe.new_share) / len(old_docs) for k in old_docs})
+        blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, needed, cfg.seq_len, cfg.settings.seed)
+    else:
+        teachers = [AutoModelForCausalLM.from_pretrained(mix_dir, dtype=torch.float32)]  # 0: the mix as it was
+        if recipe.distill == "all":
+            teachers.append(AutoModelForCausalLM.from_pretrained(expert.folder, dtype=torch.float32))
+        blocks, report = taught_blocks(new_docs, old_docs, recipe, needed, cfg.seq_len, cfg.settings.seed)
+        trainer_class = partial(DistillationTrainer, teachers=teachers)
     placement = {}
-    if recipe.placement == "fit":
+    if recipe.placement in FITTED:
         new_blocks, _ = mixture_blocks(new_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
         old_blocks, _ = mixture_blocks(old_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
         placement = fit_placement(model, collect_router_inputs(model, new_blocks),
                                   collect_router_inputs(model, old_blocks), old_weight=recipe.fit_old_weight,
-                                  progress=cfg.settings.progress)
+                                  per_layer=recipe.placement == "fit-layers", progress=cfg.settings.progress)
         log(f"placement: {placement['new_tokens_to_new']:.0%} of new-domain tokens pick the new expert, "
             f"{placement['old_tokens_to_new']:.0%} of old tokens")
     trainable = freeze_except(model, recipe.train)
@@ -454,14 +507,15 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
         f"{blocks['input_ids'].shape[0]} blocks: {recipe.new_share:.0%} new domain, the rest replay")
     settings = replace(cfg.settings, learning_rate=recipe.learning_rate or cfg.settings.learning_rate)
-    metrics = train_stage(model, blocks, settings, work, cfg.resume)
+    metrics = train_stage(model, blocks, settings, work, cfg.resume, trainer_class=trainer_class)
     for h in handles:
         h.remove()
     restore_old_experts(model, init, n_old)
 
     entry = expert.manifest_entry()
-    if recipe.placement == "fit" and manifest.router == "nexus":
-        entry.router_input = model.moe_blocks()[0].router.domain_embeddings[n_old].float().tolist()
+    if recipe.placement in FITTED and manifest.router == "nexus":
+        inputs = [b.router.domain_embeddings[n_old].float().tolist() for b in model.moe_blocks()]
+        entry.router_input = inputs if recipe.placement == "fit-layers" else inputs[0]
     manifest.experts.append(entry)
     manifest.history.append({"stage": "extend", "expert": expert.info.name, "recipe": cfg.recipe_name,
                              **asdict(recipe), "lambda": recipe.lam(n_old), "placement_fit": placement,

@@ -10,7 +10,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,8 +79,12 @@ def _use_bf16(flag: bool | str) -> bool:
 
 
 def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: TrainSettings, work_dir: str | Path,
-        resume: bool = False, callbacks: Sequence | None = None) -> dict:
-    """Train ``model`` on packed blocks with the Trainer; checkpoints go to ``work_dir``, resumable."""
+        resume: bool = False, callbacks: Sequence | None = None,
+        trainer_class: Callable[..., Trainer] = Trainer) -> dict:
+    """Train ``model`` on packed blocks with the Trainer; checkpoints go to ``work_dir``, resumable.
+
+    ``trainer_class``: a Trainer subclass (or a partial of one) for a loss of its own.
+    """
     work_dir = Path(work_dir)
     seq_len = train_blocks["input_ids"].shape[1]
     steps = settings.steps_for(train_blocks["input_ids"].shape[0], seq_len)
@@ -110,7 +114,7 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         disable_tqdm=not settings.progress,
         dataloader_drop_last=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks),
+    trainer = trainer_class(model=model, args=args, train_dataset=BlockDataset(train_blocks),
                       eval_dataset=BlockDataset(valid_blocks) if valid_blocks is not None else None,
                       callbacks=list(callbacks or []))
     checkpoint = last_complete_checkpoint(work_dir) if resume else None
