@@ -22,7 +22,8 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
 - ``distill``: what the finetuning learns from. ``none``: the labels; ``replay``: replayed rows learn the mix's
   own next-token distributions before the extension (KL), so the few steps pull the old domains back to where
   they were; ``all``: new-domain rows also learn the new expert's distributions
-  (``expertmix.assembler.distillation``).
+  (``expertmix.assembler.distillation``). The teachers stay frozen in memory beside the model being trained
+  (the old mix, and the new expert for ``all``), and each step runs them forward once on their rows.
 
 ``RECIPES`` holds the paper's recipe, the paper without the merge, ``isolated`` (only the new FFN trains) and
 ``targeted``, the default, chosen by benchmarks/nexus_table.py (numbers in benchmarks/RESULTS.md).
