@@ -164,6 +164,15 @@ def test_extend_appends_an_expert_and_keeps_the_old_ones(published, cli_mix, cor
     assert [e.name for e in manifest.experts] == ["math", "code", "prose"]
     assert manifest.history[-1]["stage"] == "extend" and manifest.history[-1]["recipe"] == "targeted"
     assert AutoModelForCausalLM.from_pretrained(root / "mix3").config.expert_names == ["math", "code", "prose"]
+    # the default recipe fits the new expert's router input per layer; the export still collapses each layer
+    layers = AutoModelForCausalLM.from_pretrained(root / "mix3").config.text_config.num_hidden_layers
+    assert len(manifest.experts[-1].router_input) == layers
+    _cli("export", root / "mix3", "--format", "qwen2-moe", "--out", root / "mix3-q")
+    exported = Qwen2MoeForCausalLM.from_pretrained(root / "mix3-q").eval()
+    mix = AutoModelForCausalLM.from_pretrained(root / "mix3").eval()
+    ids = torch.randint(3, mix.config.text_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (exported(input_ids=ids).logits - mix(input_ids=ids).logits).abs().max() < 1e-4
 
 
 # -- resume --------------------------------------------------------------------------------------------
