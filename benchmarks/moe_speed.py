@@ -311,11 +311,11 @@ def main() -> None:
         "| E x k | implementation | fwd ms | fwd x dense | fwd+bwd ms | fwd+bwd x dense |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    compile_modes = tuple(m for m in args.compile.split(",") if m)
     for experts, top_k in configs:
         expert_width = width // top_k if args.fine_grained else width
         print(f"## {experts} experts, top-{top_k}, routed width {expert_width}", flush=True)
         case = Case(experts, top_k, hidden, width, expert_width, tokens, dtype, args.device)
-        compile_modes = tuple(m for m in args.compile.split(",") if m)
         rows = run_case(
             case,
             repeats,
