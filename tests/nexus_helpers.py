@@ -1,12 +1,16 @@
-"""Helpers for the Nexus tests: expert repos made by perturbing a tiny seed (no training needed)."""
+"""Helpers for the Nexus tests: expert repos made by perturbing a tiny seed (no training needed), and a crash
+in the middle of a mix's training stage."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+import expertmix.assembler.assemble as assemble_module
 from expertmix.hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
 from expertmix.hub.fingerprint import architecture_of, fingerprint_tokenizer, fingerprint_weights
 from expertmix.hub.repo import save_domain_embedding
@@ -39,3 +43,18 @@ def make_expert(seed_dir: Path, out: Path, name: str, seed: int, ffn_scale: floa
         data=DataInfo(documents=1, tokens=1))
     ExpertCard(expert=info).save(out)
     return out
+
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
+
+
+def crash_after_step_two_checkpoint(monkeypatch: pytest.MonkeyPatch, job: Callable[[], object]) -> None:
+    """Run ``job`` (an assemble or extend) with its training stage killed at step 3, after checkpoint-2."""
+    real_fit = assemble_module.fit
+    monkeypatch.setattr(assemble_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_Crash()]))
+    with pytest.raises(KeyboardInterrupt):
+        job()
+    monkeypatch.setattr(assemble_module, "fit", real_fit)

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from nexus_helpers import make_expert
+from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM
 
-from expertmix.assembler import assemble as assemble_module
 from expertmix.assembler.assemble import AssembleConfig, assemble
 from expertmix.assembler.manifest import read_manifest
 from expertmix.assembler.upcycling import load_expert, upcycle
@@ -177,22 +176,12 @@ def test_extend_appends_an_expert_and_keeps_the_old_ones(published, cli_mix, cor
 
 # -- resume --------------------------------------------------------------------------------------------
 
-class _Crash(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
-
-
 def test_assemble_resumes_from_its_last_checkpoint(llama_seed, corpus, tmp_path, monkeypatch):
     experts = [str(make_expert(llama_seed, tmp_path / n, n, seed=i)) for i, n in enumerate(("a", "b"))]
     cfg = AssembleConfig(seed=llama_seed, experts=experts, out=tmp_path / "mix", seq_len=32,
                          data=[DataSource("math", corpus["math"]), DataSource("code", corpus["code"])],
                          settings=TrainSettings(max_steps=4, batch_size=2, save_steps=2, progress=False))
-    real_fit = assemble_module.fit
-    monkeypatch.setattr(assemble_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_Crash()]))
-    with pytest.raises(KeyboardInterrupt):
-        assemble(cfg, log=lambda _: None)
-    monkeypatch.setattr(assemble_module, "fit", real_fit)
+    crash_after_step_two_checkpoint(monkeypatch, lambda: assemble(cfg, log=lambda _: None))
     assert not cfg.out.exists() and (cfg.work_dir / "checkpoints" / "checkpoint-2").is_dir()
     with pytest.raises(ExpertmixError, match="--resume"):
         assemble(cfg, log=lambda _: None)

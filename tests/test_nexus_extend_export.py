@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from nexus_helpers import make_expert
+from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
-import expertmix.assembler.assemble as assemble_module
 from expertmix.assembler.export import export, max_logit_difference
 from expertmix.assembler.extension import RECIPES, ExtendConfig, extend, parse_recipe
 from expertmix.assembler.manifest import DataRef, read_manifest
@@ -255,22 +254,12 @@ def test_distilled_extension_trains_from_its_teachers(base_mixes, corpus, tmp_pa
     assert step["mix"]["prose"] == pytest.approx(0.5, abs=0.15)  # half new domain, half replay
 
 
-class _Crash(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
-
-
 def test_distilled_extension_resumes_from_its_last_checkpoint(base_mixes, corpus, tmp_path, monkeypatch):
     _, mixes, new = base_mixes
     cfg = ExtendConfig(mix=mixes["nexus"], expert=str(new), data=[DataSource("prose", corpus["prose"])],
                        out=tmp_path / "ext", recipe=RECIPES["targeted"], seq_len=32,
                        settings=TrainSettings(max_steps=4, batch_size=2, save_steps=2, progress=False))
-    real_fit = assemble_module.fit
-    monkeypatch.setattr(assemble_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_Crash()]))
-    with pytest.raises(KeyboardInterrupt):
-        extend(cfg, log=lambda _: None)
-    monkeypatch.setattr(assemble_module, "fit", real_fit)
+    crash_after_step_two_checkpoint(monkeypatch, lambda: extend(cfg, log=lambda _: None))
     assert not cfg.out.exists() and (cfg.work_dir / "checkpoints" / "checkpoint-2").is_dir()
     extend(replace(cfg, resume=True), log=lambda _: None)
     step = read_manifest(cfg.out).history[-1]
