@@ -78,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr-expert", type=float, default=5e-4)
     p.add_argument("--lr-moe", type=float, default=3e-4)
     p.add_argument("--lr-ext", type=float, default=None, help="default: --lr-moe")
-    p.add_argument("--eval-blocks", type=int, default=12, help="validation blocks per domain (0: all)")
+    p.add_argument("--eval-blocks", type=int, default=64,
+                   help="validation blocks per domain, spread evenly over each file (0: all)")
     p.add_argument("--moe-train", choices=["all", "router"], default="all", help="what MoE training updates")
     p.add_argument("--recipes", default="paper,paper-keep,targeted",
                    help="extension recipes, comma-separated: NAME or NAME:key=value;... (extension.parse_recipe)")

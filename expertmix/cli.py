@@ -599,7 +599,8 @@ def quantize(mix, scheme, group_size, out, keep_float):
 @click.argument("mix", type=click.Path(path_type=Path))
 @click.option("--data", multiple=True, required=True, help="Evaluation data per domain: NAME=PATH (repeatable).")
 @click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--max-blocks", type=int, default=32, show_default=True, help="Blocks per domain (0: all).")
+@click.option("--max-blocks", type=int, default=32, show_default=True,
+              help="Blocks per domain, spread evenly over each file (0: all).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None, help="Save the routing matrix as PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM
 
 from expertmix.assembler.assemble import AssembleConfig, assemble
 from expertmix.assembler.manifest import read_manifest
+from expertmix.assembler.routing_report import eval_blocks
 from expertmix.assembler.upcycling import load_expert, upcycle
 from expertmix.cli import main
 from expertmix.errors import ExpertmixError, IncompatibleExpertError
@@ -124,6 +126,16 @@ def test_assemble_pulls_experts_and_trains_only_the_router(published, cli_mix, l
     moved = {k for k in trained if not torch.equal(trained[k], init[k])}
     assert moved and all(".router." in k for k in moved)
     assert any("up_proj" in k for k in moved)
+
+
+def test_eval_blocks_are_spread_over_the_whole_file_not_its_first_documents(corpus, tokenizer, tmp_path):
+    texts = [json.loads(line)["text"] for d in ("math", "code") for line in corpus[d].read_text().splitlines()]
+    mixed = write_jsonl(tmp_path / "math-then-code.jsonl", texts)
+    every = eval_blocks([DataSource("mixed", mixed)], tokenizer, 32, None)["mixed"]["input_ids"]
+    some = eval_blocks([DataSource("mixed", mixed)], tokenizer, 32, 3)["mixed"]["input_ids"]
+    assert every.shape[0] > 6 and some.shape == (3, 32)
+    assert torch.equal(some[0], every[0]) and torch.equal(some[2], every[-1])  # first math, last code
+    assert torch.equal(some[1], every[(every.shape[0] - 1) // 2]) or torch.equal(some[1], every[every.shape[0] // 2])
 
 
 def test_eval_prints_perplexity_and_routing_and_saves_a_heatmap(cli_mix, corpus, tmp_path):
