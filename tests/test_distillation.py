@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from expertmix.assembler.distillation import distillation_loss
+from expertmix.assembler.distillation import distillation_loss, routing_distillation_loss
 
 
 def _logits(*shape: int, seed: int) -> torch.Tensor:
@@ -45,3 +45,25 @@ def test_the_loss_pulls_the_student_toward_the_teacher():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * first
+
+
+def test_routing_distillation_is_zero_when_routing_is_kept_and_charges_mass_moved_to_the_new_expert():
+    rows, length, old = torch.tensor([True, False, True]), 4, 3
+    teacher = [_logits(2 * length, old, seed=5 + i) for i in range(2)]  # two layers, the two taught rows
+    other_row = _logits(length, old + 1, seed=9)
+
+    def student(new_expert_logit: float) -> list[torch.Tensor]:
+        out = []
+        for t in teacher:
+            taught = torch.cat([t, torch.full((t.shape[0], 1), new_expert_logit)], dim=-1).view(2, length, -1)
+            out.append(torch.stack([taught[0], other_row, taught[1]]).reshape(-1, old + 1))
+        return out
+
+    kept = routing_distillation_loss(student(-1e4), teacher, rows)  # nothing to the new expert: same routing
+    torch.testing.assert_close(kept, torch.tensor(0.0), atol=1e-6, rtol=0)
+    moved = routing_distillation_loss(student(0.0), teacher, rows)
+    p_new = [torch.sigmoid(-torch.logsumexp(t, -1)) for t in teacher]  # the new expert's share per token
+    want = torch.stack([(-torch.log1p(-p)).mean() for p in p_new]).mean()  # old experts keep their ratios
+    torch.testing.assert_close(moved, want)
+    assert moved > 0.05
+

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
@@ -104,14 +105,16 @@ def test_transfer_adds_the_old_experts_mean_in_mix_update_to_the_new_ffn(base_mi
 
 
 def test_token_row_merge_takes_new_domain_rows_and_keeps_the_rest(base_mixes, corpus, tmp_path, llama_seed):
-    out = _extend(base_mixes, corpus, "nexus", "isolated", tmp_path / "ext", steps=0)
+    # a new-domain file the budget reads whole (isolated trains only the new FFN: embeddings move by the merge only)
+    few = write_jsonl(tmp_path / "prose.jsonl", [d.text for d in read_documents(corpus["prose"])[:4]])
+    out = _extend(base_mixes, {**corpus, "prose": few}, "nexus", "isolated", tmp_path / "ext", steps=6)
     before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
     new = load_file(str(base_mixes[2] / "model.safetensors"))["model.embed_tokens.weight"]
     tok = AutoTokenizer.from_pretrained(llama_seed)
     count = {}
-    for d in ("math", "code", "prose"):
-        ids = torch.tensor([t for doc in tokenize_documents(read_documents(corpus[d]), tok) for t in doc.input_ids])
+    for d, path in (("math", corpus["math"]), ("code", corpus["code"]), ("prose", few)):
+        ids = torch.tensor([t for doc in tokenize_documents(read_documents(path), tok) for t in doc.input_ids])
         count[d] = torch.bincount(ids, minlength=len(tok))
     only_new = (count["prose"] > 0) & (count["math"] == 0) & (count["code"] == 0)
     unused_new = count["prose"] == 0
@@ -121,6 +124,18 @@ def test_token_row_merge_takes_new_domain_rows_and_keeps_the_rest(base_mixes, co
     assert torch.equal(after[key][unused_new], before[key][unused_new])
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(after[q], before[q])
+
+
+def test_extension_reads_no_more_data_than_its_token_budget(base_mixes, corpus, tmp_path):
+    out = _extend(base_mixes, corpus, "nexus", "targeted", tmp_path / "ext", steps=2)  # 2 x 2 x 32 = 128 tokens
+    read = read_manifest(out).history[-1]["tokens_read"]
+    tok = AutoTokenizer.from_pretrained(out)
+    lengths = {d: [len(t.input_ids) for t in tokenize_documents(read_documents(corpus[d]), tok)]
+               for d in ("prose", "math", "code")}
+    whole = {d: sum(n) for d, n in lengths.items()}
+    # half the budget is new-domain data, plus the margin blocks packing draws (one per source), to a whole document
+    assert 64 <= read["prose"] <= math.ceil(0.5 * (128 + 3 * 32)) + 32 + max(lengths["prose"]) < whole["prose"] / 4
+    assert set(read) == {"prose", "math", "code"} and all(read[d] < whole[d] / 4 for d in ("math", "code"))
 
 
 def test_fitted_placement_routes_the_new_domain_to_the_new_expert(base_mixes, corpus, tmp_path):
@@ -175,6 +190,10 @@ def test_recipe_refuses_an_unknown_placement_merge_or_init():
     for spec, field_name in (("targeted:placement=fitted", "placement"), ("paper:merge=rows", "merge"),
                              ("targeted:ffn_init=copy", "ffn_init")):
         with pytest.raises(ExpertmixError, match=f"{field_name}=.*choose one of"):
+            parse_recipe(spec)
+    for spec, problem in (("targeted:distill=none;routing_weight=1", "only with distill"),
+                          ("targeted:routing_weight=-1", "must be >= 0"), ("targeted:fit_tokens=0", "at least 1")):
+        with pytest.raises(ExpertmixError, match=problem):
             parse_recipe(spec)
 
 
@@ -238,9 +257,10 @@ def test_export_refuses_a_cohere_mix_and_a_dense_merge(tmp_path, tokenizer, llam
     assert not (tmp_path / "q").exists() and not (tmp_path / "q2").exists()
 
 
-@pytest.mark.parametrize("distill", ["replay", "all"])
-def test_distilled_extension_trains_from_its_teachers(base_mixes, corpus, tmp_path, distill):
-    out = _extend(base_mixes, corpus, "nexus", f"targeted:distill={distill}", tmp_path / "ext", steps=2)
+@pytest.mark.parametrize("distill,routing_weight", [("replay", 0.0), ("all", 0.0), ("all", 2.0)])
+def test_distilled_extension_trains_from_its_teachers(base_mixes, corpus, tmp_path, distill, routing_weight):
+    out = _extend(base_mixes, corpus, "nexus", f"targeted:distill={distill};routing_weight={routing_weight}",
+                  tmp_path / "ext", steps=2)
     before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
     for k in before:
@@ -249,7 +269,7 @@ def test_distilled_extension_trains_from_its_teachers(base_mixes, corpus, tmp_pa
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(after[q], before[q])  # the dense weights trained
     step = read_manifest(out).history[-1]
-    assert step["distill"] == distill and step["metrics"]["steps"] == 2
+    assert step["distill"] == distill and step["routing_weight"] == routing_weight and step["metrics"]["steps"] == 2
     assert math.isfinite(step["metrics"]["train_loss"])
     assert step["mix"]["prose"] == pytest.approx(0.5, abs=0.15)  # half new domain, half replay
 

@@ -58,8 +58,8 @@ def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | Non
                  max_tokens: int | None = None, seed: int = 0) -> dict[str, list[TokenizedDocument]]:
     """Tokenized documents of each named data source.
 
-    With ``max_tokens``, only a seeded random sample of documents holding at least that many tokens is
-    tokenized per source: a small budget does not pay for tokenizing whole corpora.
+    With ``max_tokens``, only a seeded random sample of documents is tokenized per source, the fewest that hold
+    that many tokens: a small budget does not pay for tokenizing whole corpora, and reads no more than it needs.
     """
     out: dict[str, list[TokenizedDocument]] = {}
     for src in sources:
@@ -73,9 +73,11 @@ def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | Non
         picked: list[TokenizedDocument] = []
         count = 0
         for start in range(0, len(docs), SAMPLE_CHUNK):
-            chunk = tokenize_documents(docs[start:start + SAMPLE_CHUNK], tokenizer)
-            picked += chunk
-            count += sum(len(d.input_ids) for d in chunk)
+            for doc in tokenize_documents(docs[start:start + SAMPLE_CHUNK], tokenizer):
+                if count >= max_tokens:
+                    break
+                picked.append(doc)
+                count += len(doc.input_ids)
             if count >= max_tokens:
                 break
         out[src.name] = picked

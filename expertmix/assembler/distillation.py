@@ -7,7 +7,10 @@ domains should keep) and the new-domain rows from the new dense expert (what the
 
 Each training block carries a ``teacher`` index (-1: plain labels). The loss is the mean over scored tokens of
 KL(teacher || student) on taught rows and cross-entropy on the others, plus the student's load-balancing loss.
-The Trainer has no per-row teacher, hence this subclass of its ``compute_loss``.
+With ``routing_weight``, rows taught by an MoE teacher (the mix before the extension) also learn its routing:
+per layer, KL(teacher router || student router) over the teacher's experts, so replayed tokens keep their experts
+and gates instead of drifting to the new expert. The Trainer has no per-row teacher, hence this subclass of its
+``compute_loss``.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ TEACHER_KEY = "teacher"
 class DistillationTrainer(Trainer):
     """A Trainer whose blocks may name a frozen teacher (``inputs['teacher']``, -1 for plain labels)."""
 
-    def __init__(self, *args, teachers: Sequence[torch.nn.Module], **kwargs) -> None:
+    def __init__(self, *args, teachers: Sequence[torch.nn.Module], routing_weight: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by accumulation steps
         self.teachers = list(teachers)
+        self.routing_weight = routing_weight
         for teacher in self.teachers:
             teacher.eval().requires_grad_(False)
 
@@ -35,7 +39,13 @@ class DistillationTrainer(Trainer):
         which = inputs.pop(TEACHER_KEY)
         input_ids, labels = inputs["input_ids"], inputs["labels"]
         outputs = model(input_ids=input_ids, output_router_logits=True)
-        loss = distillation_loss(outputs.logits, labels, which, self._teacher_logits(input_ids, which))
+        taught = self._teachers_on(input_ids, which)
+        loss = distillation_loss(outputs.logits, labels, which, {t: out.logits for t, out in taught.items()})
+        if self.routing_weight and outputs.router_logits:
+            for t, out in taught.items():
+                if getattr(out, "router_logits", None):
+                    loss = loss + self.routing_weight * routing_distillation_loss(
+                        outputs.router_logits, out.router_logits, which == t)
         aux = getattr(outputs, "aux_loss", None)
         coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0)
         if aux is not None and coef:
@@ -43,8 +53,8 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _teacher_logits(self, input_ids: torch.Tensor, which: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Each teacher's logits on the rows it teaches."""
+    def _teachers_on(self, input_ids: torch.Tensor, which: torch.Tensor) -> dict[int, object]:
+        """Each teacher's outputs on the rows it teaches (with its router logits when it routes)."""
         out = {}
         for t in which.unique().tolist():
             if t < 0:
@@ -53,7 +63,8 @@ class DistillationTrainer(Trainer):
             device = input_ids.device
             if next(teacher.parameters()).device != device:
                 teacher.to(device)
-            out[t] = teacher(input_ids=input_ids[which == t]).logits
+            routes = self.routing_weight > 0 and hasattr(teacher, "moe_blocks")
+            out[t] = teacher(input_ids=input_ids[which == t], **({"output_router_logits": True} if routes else {}))
         return out
 
 
@@ -78,3 +89,21 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, which: torch.T
         teacher_logp = F.log_softmax(tl[:, :-1].float(), dim=-1)
         per_token[rows] = F.kl_div(logp[rows], teacher_logp, log_target=True, reduction="none").sum(-1)
     return (per_token * scored).sum() / scored.sum().clamp_min(1)
+
+
+def routing_distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                              rows: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and the taught rows' tokens of KL(teacher router || student router).
+
+    ``student[layer]`` is ``[B * L, E_s]`` for the whole batch, ``teacher[layer]`` ``[R * L, E_t]`` for the ``R``
+    rows ``rows [B]`` selects, with ``E_t <= E_s`` (the student's extra experts are new): the student's
+    probability on them counts as mass moved away from the teacher's experts.
+    """
+    losses = []
+    for s_logits, t_logits in zip(student, teacher, strict=True):
+        s_logp = F.log_softmax(s_logits.float(), dim=-1).view(rows.shape[0], -1, s_logits.shape[-1])[rows]
+        t_logp = F.log_softmax(t_logits.float(), dim=-1).view(s_logp.shape[0], s_logp.shape[1], -1)
+        kl = (t_logp.exp() * (t_logp - s_logp[..., : t_logp.shape[-1]])).sum(-1)
+        losses.append(kl.mean())
+    return torch.stack(losses).mean()
+

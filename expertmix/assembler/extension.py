@@ -24,6 +24,14 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
   they were; ``all``: new-domain rows also learn the new expert's distributions
   (``expertmix.assembler.distillation``). The teachers stay frozen in memory beside the model being trained
   (the old mix, and the new expert for ``all``), and each step runs them forward once on their rows.
+- ``routing_weight``: with distillation, replayed rows also learn the mix's routing (KL per layer between the
+  old and the new router), which keeps old tokens away from the new expert at some cost to the new domain;
+- ``fit_tokens``: how many tokens of each kind the fitted placements see (the last fifth is held out to report
+  the shares it reaches).
+
+Every document the extension learns from (token-row frequencies, placement, finetuning) is read up to the token
+budget's share for its source, so ``--max-steps``/``--max-tokens`` bound all of it; ``mix.json`` records the
+tokens read per source (``tokens_read``).
 
 ``RECIPES`` holds the paper's recipe, the paper without the merge, ``isolated`` (only the new FFN trains) and
 ``targeted``, the default, chosen by benchmarks/nexus_table.py (numbers in benchmarks/RESULTS.md).
@@ -79,7 +87,6 @@ Placement = Literal["project", "fit", "fit-layers", "reinit"]
 FITTED: tuple[Placement, ...] = ("fit", "fit-layers")
 FfnInit = Literal["expert", "transfer"]
 Distill = Literal["none", "replay", "all"]
-FREQUENCY_SAMPLE = 262_144  # tokens per source read at least, for token-row merge weights and placement
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,11 @@ class ExtensionRecipe:
     ffn_init: FfnInit = "expert"  # transfer: add the old experts' mean in-mix update to the new FFN
     learning_rate: float | None = None  # None: the run's learning rate
     fit_old_weight: float = 1.0  # placement fit: weight of "old tokens keep their expert" against the new domain
+    # placement fit: tokens of new-domain data, and of replay data, whose router inputs it sees (held in memory:
+    # 2 x fit_tokens x hidden x layers floats)
+    fit_tokens: int = 32_768
     distill: Distill = "none"  # replay rows learn the mix's distributions; "all": new rows the new expert's too
+    routing_weight: float = 0.0  # with distill: replay rows also learn the mix's routing (KL per layer), this much
 
     def __post_init__(self) -> None:
         for name, kind in (("merge", MergeScope), ("placement", Placement), ("ffn_init", FfnInit),
@@ -102,6 +113,11 @@ class ExtensionRecipe:
             if getattr(self, name) not in get_args(kind):
                 raise ExpertmixError(f"recipe field {name}={getattr(self, name)!r}: choose one of "
                                      f"{', '.join(get_args(kind))}")
+        if self.routing_weight < 0 or (self.routing_weight and self.distill == "none"):
+            raise ExpertmixError(f"recipe field routing_weight={self.routing_weight}: must be >= 0, and > 0 only "
+                                 "with distill=replay or distill=all (the mix's routing is taught on replay rows)")
+        if self.fit_tokens < 1:
+            raise ExpertmixError(f"recipe field fit_tokens={self.fit_tokens}: the placement needs at least 1 token")
 
     def lam(self, n_old: int) -> float:
         return 1.0 / (n_old + 1) if self.merge_lambda is None else self.merge_lambda
@@ -127,7 +143,7 @@ RECIPES: dict[str, ExtensionRecipe] = {
     # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a placement fitted per
     # layer that keeps old tokens with their experts, the new FFN shifted by the old experts' mean in-mix update,
     # then everything finetuned gently, replayed rows distilled from the mix and new rows from the new expert.
-    "targeted": ExtensionRecipe(merge="token-rows", placement="fit-layers", fit_old_weight=4.0, ffn_init="transfer",
+    "targeted": ExtensionRecipe(merge="token-rows", placement="fit-layers", fit_old_weight=8.0, ffn_init="transfer",
                                 learning_rate=1e-4, distill="all"),
 }
 DEFAULT_RECIPE = "targeted"
@@ -147,8 +163,10 @@ def parse_recipe(spec: str) -> ExtensionRecipe:
             raise ExpertmixError(f"recipe {spec!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
         if key == "train":
             overrides[key] = tuple(g for g in value.split("+") if g)
-        elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight"):
+        elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight", "routing_weight"):
             overrides[key] = None if value == "none" else float(value)
+        elif key == "fit_tokens":
+            overrides[key] = int(value)
         else:
             overrides[key] = value
     return replace(recipe, **overrides)
@@ -321,7 +339,15 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
     or one per layer with ``per_layer``); linear: the new gate row of each layer. Old experts' router
     embeddings stay fixed. The loss is a cross-entropy over experts on the recorded block inputs: target = new
     expert for new-domain tokens, the current top-1 old expert for old tokens (so their routing does not change).
+    The shares it reports are measured on the last fifth of the tokens, held out of the fit: in-sample shares
+    flatter a fit on a few blocks (2% of old tokens to the new expert, against 30% on validation data).
     """
+    def held_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cut = max(1, min(x.shape[0] - 1, round(0.8 * x.shape[0])))
+        return x[:cut], x[cut:]
+
+    new_inputs, new_check = zip(*map(held_out, new_inputs), strict=True)
+    old_inputs, old_check = zip(*map(held_out, old_inputs), strict=True)
     blocks = model.moe_blocks()
     n = model.config.num_experts
     nexus = model.config.router_type == "nexus"
@@ -368,8 +394,8 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
             else:
                 b.router.weight[n - 1] = rows[layer].to(b.router.weight.dtype)
             e = b.router.expert_embeddings().float().cpu()
-            share_new.append(float(((new_inputs[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
-            share_old.append(float(((old_inputs[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
+            share_new.append(float(((new_check[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
+            share_old.append(float(((old_check[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
     return {"placement_loss": last.get("loss", math.nan), "new_tokens_to_new": sum(share_new) / len(share_new),
             "old_tokens_to_new": sum(share_old) / len(share_old)}
 
@@ -432,6 +458,17 @@ def replay_sources(cfg: ExtendConfig, manifest: MixManifest) -> list[DataSource]
     return [DataSource(d.name, Path(d.path)) for d in manifest.data]
 
 
+def share_cap(needed: int | None, share: float, sources: int, all_sources: int, seq_len: int) -> int | None:
+    """Tokens to read from each of ``sources`` sources that hold ``share`` of a ``needed``-token budget together.
+
+    What ``mixture_blocks`` draws from each, its margin blocks included; ``None`` (read all) without a budget.
+    """
+    if needed is None:
+        return None
+    share = max(share, 0.0)
+    return math.ceil(share * (needed + seq_len * all_sources) / max(sources, 1)) + seq_len
+
+
 def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     """Append the expert ``cfg.expert`` to the mix ``cfg.mix`` by ``cfg.recipe`` and write ``cfg.out``."""
     mix_dir = require_mix_folder(cfg.mix)
@@ -456,10 +493,15 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     n_old = config.num_experts
     tokenizer = AutoTokenizer.from_pretrained(mix_dir)
     needed = budget_tokens(cfg.settings, cfg.seq_len)
-    sample = max(needed, FREQUENCY_SAMPLE) if needed is not None else None
-    new_docs = read_sources(cfg.data, tokenizer, cfg.text_field, max_tokens=sample, seed=cfg.settings.seed)
-    old_docs = read_sources(replay_sources(cfg, manifest), tokenizer, cfg.text_field, max_tokens=sample,
-                            seed=cfg.settings.seed)
+    replay = replay_sources(cfg, manifest)
+    # Everything the extension learns from (token-row frequencies, placement, finetuning) comes from the
+    # documents read here, so a token budget bounds all of it: each source is read up to its share of the budget.
+    n_sources = len(cfg.data) + len(replay)
+    new_docs = read_sources(cfg.data, tokenizer, cfg.text_field, seed=cfg.settings.seed,
+                            max_tokens=share_cap(needed, recipe.new_share, len(cfg.data), n_sources, cfg.seq_len))
+    old_docs = read_sources(replay, tokenizer, cfg.text_field, seed=cfg.settings.seed,
+                            max_tokens=share_cap(needed, 1 - recipe.new_share, len(replay), n_sources, cfg.seq_len))
+    tokens_read = {k: sum(len(d.input_ids) for d in docs) for k, docs in {**new_docs, **old_docs}.items()}
     clash = set(new_docs) & set(old_docs)
     if clash:
         raise ExpertmixError(f"data source name(s) {', '.join(sorted(clash))} used for both new and replay data")
@@ -493,16 +535,19 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         if recipe.distill == "all":
             teachers.append(AutoModelForCausalLM.from_pretrained(expert.folder, dtype=torch.float32))
         blocks, report = taught_blocks(new_docs, old_docs, recipe, needed, cfg.seq_len, cfg.settings.seed)
-        trainer_class = partial(DistillationTrainer, teachers=teachers)
+        trainer_class = partial(DistillationTrainer, teachers=teachers, routing_weight=recipe.routing_weight)
     placement = {}
     if recipe.placement in FITTED:
-        new_blocks, _ = mixture_blocks(new_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
-        old_blocks, _ = mixture_blocks(old_docs, None, 16 * cfg.seq_len, cfg.seq_len, cfg.settings.seed)
-        placement = fit_placement(model, collect_router_inputs(model, new_blocks),
-                                  collect_router_inputs(model, old_blocks), old_weight=recipe.fit_old_weight,
+        # the data read above, no document repeated, up to fit_tokens tokens of each kind
+        fit_blocks = math.ceil(recipe.fit_tokens / cfg.seq_len)
+        new_blocks, _ = mixture_blocks(new_docs, None, None, cfg.seq_len, cfg.settings.seed)
+        old_blocks, _ = mixture_blocks(old_docs, None, None, cfg.seq_len, cfg.settings.seed)
+        placement = fit_placement(model, collect_router_inputs(model, new_blocks, fit_blocks),
+                                  collect_router_inputs(model, old_blocks, fit_blocks),
+                                  old_weight=recipe.fit_old_weight,
                                   per_layer=recipe.placement == "fit-layers", progress=cfg.settings.progress)
-        log(f"placement: {placement['new_tokens_to_new']:.0%} of new-domain tokens pick the new expert, "
-            f"{placement['old_tokens_to_new']:.0%} of old tokens")
+        log(f"placement: {placement['new_tokens_to_new']:.0%} of held-out new-domain tokens pick the new expert, "
+            f"{placement['old_tokens_to_new']:.0%} of held-out old tokens")
     trainable = freeze_except(model, recipe.train)
     handles = mask_old_experts(model, n_old)
     log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
@@ -521,6 +566,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     manifest.history.append({"stage": "extend", "expert": expert.info.name, "recipe": cfg.recipe_name,
                              **asdict(recipe), "lambda": recipe.lam(n_old), "placement_fit": placement,
                              "settings": asdict(settings), "metrics": metrics, "seq_len": cfg.seq_len,
+                             "tokens_read": tokens_read,
                              "mix": {k: v["actual_share"] for k, v in report.items()}})
     save_mix(model, init, manifest, cfg.out)
     shutil.rmtree(work, ignore_errors=True)
