@@ -106,4 +106,3 @@ def routing_distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence
         kl = (t_logp.exp() * (t_logp - s_logp[..., : t_logp.shape[-1]])).sum(-1)
         losses.append(kl.mean())
     return torch.stack(losses).mean()
-

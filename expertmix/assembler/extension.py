@@ -343,7 +343,9 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
     flatter a fit on a few blocks (2% of old tokens to the new expert, against 30% on validation data).
     """
     def held_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cut = max(1, min(x.shape[0] - 1, round(0.8 * x.shape[0])))
+        if x.shape[0] < 2:  # nothing to hold out: report in-sample
+            return x, x
+        cut = min(x.shape[0] - 1, max(1, round(0.8 * x.shape[0])))
         return x[:cut], x[cut:]
 
     new_inputs, new_check = zip(*map(held_out, new_inputs), strict=True)
