@@ -66,4 +66,3 @@ def test_routing_distillation_is_zero_when_routing_is_kept_and_charges_mass_move
     want = torch.stack([(-torch.log1p(-p)).mean() for p in p_new]).mean()  # old experts keep their ratios
     torch.testing.assert_close(moved, want)
     assert moved > 0.05
-

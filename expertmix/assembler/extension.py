@@ -467,7 +467,6 @@ def share_cap(needed: int | None, share: float, sources: int, all_sources: int, 
     """
     if needed is None:
         return None
-    share = max(share, 0.0)
     return math.ceil(share * (needed + seq_len * all_sources) / max(sources, 1)) + seq_len
 
 
