@@ -487,12 +487,15 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
 @click.option("--placement", type=click.Choice(["project", "fit", "fit-layers", "reinit"]), default=None,
               help="Override where the new expert enters the router.")
 @click.option("--new-share", type=float, default=None, help="Share of new-domain tokens (default 0.5).")
+@click.option("--passes", type=click.IntRange(min=1), default=None,
+              help="Override the recipe's finetuning passes: --max-steps/--max-tokens bound the data read, "
+                   "and training runs PASSES times as many steps over it.")
 @click.option("--text-field", default=None)
 @_registry_option
 @_budget_options
 def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_groups, placement, new_share,
-           text_field, registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed,
-           resume):
+           passes, text_field, registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps,
+           run_seed, resume):
     """Add a new expert to a mix and finetune briefly on new plus replayed old data."""
     from dataclasses import replace
 
@@ -500,7 +503,7 @@ def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_gr
     from .assembler.extension import extend as run_extend
 
     overrides = {k: v for k, v in dict(merge=merge, merge_lambda=merge_lambda, placement=placement,
-                                       new_share=new_share, learning_rate=lr).items() if v is not None}
+                                       new_share=new_share, learning_rate=lr, passes=passes).items() if v is not None}
     if train_groups:
         overrides["train"] = tuple(g.strip() for g in train_groups.split(",") if g.strip())
     chosen = replace(parse_recipe(recipe), **overrides)

@@ -166,14 +166,16 @@ def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits(cli_m
 def test_extend_appends_an_expert_and_keeps_the_old_ones(published, cli_mix, corpus):
     root, store, _ = published
     _cli("extend", cli_mix, "--expert", "prose", "--registry", store, "--data", f"prose={corpus['prose']}",
-         "--out", root / "mix3", "--max-steps", "2", "--batch-size", "2", "--seq-len", "32")
+         "--out", root / "mix3", "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--passes", "2")
     before, after = load_file(str(cli_mix / "model.safetensors")), load_file(str(root / "mix3" / "model.safetensors"))
     for k in before:
         if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
             assert after[k].shape[0] == 3 and torch.equal(after[k][:2], before[k])
     manifest = read_manifest(root / "mix3")
     assert [e.name for e in manifest.experts] == ["math", "code", "prose"]
-    assert manifest.history[-1]["stage"] == "extend" and manifest.history[-1]["recipe"] == "targeted"
+    last = manifest.history[-1]
+    assert last["stage"] == "extend" and last["recipe"] == "targeted (modified)" and last["passes"] == 2
+    assert last["metrics"]["steps"] == 4  # two passes over the data two steps read
     assert AutoModelForCausalLM.from_pretrained(root / "mix3").config.expert_names == ["math", "code", "prose"]
     # the default recipe fits the new expert's router input per layer; the export still collapses each layer
     layers = AutoModelForCausalLM.from_pretrained(root / "mix3").config.text_config.num_hidden_layers

@@ -138,6 +138,13 @@ def test_extension_reads_no_more_data_than_its_token_budget(base_mixes, corpus, 
     assert set(read) == {"prose", "math", "code"} and all(read[d] < whole[d] / 4 for d in ("math", "code"))
 
 
+def test_extension_passes_repeat_the_budgets_data_without_reading_more(base_mixes, corpus, tmp_path):
+    once, thrice = (read_manifest(_extend(base_mixes, corpus, "nexus", f"targeted:passes={n}", tmp_path / str(n),
+                                          steps=2)).history[-1] for n in (1, 3))
+    assert thrice["tokens_read"] == once["tokens_read"] and thrice["mix"] == once["mix"]
+    assert (once["metrics"]["steps"], thrice["metrics"]["steps"]) == (2, 6) and thrice["passes"] == 3
+
+
 def test_fitted_placement_routes_the_new_domain_to_the_new_expert(base_mixes, corpus, tmp_path):
     fits = {}
     for weight in (1, 4):
@@ -192,7 +199,10 @@ def test_recipe_refuses_an_unknown_placement_merge_or_init():
         with pytest.raises(ExpertmixError, match=f"{field_name}=.*choose one of"):
             parse_recipe(spec)
     for spec, problem in (("targeted:distill=none;routing_weight=1", "only with distill"),
-                          ("targeted:routing_weight=-1", "must be >= 0"), ("targeted:fit_tokens=0", "at least 1")):
+                          ("targeted:routing_weight=-1", "must be >= 0"), ("targeted:fit_tokens=0", "at least 1"),
+                          ("targeted:passes=0", "passes=0: at least one pass"),
+                          ("targeted:passes=two", "passes='two' is not a whole number"),
+                          ("targeted:new_share=half", "new_share='half' is not a number")):
         with pytest.raises(ExpertmixError, match=problem):
             parse_recipe(spec)
 
@@ -259,7 +269,7 @@ def test_export_refuses_a_cohere_mix_and_a_dense_merge(tmp_path, tokenizer, llam
 
 @pytest.mark.parametrize("distill,routing_weight", [("replay", 0.0), ("all", 0.0), ("all", 2.0)])
 def test_distilled_extension_trains_from_its_teachers(base_mixes, corpus, tmp_path, distill, routing_weight):
-    out = _extend(base_mixes, corpus, "nexus", f"targeted:distill={distill};routing_weight={routing_weight}",
+    out = _extend(base_mixes, corpus, "nexus", f"targeted:distill={distill};routing_weight={routing_weight};passes=1",
                   tmp_path / "ext", steps=2)
     before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
@@ -283,5 +293,6 @@ def test_distilled_extension_resumes_from_its_last_checkpoint(base_mixes, corpus
     assert not cfg.out.exists() and (cfg.work_dir / "checkpoints" / "checkpoint-2").is_dir()
     extend(replace(cfg, resume=True), log=lambda _: None)
     step = read_manifest(cfg.out).history[-1]
-    assert step["metrics"]["resumed_from"] == "checkpoint-2" and step["metrics"]["steps"] == 4
+    assert step["metrics"]["resumed_from"] == "checkpoint-2"
+    assert step["metrics"]["steps"] == 4 * RECIPES["targeted"].passes  # the passes survive the resume
     assert step["distill"] == "all" and not cfg.work_dir.exists()

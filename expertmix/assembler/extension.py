@@ -26,6 +26,8 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
   (the old mix, and the new expert for ``all``), and each step runs them forward once on their rows.
 - ``routing_weight``: with distillation, replayed rows also learn the mix's routing (KL per layer between the
   old and the new router), which keeps old tokens away from the new expert at some cost to the new domain;
+- ``passes``: how many times the finetuning goes over the data it read: the token budget bounds what is read
+  (a few percent of the new expert's own data), the passes multiply the steps, not the tokens;
 - ``fit_tokens``: how many tokens of each kind the fitted placements see (the last fifth is held out to report
   the shares it reaches).
 
@@ -106,6 +108,7 @@ class ExtensionRecipe:
     fit_tokens: int = 32_768
     distill: Distill = "none"  # replay rows learn the mix's distributions; "all": new rows the new expert's too
     routing_weight: float = 0.0  # with distill: replay rows also learn the mix's routing (KL per layer), this much
+    passes: int = 1  # finetuning passes over the data the budget reads: more steps, not more tokens
 
     def __post_init__(self) -> None:
         for name, kind in (("merge", MergeScope), ("placement", Placement), ("ffn_init", FfnInit),
@@ -116,6 +119,8 @@ class ExtensionRecipe:
         if self.routing_weight < 0 or (self.routing_weight and self.distill == "none"):
             raise ExpertmixError(f"recipe field routing_weight={self.routing_weight}: must be >= 0, and > 0 only "
                                  "with distill=replay or distill=all (the mix's routing is taught on replay rows)")
+        if self.passes < 1:
+            raise ExpertmixError(f"recipe field passes={self.passes}: at least one pass over the data")
         if self.fit_tokens < 1:
             raise ExpertmixError(f"recipe field fit_tokens={self.fit_tokens}: the placement needs at least 1 token")
 
@@ -142,9 +147,10 @@ RECIPES: dict[str, ExtensionRecipe] = {
     "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
     # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a placement fitted per
     # layer that keeps old tokens with their experts, the new FFN shifted by the old experts' mean in-mix update,
-    # then everything finetuned gently, replayed rows distilled from the mix and new rows from the new expert.
+    # then everything finetuned gently for five passes over the budget's data, replayed rows distilled from the
+    # mix (its distributions and its routing) and new rows from the new expert.
     "targeted": ExtensionRecipe(merge="token-rows", placement="fit-layers", fit_old_weight=8.0, ffn_init="transfer",
-                                learning_rate=1e-4, distill="all"),
+                                learning_rate=1e-4, distill="all", routing_weight=0.3, passes=5),
 }
 DEFAULT_RECIPE = "targeted"
 
@@ -163,10 +169,16 @@ def parse_recipe(spec: str) -> ExtensionRecipe:
             raise ExpertmixError(f"recipe {spec!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
         if key == "train":
             overrides[key] = tuple(g for g in value.split("+") if g)
-        elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight", "routing_weight"):
-            overrides[key] = None if value == "none" else float(value)
-        elif key == "fit_tokens":
-            overrides[key] = int(value)
+        elif key in ("merge_lambda", "learning_rate") and value == "none":
+            overrides[key] = None
+        elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight", "routing_weight",
+                     "fit_tokens", "passes"):
+            kind = int if key in ("fit_tokens", "passes") else float
+            try:
+                overrides[key] = kind(value)
+            except ValueError:
+                raise ExpertmixError(f"recipe {spec!r}: {key}={value!r} is not "
+                                     f"{'a whole number' if kind is int else 'a number'}") from None
         else:
             overrides[key] = value
     return replace(recipe, **overrides)
@@ -551,9 +563,14 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
             f"{placement['old_tokens_to_new']:.0%} of held-out old tokens")
     trainable = freeze_except(model, recipe.train)
     handles = mask_old_experts(model, n_old)
-    log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
-        f"{blocks['input_ids'].shape[0]} blocks: {recipe.new_share:.0%} new domain, the rest replay")
     settings = replace(cfg.settings, learning_rate=recipe.learning_rate or cfg.settings.learning_rate)
+    if recipe.passes > 1 and settings.max_steps != 0 and settings.max_tokens != 0:
+        # the budget bounded the tokens read above; the passes repeat them
+        steps = settings.steps_for(blocks["input_ids"].shape[0], cfg.seq_len) * recipe.passes
+        settings = replace(settings, max_steps=steps, max_tokens=None)
+    log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
+        f"{blocks['input_ids'].shape[0]} blocks: {recipe.new_share:.0%} new domain, the rest replay"
+        + (f"; {recipe.passes} passes, {settings.max_steps} steps" if recipe.passes > 1 else ""))
     metrics = train_stage(model, blocks, settings, work, cfg.resume, trainer_class=trainer_class)
     for h in handles:
         h.remove()
