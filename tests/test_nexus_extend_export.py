@@ -14,6 +14,7 @@ from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
+from expertmix.assembler import extension
 from expertmix.assembler.export import export, max_logit_difference
 from expertmix.assembler.extension import RECIPES, ExtendConfig, extend, parse_recipe
 from expertmix.assembler.manifest import DataRef, read_manifest
@@ -177,6 +178,28 @@ def test_per_layer_placement_fits_each_layer_and_records_every_router_input(base
     # more freedom fits at least as well: the per-layer loss is no higher
     assert fits["per"]["placement_loss"] <= fits["one"]["placement_loss"] + 1e-3
     assert fits["per"]["new_tokens_to_new"] > 0.5
+
+
+def test_per_layer_placement_in_memory_bounded_layer_groups_fits_the_same(base_mixes, corpus, tmp_path,
+                                                                           monkeypatch):
+    spec = "isolated:placement=fit-layers;fit_old_weight=4"
+    whole = read_manifest(_extend(base_mixes, corpus, "nexus", spec, tmp_path / "whole", 0))
+    collected = []
+    original = extension.collect_router_inputs
+
+    def recording(model, blocks, max_blocks=16, batch_size=4, layers=None):
+        collected.append(list(layers))
+        return original(model, blocks, max_blocks, batch_size, layers)
+
+    monkeypatch.setattr(extension, "PLACEMENT_MEMORY", 1)  # one layer's inputs at a time
+    monkeypatch.setattr(extension, "collect_router_inputs", recording)
+    grouped = read_manifest(_extend(base_mixes, corpus, "nexus", spec, tmp_path / "grouped", 0))
+    layers = len(whole.experts[-1].router_input)
+    assert collected == [[i] for i in range(layers) for _ in ("new", "old")]
+    for a, b in zip(whole.experts[-1].router_input, grouped.experts[-1].router_input, strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    fits = whole.history[-1]["placement_fit"], grouped.history[-1]["placement_fit"]
+    assert fits[1] == pytest.approx(fits[0], abs=1e-5)
 
 
 def test_extension_refuses_a_foreign_expert_and_a_duplicate(base_mixes, corpus, tmp_path, tokenizer):

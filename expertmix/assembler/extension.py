@@ -103,8 +103,8 @@ class ExtensionRecipe:
     ffn_init: FfnInit = "expert"  # transfer: add the old experts' mean in-mix update to the new FFN
     learning_rate: float | None = None  # None: the run's learning rate
     fit_old_weight: float = 1.0  # placement fit: weight of "old tokens keep their expert" against the new domain
-    # placement fit: tokens of new-domain data, and of replay data, whose router inputs it sees (held in memory:
-    # 2 x fit_tokens x hidden x layers floats)
+    # placement fit: tokens of new-domain data, and of replay data, whose router inputs it sees (2 x fit_tokens x
+    # hidden floats per layer, held for as many layers at once as PLACEMENT_MEMORY allows with fit-layers)
     fit_tokens: int = 32_768
     distill: Distill = "none"  # replay rows learn the mix's distributions; "all": new rows the new expert's too
     routing_weight: float = 0.0  # with distill: replay rows also learn the mix's routing (KL per layer), this much
@@ -321,30 +321,82 @@ def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, 
 
 # -- placement: fit the new expert's router input ---------------------------------------------------------
 
+# bytes of recorded router inputs a per-layer placement fit holds at once; more layers go in groups
+PLACEMENT_MEMORY = 2 << 30
+
+
+class _Collected(Exception):
+    """Ends a forward pass once the last wanted MoE block's input is recorded."""
+
+
 @torch.no_grad()
-def collect_router_inputs(model: NexusForCausalLM, blocks: Blocks, max_blocks: int = 16,
-                          batch_size: int = 4) -> list[torch.Tensor]:
-    """Each MoE block's input (the hidden states it routes), per layer ``[tokens, H]`` float32."""
-    grabbed: list[list[torch.Tensor]] = [[] for _ in model.moe_blocks()]
-    hooks = [b.register_forward_pre_hook(lambda _m, args, i=i: grabbed[i].append(
-        args[0].reshape(-1, args[0].shape[-1]).float().cpu())) for i, b in enumerate(model.moe_blocks())]
+def collect_router_inputs(model: NexusForCausalLM, blocks: Blocks, max_blocks: int = 16, batch_size: int = 4,
+                          layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The input of each MoE block in ``layers`` (all by default): the hidden states it routes, ``[tokens, H]``
+    float32 on the CPU. The forward stops at the last of them."""
+    moe = model.moe_blocks()
+    layers = list(range(len(moe))) if layers is None else list(layers)
+    grabbed: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+
+    def grab(i: int, x: torch.Tensor) -> None:
+        grabbed[i].append(x.reshape(-1, x.shape[-1]).float().cpu())
+        if i == layers[-1]:
+            raise _Collected
+
+    hooks = [moe[i].register_forward_pre_hook(lambda _m, args, i=i: grab(i, args[0])) for i in layers]
     device = next(model.parameters()).device
     try:
         was = model.training
         model.eval()
         ids = blocks["input_ids"][:max_blocks]
         for s in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[s:s + batch_size].to(device))
+            try:
+                model(input_ids=ids[s:s + batch_size].to(device))
+            except _Collected:
+                pass
         model.train(was)
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(g) for g in grabbed]
+    return [torch.cat(grabbed[i]) for i in layers]
+
+
+def place_new_expert(model: NexusForCausalLM, new_blocks: Blocks, old_blocks: Blocks, recipe: ExtensionRecipe,
+                     seq_len: int, progress: bool = True, memory: int | None = None) -> dict[str, float]:
+    """Fit the new expert's placement (``fit_placement``) on up to ``recipe.fit_tokens`` tokens of each kind.
+
+    A per-layer fit is separable, so it goes through the layers in groups whose recorded inputs stay within
+    ``memory`` bytes (default ``PLACEMENT_MEMORY``; all layers of an 8B model at the default ``fit_tokens`` would
+    hold about 34 GB); one router input shared by all layers needs all of them at once.
+    """
+    memory = PLACEMENT_MEMORY if memory is None else memory
+    n_layers, n = len(model.moe_blocks()), model.config.num_experts
+    fit_blocks = math.ceil(recipe.fit_tokens / seq_len)
+    per_layer = recipe.placement == "fit-layers"
+    tokens = seq_len * sum(min(fit_blocks, b["input_ids"].shape[0]) for b in (new_blocks, old_blocks))
+    group = max(1, memory // max(1, tokens * model.config.text_config.hidden_size * 4)) if per_layer else n_layers
+    # the new expert's row of each router: its router input (Nexus) or its gate row (linear)
+    rows = [b.router.domain_embeddings if model.config.router_type == "nexus" else b.router.weight
+            for b in model.moe_blocks()]
+    placed, fits = [r[n - 1].detach().clone() for r in rows], []
+    for start in range(0, n_layers, group):
+        layers = range(start, min(start + group, n_layers))
+        fits.append((len(layers), fit_placement(
+            model, collect_router_inputs(model, new_blocks, fit_blocks, layers=layers),
+            collect_router_inputs(model, old_blocks, fit_blocks, layers=layers), old_weight=recipe.fit_old_weight,
+            per_layer=per_layer, layers=layers, progress=progress)))
+        with torch.no_grad():  # later groups record their inputs under the starting placement, as one fit would
+            for i in layers:
+                placed[i], rows[i][n - 1] = rows[i][n - 1].detach().clone(), placed[i]
+    with torch.no_grad():
+        for row, value in zip(rows, placed, strict=True):
+            row[n - 1] = value
+    return {k: sum(size * fit[k] for size, fit in fits) / n_layers for k in fits[0][1]}
 
 
 def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_inputs: list[torch.Tensor],
                   steps: int = 300, lr: float = 0.05, old_weight: float = 1.0, per_layer: bool = False,
-                  progress: bool = True) -> dict[str, float]:
+                  progress: bool = True, layers: Sequence[int] | None = None) -> dict[str, float]:
     """Place the new (last) expert so that new-domain tokens pick it and old tokens keep their experts.
 
     Nexus: only the new expert's router input moves (its standardised domain embedding, one for all layers,
@@ -353,6 +405,7 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
     expert for new-domain tokens, the current top-1 old expert for old tokens (so their routing does not change).
     The shares it reports are measured on the last fifth of the tokens, held out of the fit: in-sample shares
     flatter a fit on a few blocks (2% of old tokens to the new expert, against 30% on validation data).
+    With ``layers`` (a per-layer fit only), the inputs are those layers' and only their placements move.
     """
     def held_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] < 2:  # nothing to hold out: report in-sample
@@ -360,19 +413,23 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
         cut = min(x.shape[0] - 1, max(1, round(0.8 * x.shape[0])))
         return x[:cut], x[cut:]
 
-    new_inputs, new_check = zip(*map(held_out, new_inputs), strict=True)
-    old_inputs, old_check = zip(*map(held_out, old_inputs), strict=True)
-    blocks = model.moe_blocks()
+    dev = next(model.parameters()).device  # the recorded inputs wait on the CPU; the fit runs beside the model
+    new_inputs, new_check = zip(*(held_out(x.to(dev)) for x in new_inputs), strict=True)
+    old_inputs, old_check = zip(*(held_out(x.to(dev)) for x in old_inputs), strict=True)
+    everything = layers is None or len(layers) == len(model.moe_blocks())
+    if not (per_layer or everything):
+        raise ExpertmixError("a router input shared by all layers is fitted on all of them at once")
+    blocks = [model.moe_blocks()[i] for i in (layers if layers is not None else range(len(model.moe_blocks())))]
     n = model.config.num_experts
     nexus = model.config.router_type == "nexus"
     with torch.no_grad():
-        old_e = [b.router.expert_embeddings()[: n - 1].float().cpu() for b in blocks]
+        old_e = [b.router.expert_embeddings()[: n - 1].float() for b in blocks]
         targets_old = [(x @ e.T).argmax(-1) for x, e in zip(old_inputs, old_e, strict=True)]
     if nexus:
         routers = [b.router for b in blocks]
-        start = routers[0].domain_embeddings[n - 1].detach().float().cpu()
+        start = routers[0].domain_embeddings[n - 1].detach().float()
         params = [start.clone().requires_grad_(True) for _ in (routers if per_layer else routers[:1])]
-        proj = [(r.up_proj.weight.detach().float().cpu(), r.down_proj.weight.detach().float().cpu()) for r in routers]
+        proj = [(r.up_proj.weight.detach().float(), r.down_proj.weight.detach().float()) for r in routers]
 
         def router_input(layer: int) -> torch.Tensor:
             return params[layer if per_layer else 0]
@@ -382,16 +439,16 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
             gate, value = (w1 @ router_input(layer)).chunk(2)
             return w2 @ (F.silu(gate) * value)
     else:
-        rows = [torch.zeros(old_e[0].shape[1], requires_grad=True) for _ in blocks]
+        rows = [torch.zeros(old_e[0].shape[1], device=dev, requires_grad=True) for _ in blocks]
         params = rows
 
         def new_embedding(layer: int) -> torch.Tensor:
             return rows[layer]
     opt = torch.optim.Adam(params, lr=lr)
-    new_target = [torch.full((x.shape[0],), n - 1, dtype=torch.long) for x in new_inputs]
+    new_target = [torch.full((x.shape[0],), n - 1, dtype=torch.long, device=dev) for x in new_inputs]
     last = {}
     for _ in tqdm(range(steps), desc="placing the new expert", unit="step", disable=not progress):
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=dev)
         for layer in range(len(blocks)):
             e = torch.cat([old_e[layer], new_embedding(layer)[None]])
             loss = loss + F.cross_entropy(new_inputs[layer] @ e.T, new_target[layer]) \
@@ -407,7 +464,7 @@ def fit_placement(model: NexusForCausalLM, new_inputs: list[torch.Tensor], old_i
                 b.router.domain_embeddings[n - 1] = router_input(layer).to(b.router.domain_embeddings.dtype)
             else:
                 b.router.weight[n - 1] = rows[layer].to(b.router.weight.dtype)
-            e = b.router.expert_embeddings().float().cpu()
+            e = b.router.expert_embeddings().float()
             share_new.append(float(((new_check[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
             share_old.append(float(((old_check[layer] @ e.T).argmax(-1) == n - 1).float().mean()))
     return {"placement_loss": last.get("loss", math.nan), "new_tokens_to_new": sum(share_new) / len(share_new),
@@ -551,14 +608,11 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         trainer_class = partial(DistillationTrainer, teachers=teachers, routing_weight=recipe.routing_weight)
     placement = {}
     if recipe.placement in FITTED:
-        # the data read above, no document repeated, up to fit_tokens tokens of each kind
-        fit_blocks = math.ceil(recipe.fit_tokens / cfg.seq_len)
+        # the data read above, no document repeated; on the accelerator the Trainer will use anyway
         new_blocks, _ = mixture_blocks(new_docs, None, None, cfg.seq_len, cfg.settings.seed)
         old_blocks, _ = mixture_blocks(old_docs, None, None, cfg.seq_len, cfg.settings.seed)
-        placement = fit_placement(model, collect_router_inputs(model, new_blocks, fit_blocks),
-                                  collect_router_inputs(model, old_blocks, fit_blocks),
-                                  old_weight=recipe.fit_old_weight,
-                                  per_layer=recipe.placement == "fit-layers", progress=cfg.settings.progress)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        placement = place_new_expert(model, new_blocks, old_blocks, recipe, cfg.seq_len, cfg.settings.progress)
         log(f"placement: {placement['new_tokens_to_new']:.0%} of held-out new-domain tokens pick the new expert, "
             f"{placement['old_tokens_to_new']:.0%} of held-out old tokens")
     trainable = freeze_except(model, recipe.train)
