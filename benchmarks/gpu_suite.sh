@@ -11,7 +11,8 @@
 # ../shared). A machine whose Python lacks the project's dependencies gets the wheels in .whl/ on its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPES=${RECIPES:-"paper,paper-keep,targeted,targeted:passes=3,targeted:passes=1;routing_weight=0"}
+RECIPES=${RECIPES:-"paper,paper-keep,targeted,targeted:passes=3,targeted:passes=1;routing_weight=0;min_documents=1"}
+EXT_SEEDS=${EXT_SEEDS:-0}  # e.g. 0,1,2: each extension once per run seed, and a table of their spread
 
 if [ "${1:-}" = prepare ]; then
     mkdir -p local/shared/seeds local/shared/corpus
@@ -52,4 +53,4 @@ else
 fi
 python3 benchmarks/moe_speed.py "${speed[@]}" 2>&1 | tee "$OUT/moe_speed.log"
 python3 benchmarks/nexus_table.py --shared "$SHARED" "${table[@]}" --out "$WORK/nexus" --json "$OUT/nexus.json" \
-    --recipes "$RECIPES" 2>&1 | tee "$OUT/nexus.log"
+    --recipes "$RECIPES" --ext-seeds "$EXT_SEEDS" 2>&1 | tee "$OUT/nexus.log"

@@ -84,6 +84,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--recipes", default="paper,paper-keep,targeted",
                    help="extension recipes, comma-separated: NAME or NAME:key=value;... (extension.parse_recipe)")
     p.add_argument("--linear-recipes", default="paper,targeted", help="recipes for the linear MoE")
+    p.add_argument("--ext-seeds", default="0",
+                   help="run seeds of every extension, comma-separated: which documents of the budget it reads, "
+                        "its placement data, its shuffling; with several, a table of each recipe's spread follows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="rebuild mixes and extensions (keeps the experts)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -119,6 +122,7 @@ def main() -> None:
                     lr_moe=args.lr_moe, lr_ext=args.lr_ext, eval_blocks=args.eval_blocks,
                     moe_train=args.moe_train, merge_steps=args.merge_steps, bf16=args.bf16)
     recipes = {r.strip(): parse_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()}
+    ext_seeds = [int(x) for x in args.ext_seeds.split(",") if x.strip()] or [0]
     linear_recipes = {r.strip(): parse_recipe(r.strip()) for r in (args.linear_recipes or args.recipes).split(",")
                       if r.strip()}
     seed = args.shared / "seeds" / "seed-s"
@@ -128,10 +132,10 @@ def main() -> None:
     store = LocalStore(out / "store")
     timings: dict[str, float] = {}
 
-    def settings(steps: int, lr: float) -> TrainSettings:
+    def settings(steps: int, lr: float, run_seed: int = 0) -> TrainSettings:
         return TrainSettings(max_steps=steps, batch_size=budget.batch_size, learning_rate=lr, warmup_ratio=0.1,
                              min_lr_ratio=args.min_lr_ratio, save_steps=10**9, logging_steps=max(1, steps // 5),
-                             bf16=budget.bf16, progress=False)
+                             bf16=budget.bf16, progress=False, seed=run_seed)
 
     def log(msg: str) -> None:
         print(f"  {msg}", flush=True)
@@ -216,18 +220,22 @@ def main() -> None:
     ext_tokens = budget.ext_steps * budget.batch_size * budget.seq_len
     print(f"extending with es: {budget.ext_steps} steps = {ext_tokens} tokens = {ext_tokens / es_tokens:.1%} "
           f"of the es expert's {es_tokens}", flush=True)
+    spread: dict[str, list[str]] = {}  # router + recipe: its rows, one per seed
     for router, chosen in (("nexus", recipes), ("linear", linear_recipes)):
         for name, recipe in chosen.items():
-            folder = mixes / f"{router}+es-{safe_name(name)}"
-            if not folder.is_dir():
-                t = time.time()
-                extend(ExtendConfig(
-                    mix=mixes / router, expert=refs[NEW], data=[DataSource(NEW, corpus / f"{NEW}.train.jsonl")],
-                    out=folder, recipe=recipe, recipe_name=name, registry=str(out / "store"),
-                    seq_len=budget.seq_len, resume=folder.with_name(folder.name + ".partial").is_dir(),
-                    settings=settings(budget.ext_steps, budget.lr_ext)), log=log)
-                timings[f"extend {router} {name}"] = time.time() - t
-            measure(f"{router}, extended with es ({name})", folder)
+            for run_seed in ext_seeds:
+                tag = f", seed {run_seed}" if run_seed else ""
+                folder = mixes / (f"{router}+es-{safe_name(name)}" + (f"-seed{run_seed}" if run_seed else ""))
+                if not folder.is_dir():
+                    t = time.time()
+                    extend(ExtendConfig(
+                        mix=mixes / router, expert=refs[NEW], data=[DataSource(NEW, corpus / f"{NEW}.train.jsonl")],
+                        out=folder, recipe=recipe, recipe_name=name, registry=str(out / "store"),
+                        seq_len=budget.seq_len, resume=folder.with_name(folder.name + ".partial").is_dir(),
+                        settings=settings(budget.ext_steps, budget.lr_ext, run_seed)), log=log)
+                    timings[f"extend {router} {name}{tag}"] = time.time() - t
+                measure(f"{router}, extended with es ({name}{tag})", folder)
+                spread.setdefault(f"{router}, {name}", []).append(f"{router}, extended with es ({name}{tag})")
 
     # -- report -------------------------------------------------------------------------------------
     print()
@@ -248,6 +256,15 @@ def main() -> None:
         print("|---|" + "---|" * len(r["experts"]))
         for d, row in zip(r["domains"], r["matrix"], strict=True):
             print(f"| {d} | " + " | ".join(f"{x:.0%}" for x in row) + " |")
+    if len(ext_seeds) > 1:
+        print(f"\nextensions over run seeds {', '.join(map(str, ext_seeds))}: mean (min-max)")
+        print("| extension | mean of old four | " + NEW + " |")
+        print("|---|---|---|")
+        for key, labels in spread.items():
+            olds = [sum(results[k][d] for d in OLD) / len(OLD) for k in labels]
+            news = [results[k][NEW] for k in labels]
+            print(f"| {key} | " + " | ".join(f"{sum(v) / len(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+                                             for v in (olds, news)) + " |")
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     save()
 

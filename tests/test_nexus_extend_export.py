@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import make_docs, write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
 from expertmix.assembler import extension
+from expertmix.assembler.assemble import read_sources
 from expertmix.assembler.export import export, max_logit_difference
 from expertmix.assembler.extension import RECIPES, ExtendConfig, extend, parse_recipe
 from expertmix.assembler.manifest import DataRef, read_manifest
@@ -146,6 +147,24 @@ def test_extension_passes_repeat_the_budgets_data_without_reading_more(base_mixe
     assert (once["metrics"]["steps"], thrice["metrics"]["steps"]) == (2, 6) and thrice["passes"] == 3
 
 
+def test_a_small_budget_spans_min_documents_with_windows_of_long_ones(tokenizer, tmp_path):
+    short = make_docs("prose", 40, seed=3)
+    path = write_jsonl(tmp_path / "skewed.jsonl", ["\n".join(short[i::4]) * 6 for i in range(4)] + short)
+    whole = {tuple(d.input_ids) for d in tokenize_documents(read_documents(path), tokenizer)}
+    budget = 600
+    plain = read_sources([DataSource("p", path)], tokenizer, max_tokens=budget, seed=1)["p"]
+    spread = read_sources([DataSource("p", path)], tokenizer, max_tokens=budget, seed=1, min_documents=12)["p"]
+    cap = math.ceil(budget / 12)
+    assert len(spread) >= 12 and budget <= sum(len(d.input_ids) for d in spread) < budget + cap
+    assert all(len(d.input_ids) <= cap and d.labels == d.input_ids for d in spread)
+    windows = [d for d in spread if tuple(d.input_ids) not in whole]
+    assert windows and all(d.input_ids[-1] == tokenizer.eos_token_id for d in windows)
+    for d in windows:  # a contiguous piece of one document, closed by EOS
+        body = d.input_ids[:-1]
+        assert any(any(list(w[i:i + len(body)]) == body for i in range(len(w) - len(body) + 1)) for w in whole)
+    assert len(plain) < len(spread)  # without it the same budget lands on fewer, longer documents
+
+
 def test_fitted_placement_routes_the_new_domain_to_the_new_expert(base_mixes, corpus, tmp_path):
     fits = {}
     for weight in (1, 4):
@@ -224,6 +243,7 @@ def test_recipe_refuses_an_unknown_placement_merge_or_init():
     for spec, problem in (("targeted:distill=none;routing_weight=1", "only with distill"),
                           ("targeted:routing_weight=-1", "must be >= 0"), ("targeted:fit_tokens=0", "at least 1"),
                           ("targeted:passes=0", "passes=0: at least one pass"),
+                          ("targeted:min_documents=0", "min_documents=0: at least one document"),
                           ("targeted:passes=two", "passes='two' is not a whole number"),
                           ("targeted:new_share=half", "new_share='half' is not a number")):
         with pytest.raises(ExpertmixError, match=problem):

@@ -55,11 +55,15 @@ def freeze_except(model: torch.nn.Module, groups: Iterable[str]) -> int:
 
 
 def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | None = None,
-                 max_tokens: int | None = None, seed: int = 0) -> dict[str, list[TokenizedDocument]]:
+                 max_tokens: int | None = None, seed: int = 0,
+                 min_documents: int = 1) -> dict[str, list[TokenizedDocument]]:
     """Tokenized documents of each named data source.
 
     With ``max_tokens``, only a seeded random sample of documents is tokenized per source, the fewest that hold
     that many tokens: a small budget does not pay for tokenizing whole corpora, and reads no more than it needs.
+    With ``min_documents`` too, no document gives more than ``max_tokens / min_documents`` tokens (a window at a
+    seeded offset, closed by EOS), so a small budget spans that many documents where the source has them rather
+    than the two or three long ones a plain sample can land on.
     """
     out: dict[str, list[TokenizedDocument]] = {}
     for src in sources:
@@ -70,18 +74,31 @@ def read_sources(sources: Sequence[DataSource], tokenizer, text_field: str | Non
             out[src.name] = tokenize_documents(docs, tokenizer)
             continue
         random.Random(f"{seed}:{src.name}").shuffle(docs)
+        cap = max(2, -(-max_tokens // min_documents)) if min_documents > 1 else None
+        windows = random.Random(f"{seed}:{src.name}:windows")
         picked: list[TokenizedDocument] = []
         count = 0
         for start in range(0, len(docs), SAMPLE_CHUNK):
             for doc in tokenize_documents(docs[start:start + SAMPLE_CHUNK], tokenizer):
                 if count >= max_tokens:
                     break
+                if cap is not None and len(doc.input_ids) > cap:
+                    doc = document_window(doc, cap, windows.randrange(len(doc.input_ids) - cap + 1),
+                                          tokenizer.eos_token_id)
                 picked.append(doc)
                 count += len(doc.input_ids)
             if count >= max_tokens:
                 break
         out[src.name] = picked
     return out
+
+
+def document_window(doc: TokenizedDocument, length: int, start: int, eos: int | None) -> TokenizedDocument:
+    """``length`` tokens of ``doc`` from ``start``; the last one is EOS when the window ends inside the document."""
+    ids, labels = doc.input_ids[start:start + length], doc.labels[start:start + length]
+    if eos is not None and start + length < len(doc.input_ids):
+        ids, labels = [*ids[:-1], eos], [*labels[:-1], eos]
+    return TokenizedDocument(input_ids=ids, labels=labels)
 
 
 def budget_tokens(settings: TrainSettings, seq_len: int) -> int | None:

@@ -26,6 +26,8 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
   (the old mix, and the new expert for ``all``), and each step runs them forward once on their rows.
 - ``routing_weight``: with distillation, replayed rows also learn the mix's routing (KL per layer between the
   old and the new router), which keeps old tokens away from the new expert at some cost to the new domain;
+- ``min_documents``: the budget's reads span at least this many documents per source, long ones giving a window
+  (a small budget otherwise lands on two or three long documents, and the result swings with which ones);
 - ``passes``: how many times the finetuning goes over the data it read: the token budget bounds what is read
   (a few percent of the new expert's own data), the passes multiply the steps, not the tokens;
 - ``fit_tokens``: how many tokens of each kind the fitted placements see (the last fifth is held out to report
@@ -109,6 +111,7 @@ class ExtensionRecipe:
     distill: Distill = "none"  # replay rows learn the mix's distributions; "all": new rows the new expert's too
     routing_weight: float = 0.0  # with distill: replay rows also learn the mix's routing (KL per layer), this much
     passes: int = 1  # finetuning passes over the data the budget reads: more steps, not more tokens
+    min_documents: int = 1  # the budget's reads span at least this many documents per source (long ones: a window)
 
     def __post_init__(self) -> None:
         for name, kind in (("merge", MergeScope), ("placement", Placement), ("ffn_init", FfnInit),
@@ -119,6 +122,8 @@ class ExtensionRecipe:
         if self.routing_weight < 0 or (self.routing_weight and self.distill == "none"):
             raise ExpertmixError(f"recipe field routing_weight={self.routing_weight}: must be >= 0, and > 0 only "
                                  "with distill=replay or distill=all (the mix's routing is taught on replay rows)")
+        if self.min_documents < 1:
+            raise ExpertmixError(f"recipe field min_documents={self.min_documents}: at least one document")
         if self.passes < 1:
             raise ExpertmixError(f"recipe field passes={self.passes}: at least one pass over the data")
         if self.fit_tokens < 1:
@@ -147,10 +152,11 @@ RECIPES: dict[str, ExtensionRecipe] = {
     "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
     # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a placement fitted per
     # layer that keeps old tokens with their experts, the new FFN shifted by the old experts' mean in-mix update,
-    # then everything finetuned gently for five passes over the budget's data, replayed rows distilled from the
-    # mix (its distributions and its routing) and new rows from the new expert.
+    # then everything finetuned gently for five passes over the budget's data (spread over at least 32 documents
+    # per source), replayed rows distilled from the mix (its distributions and its routing) and new rows from the
+    # new expert.
     "targeted": ExtensionRecipe(merge="token-rows", placement="fit-layers", fit_old_weight=8.0, ffn_init="transfer",
-                                learning_rate=1e-4, distill="all", routing_weight=0.3, passes=5),
+                                learning_rate=1e-4, distill="all", routing_weight=0.3, passes=5, min_documents=32),
 }
 DEFAULT_RECIPE = "targeted"
 
@@ -172,8 +178,8 @@ def parse_recipe(spec: str) -> ExtensionRecipe:
         elif key in ("merge_lambda", "learning_rate") and value == "none":
             overrides[key] = None
         elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight", "routing_weight",
-                     "fit_tokens", "passes"):
-            kind = int if key in ("fit_tokens", "passes") else float
+                     "fit_tokens", "passes", "min_documents"):
+            kind = int if key in ("fit_tokens", "passes", "min_documents") else float
             try:
                 overrides[key] = kind(value)
             except ValueError:
@@ -568,9 +574,11 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     # documents read here, so a token budget bounds all of it: each source is read up to its share of the budget.
     n_sources = len(cfg.data) + len(replay)
     new_docs = read_sources(cfg.data, tokenizer, cfg.text_field, seed=cfg.settings.seed,
-                            max_tokens=share_cap(needed, recipe.new_share, len(cfg.data), n_sources, cfg.seq_len))
+                            max_tokens=share_cap(needed, recipe.new_share, len(cfg.data), n_sources, cfg.seq_len),
+                            min_documents=recipe.min_documents)
     old_docs = read_sources(replay, tokenizer, cfg.text_field, seed=cfg.settings.seed,
-                            max_tokens=share_cap(needed, 1 - recipe.new_share, len(replay), n_sources, cfg.seq_len))
+                            max_tokens=share_cap(needed, 1 - recipe.new_share, len(replay), n_sources, cfg.seq_len),
+                            min_documents=recipe.min_documents)
     tokens_read = {k: sum(len(d.input_ids) for d in docs) for k, docs in {**new_docs, **old_docs}.items()}
     clash = set(new_docs) & set(old_docs)
     if clash:
