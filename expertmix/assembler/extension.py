@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
@@ -167,24 +167,25 @@ def parse_recipe(spec: str) -> ExtensionRecipe:
     if name not in RECIPES:
         raise ExpertmixError(f"unknown extension recipe {name!r}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]
-    fields = {f: type(getattr(recipe, f)) for f in asdict(recipe)}
+    annotations = {f.name: f.type for f in fields(ExtensionRecipe)}  # strings: "int", "float | None", ...
     overrides: dict = {}
     for part in filter(None, (x.strip() for x in rest.split(";"))):
         key, sep, value = part.partition("=")
-        if not sep or key not in fields:
-            raise ExpertmixError(f"recipe {spec!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
+        if not sep or key not in annotations:
+            raise ExpertmixError(f"recipe {spec!r}: {part!r} is not KEY=VALUE with KEY one of "
+                                 f"{', '.join(annotations)}")
+        kind = annotations[key]
         if key == "train":
             overrides[key] = tuple(g for g in value.split("+") if g)
-        elif key in ("merge_lambda", "learning_rate") and value == "none":
+        elif kind.endswith("| None") and value == "none":
             overrides[key] = None
-        elif key in ("merge_lambda", "learning_rate", "new_share", "fit_old_weight", "routing_weight",
-                     "fit_tokens", "passes", "min_documents"):
-            kind = int if key in ("fit_tokens", "passes", "min_documents") else float
+        elif kind in ("int", "float", "float | None"):
+            number = int if kind == "int" else float
             try:
-                overrides[key] = kind(value)
+                overrides[key] = number(value)
             except ValueError:
                 raise ExpertmixError(f"recipe {spec!r}: {key}={value!r} is not "
-                                     f"{'a whole number' if kind is int else 'a number'}") from None
+                                     f"{'a whole number' if number is int else 'a number'}") from None
         else:
             overrides[key] = value
     return replace(recipe, **overrides)
