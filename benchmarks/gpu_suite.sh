@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPES=${RECIPES:-"paper,paper-keep,targeted,targeted:passes=3,targeted:passes=1;routing_weight=0;min_documents=1"}
 EXT_SEEDS=${EXT_SEEDS:-0}  # e.g. 0,1,2: each extension once per run seed, and a table of their spread
+LABELS=${LABELS:-0}  # 1: also the MoEs trained on labels only (--moe-distill none), with the same experts
 
 if [ "${1:-}" = prepare ]; then
     mkdir -p local/shared/seeds local/shared/corpus
@@ -54,3 +55,10 @@ fi
 python3 benchmarks/moe_speed.py "${speed[@]}" 2>&1 | tee "$OUT/moe_speed.log"
 python3 benchmarks/nexus_table.py --shared "$SHARED" "${table[@]}" --out "$WORK/nexus" --json "$OUT/nexus.json" \
     --recipes "$RECIPES" --ext-seeds "$EXT_SEEDS" 2>&1 | tee "$OUT/nexus.log"
+if [ "$LABELS" = 1 ]; then
+    mkdir -p "$WORK/nexus-labels"
+    cp -r "$WORK/nexus/experts" "$WORK/nexus/store" "$WORK/nexus-labels/"
+    python3 benchmarks/nexus_table.py --shared "$SHARED" "${table[@]}" --out "$WORK/nexus-labels" \
+        --json "$OUT/nexus-labels.json" --moe-distill none --recipes targeted --linear-recipes targeted \
+        --ext-seeds "$EXT_SEEDS" 2>&1 | tee "$OUT/nexus-labels.log"
+fi

@@ -45,6 +45,7 @@ class Budget:
     lr_ext: float
     eval_blocks: int
     moe_train: str
+    moe_distill: str
     merge_steps: int
     bf16: bool
 
@@ -81,12 +82,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=64,
                    help="validation blocks per domain, spread evenly over each file (0: all)")
     p.add_argument("--moe-train", choices=["all", "router"], default="all", help="what MoE training updates")
+    p.add_argument("--moe-distill", choices=["experts", "none"], default="experts",
+                   help="MoE training: each domain's rows learn its dense expert's distributions, or labels only")
     p.add_argument("--recipes", default="paper,paper-keep,targeted",
                    help="extension recipes, comma-separated: NAME or NAME:key=value;... (extension.parse_recipe)")
     p.add_argument("--linear-recipes", default="paper,targeted", help="recipes for the linear MoE")
     p.add_argument("--ext-seeds", default="0",
                    help="run seeds of every extension, comma-separated: which documents of the budget it reads, "
                         "its placement data, its shuffling; with several, a table of each recipe's spread follows")
+    p.add_argument("--routers", default="merge,linear,nexus",
+                   help="which mixes to build and extend, comma-separated (merge, linear, nexus)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="rebuild mixes and extensions (keeps the experts)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -95,6 +100,9 @@ def parse_args() -> argparse.Namespace:
         a.expert_steps, a.batch_size, a.seq_len, a.eval_blocks = 300, 32, 512, 0
     if a.min_lr_ratio is None:
         a.min_lr_ratio = 0.3 if a.reference else 0.0
+    unknown = set(a.routers.split(",")) - {"merge", "linear", "nexus"}
+    if unknown:
+        p.error(f"--routers: unknown {', '.join(sorted(unknown))} (choose from merge, linear, nexus)")
     a.moe_steps = a.moe_steps if a.moe_steps is not None else a.expert_steps
     a.lr_ext = a.lr_ext if a.lr_ext is not None else a.lr_moe
     return a
@@ -120,7 +128,8 @@ def main() -> None:
     budget = Budget(expert_steps=args.expert_steps, moe_steps=args.moe_steps, ext_share=args.ext_share,
                     batch_size=args.batch_size, seq_len=args.seq_len, lr_expert=args.lr_expert,
                     lr_moe=args.lr_moe, lr_ext=args.lr_ext, eval_blocks=args.eval_blocks,
-                    moe_train=args.moe_train, merge_steps=args.merge_steps, bf16=args.bf16)
+                    moe_train=args.moe_train, moe_distill=args.moe_distill, merge_steps=args.merge_steps,
+                    bf16=args.bf16)
     recipes = {r.strip(): parse_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()}
     ext_seeds = [int(x) for x in args.ext_seeds.split(",") if x.strip()] or [0]
     linear_recipes = {r.strip(): parse_recipe(r.strip()) for r in (args.linear_recipes or args.recipes).split(",")
@@ -200,7 +209,8 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(mixes, ignore_errors=True)
     train_data = [DataSource(d, corpus / f"{d}.train.jsonl") for d in OLD]
-    for router in ("merge", "linear", "nexus"):
+    routers = [r for r in ("merge", "linear", "nexus") if r in args.routers.split(",")]
+    for router in routers:
         folder = mixes / router
         steps = budget.merge_steps if router == "merge" else budget.moe_steps
         if not folder.is_dir():
@@ -210,7 +220,7 @@ def main() -> None:
                 seed=seed, experts=[refs[d] for d in OLD], data=train_data, out=folder, router=router,
                 registry=str(out / "store"), seed_id="seed-s", train_all=budget.moe_train == "all",
                 seq_len=budget.seq_len, resume=folder.with_name(router + ".partial").is_dir(),
-                settings=settings(steps, budget.lr_moe)), log=log)
+                distill=budget.moe_distill, settings=settings(steps, budget.lr_moe)), log=log)
             timings[f"assemble {router}"] = time.time() - t
         measure({"merge": "dense merge", "linear": "MoE, linear router", "nexus": "MoE, Nexus router"}[router],
                 folder)
@@ -222,6 +232,8 @@ def main() -> None:
           f"of the es expert's {es_tokens}", flush=True)
     spread: dict[str, list[str]] = {}  # router + recipe: its rows, one per seed
     for router, chosen in (("nexus", recipes), ("linear", linear_recipes)):
+        if router not in routers:
+            continue
         for name, recipe in chosen.items():
             for run_seed in ext_seeds:
                 tag = f", seed {run_seed}" if run_seed else ""

@@ -419,6 +419,10 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
 @click.option("--train-all", is_flag=True, help="Train every weight, not only the router.")
 @click.option("--aux-loss", type=float, default=0.05, show_default=True, help="Load-balancing loss coefficient.")
+@click.option("--distill", type=click.Choice(["experts", "none"]), default="experts", show_default=True,
+              help="--kind nexus. experts: each --data source named after an expert's domain learns that dense "
+                   "expert's next-token distributions (the experts stay in memory beside the mix); none: labels "
+                   "only.")
 @click.option("--seed-id", default=None, help="Id of the seed recorded in mix.json (default: folder name).")
 @click.option("--text-field", default=None)
 @click.option("--kind", type=click.Choice(["nexus", "mov", "molora"]), default="nexus", show_default=True,
@@ -436,7 +440,7 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
               help="mov/molora: one router per block for the adapted projections of one input width.")
 @_registry_option
 @_budget_options
-def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all, aux_loss, seed_id, text_field,
+def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all, aux_loss, distill, seed_id, text_field,
              kind, num_experts, top_k, rank, targets, router_init, shared_router,
              registry, seq_len, batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed, resume):
     """Upcycle experts of one seed into a Nexus MoE (or a baseline), or mix PEFT experts (MoV, MoLoRA)."""
@@ -462,7 +466,7 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
         raise click.UsageError("--kind nexus needs --experts (registry refs or expert folders)")
     cfg = AssembleConfig(seed=seed_dir, experts=[*experts, *more_experts], data=_named_sources(data), out=out,
                          router=router, registry=registry, seed_id=seed_id, train_all=train_all, mix=mix,
-                         seq_len=seq_len, text_field=text_field, aux_loss_coef=aux_loss, resume=resume,
+                         seq_len=seq_len, text_field=text_field, aux_loss_coef=aux_loss, distill=distill, resume=resume,
                          settings=_settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps,
                                             run_seed))
     path = run_assemble(cfg, log=_log)

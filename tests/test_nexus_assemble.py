@@ -16,12 +16,14 @@ from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM
 
-from expertmix.assembler.assemble import AssembleConfig, assemble
+from expertmix.assembler.assemble import AssembleConfig, assemble, mixture_blocks, teachers_of_sources
+from expertmix.assembler.distillation import TEACHER_KEY
 from expertmix.assembler.manifest import read_manifest
 from expertmix.assembler.routing_report import eval_blocks
 from expertmix.assembler.upcycling import load_expert, upcycle
 from expertmix.cli import main
 from expertmix.errors import ExpertmixError, IncompatibleExpertError
+from expertmix.experts.data import TokenizedDocument
 from expertmix.experts.seed import build_seed
 from expertmix.experts.training import DataSource, TrainSettings
 from expertmix.hub.store import LocalStore
@@ -207,3 +209,74 @@ def test_assemble_resumes_from_its_last_checkpoint(llama_seed, corpus, tmp_path,
     metrics = read_manifest(cfg.out).history[-1]["metrics"]
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4
     assert not cfg.work_dir.exists()
+
+
+# -- distilling the experts into the mix ---------------------------------------------------------------
+
+def _kl_to(teacher, student, blocks) -> float:
+    """Mean per-token KL(teacher || student) on ``blocks``."""
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=blocks).logits.float(), -1)
+        s = torch.log_softmax(student(input_ids=blocks).logits.float(), -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_assemble_teaches_each_domain_with_its_own_expert(llama_seed, corpus, tokenizer, tmp_path):
+    """Distilled, the mix comes closer to each domain's expert on that domain than labels bring it."""
+    experts = {d: make_expert(llama_seed, tmp_path / d, d, seed=i, ffn_scale=0.3, other_scale=0.02)
+               for i, d in enumerate(("math", "code"))}
+    data = [DataSource(d, corpus[d]) for d in experts]
+    mixes = {}
+    for mode in ("experts", "none"):
+        logs: list[str] = []
+        mixes[mode] = assemble(AssembleConfig(
+            seed=llama_seed, experts=[str(p) for p in experts.values()], data=data, out=tmp_path / f"mix-{mode}",
+            train_all=True, seq_len=32, distill=mode,
+            settings=TrainSettings(max_steps=12, batch_size=4, learning_rate=3e-3, progress=False)), log=logs.append)
+        assert any(line.startswith("distilling: math from math, code from code") for line in logs) == (
+            mode == "experts")
+    history = read_manifest(mixes["experts"]).history[-1]
+    assert history["distill"] == "experts" and history["teachers"] == {"math": "math", "code": "code"}
+    assert read_manifest(mixes["none"]).history[-1]["teachers"] == {}
+    valid = eval_blocks(data, tokenizer, 32, 8)
+    models = {m: AutoModelForCausalLM.from_pretrained(p).eval() for m, p in mixes.items()}
+    teachers = {d: AutoModelForCausalLM.from_pretrained(p).eval() for d, p in experts.items()}
+    for d, other in (("math", "code"), ("code", "math")):
+        ids = valid[d]["input_ids"]
+        kl = {m: _kl_to(teachers[d], model, ids) for m, model in models.items()}
+        assert kl["experts"] < 0.5 * kl["none"], (d, kl)
+        assert kl["experts"] < 0.8 * _kl_to(teachers[other], models["experts"], ids)  # its own expert, not any
+
+
+def test_sources_are_taught_by_the_expert_of_their_domain_or_refused_when_ambiguous(llama_seed, tmp_path):
+    a = load_expert(str(make_expert(llama_seed, tmp_path / "a", "math", seed=1)))
+    b = load_expert(str(make_expert(llama_seed, tmp_path / "b", "code", seed=2)))
+    assert teachers_of_sources(["code", "math", "prose"], [a, b]) == {"code": 1, "math": 0, "prose": -1}
+    with pytest.raises(ExpertmixError, match="--data math: experts math, math all claim it"):
+        teachers_of_sources(["math"], [a, a])
+
+
+def test_taught_blocks_pack_each_source_apart_at_its_share(tmp_path):
+    """Rows never mix two sources, each names its source's teacher, and the shares hold by tokens."""
+    docs = {name: [TokenizedDocument([base + i % 7] * 20, [base + i % 7] * 20) for i in range(60)]
+            for name, base in (("math", 10), ("code", 100), ("prose", 200))}
+    shares = {"math": 0.5, "code": 0.25, "prose": 0.25}
+    blocks, report = mixture_blocks(docs, shares, 1600, 16, seed=0, teachers={"math": 0, "code": 1})
+    rows, teacher = blocks["input_ids"], blocks[TEACHER_KEY]
+    kind = rows // 100  # 0: math, 1: code, 2: prose
+    assert (kind == kind[:, :1]).all()
+    assert torch.equal(teacher, torch.tensor([{0: 0, 1: 1, 2: -1}[int(k)] for k in kind[:, 0]]))
+    counts = torch.bincount(kind[:, 0], minlength=3).tolist()
+    assert counts[0] == pytest.approx(2 * counts[1], abs=2) and counts[1] == pytest.approx(counts[2], abs=1)
+    assert {k: round(v["actual_share"], 2) for k, v in report.items()} == {"math": 0.5, "code": 0.25, "prose": 0.25}
+
+
+def test_assemble_without_a_source_named_after_an_expert_trains_on_labels_and_says_so(llama_seed, corpus, tmp_path):
+    experts = [str(make_expert(llama_seed, tmp_path / n, n, seed=i)) for i, n in enumerate(("a", "b"))]
+    result = CliRunner().invoke(main, [
+        "assemble", "--seed", str(llama_seed), "--experts", *experts, "--data", f"x={corpus['math']}",
+        "--out", str(tmp_path / "mix"), "--max-steps", "1", "--batch-size", "2", "--seq-len", "32"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "no data source is named after an expert's domain (sources: x; domains: a, b)" in said
+    assert read_manifest(tmp_path / "mix").history[-1]["teachers"] == {"x": None}

@@ -1,5 +1,11 @@
 """``expertmix assemble``: pull experts, upcycle them into a mix, train its router (or all of it).
 
+By default (``distill="experts"``) each data source whose name is an expert's domain is taught by that dense
+expert: its rows learn the expert's next-token distributions (KL) instead of their labels, the stage
+``expertmix extend`` uses for its short finetuning. The mix then learns to do on each domain what that domain's
+expert does, from the whole vocabulary's signal per token. Measured (benchmarks/RESULTS.md, "Distilling the
+experts into the mix"): the old domains' mean perplexity falls by 13% at the same token budget, for 30% more time.
+
 Work happens in ``OUT.partial`` (the untrained upcycled checkpoint, Trainer checkpoints, the run's
 settings), so an interrupted run resumes with ``resume=True``; the mix appears at ``OUT`` only when done.
 """
@@ -10,19 +16,22 @@ import random
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from ..errors import ExpertmixError
-from ..experts.data import TokenizedDocument, pack, read_documents, tokenize_documents
-from ..experts.mixing import mix_sources, parse_mix_spec
+from ..experts.data import TokenizedDocument, count_tokens, pack, read_documents, tokenize_documents
+from ..experts.mixing import draw_sources, mix_sources, parse_mix_spec
 from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit
 from ..fsutil import atomic_dir
+from .distillation import TEACHER_KEY, DistillationTrainer
 from .manifest import DataRef, MixManifest, read_manifest
-from .upcycling import COPIED_FILES, load_expert, seed_info, upcycle
+from .upcycling import COPIED_FILES, ExpertSource, load_expert, seed_info, upcycle
 
+DISTILL_MODES = ("experts", "none")
 # Parameter groups of a mix that a training stage can unfreeze.
 GROUPS = ("router", "experts", "shared", "dense")
 SAMPLE_CHUNK = 32  # documents tokenized at a time when sampling up to a token budget
@@ -110,14 +119,46 @@ def budget_tokens(settings: TrainSettings, seq_len: int) -> int | None:
 
 
 def mixture_blocks(tokenized: dict[str, list[TokenizedDocument]], shares: dict[str, float] | None,
-                   total_tokens: int | None, seq_len: int, seed: int = 0) -> tuple[Blocks, dict]:
-    """Sample the sources by token share (equal by default) and pack the mixture into blocks."""
+                   total_tokens: int | None, seq_len: int, seed: int = 0,
+                   teachers: dict[str, int] | None = None) -> tuple[Blocks, dict]:
+    """Sample the sources by token share (equal by default) and pack the mixture into blocks.
+
+    With ``teachers`` (``{source: teacher index}``, -1 or absent: labels), each source is packed apart and its rows
+    name their teacher in ``TEACHER_KEY`` (``distillation.DistillationTrainer``), so no row mixes two teachers.
+    """
     shares = shares or {k: 1.0 / len(tokenized) for k in tokenized}
     # One extra block per source so that truncation at the budget never leaves the Trainer short.
     extra = seq_len * len(shares) if total_tokens is not None else 0
-    docs, report = mix_sources(tokenized, shares, total_tokens=total_tokens + extra if total_tokens else None,
-                               seed=seed)
-    return pack(docs, seq_len), report
+    total = total_tokens + extra if total_tokens else None
+    if teachers is None:
+        docs, report = mix_sources(tokenized, shares, total_tokens=total, seed=seed)
+        return pack(docs, seq_len), report
+    drawn, report = draw_sources(tokenized, shares, total_tokens=total, seed=seed)
+    parts = []
+    for name, docs in drawn.items():
+        if docs:  # a source too short for one block gives one padded block
+            blocks = pack(docs, seq_len, drop_last=count_tokens(docs) >= seq_len)
+            blocks[TEACHER_KEY] = torch.full((blocks["input_ids"].shape[0],), teachers.get(name, -1),
+                                             dtype=torch.long)
+            parts.append(blocks)
+    return {k: torch.cat([b[k] for b in parts]) for k in parts[0]}, report
+
+
+def teachers_of_sources(sources: Sequence[str], experts: Sequence[ExpertSource]) -> dict[str, int]:
+    """Which expert (index) teaches each data source: the one whose domain, else whose name, is the source's name.
+
+    -1 for a source no expert claims (it trains on its labels). Two experts of one domain are ambiguous: refused.
+    """
+    out: dict[str, int] = {}
+    for src in sources:
+        by_domain = [i for i, e in enumerate(experts) if e.info.domain == src]
+        by_name = [i for i, e in enumerate(experts) if e.info.name == src or e.info.name.split("/")[-1] == src]
+        hits = by_domain or by_name
+        if len(hits) > 1:
+            raise ExpertmixError(f"--data {src}: experts {', '.join(experts[i].info.name for i in hits)} all "
+                                 f"claim it; name the source after one expert, or pass --distill none")
+        out[src] = hits[0] if hits else -1
+    return out
 
 
 @dataclass
@@ -136,6 +177,7 @@ class AssembleConfig(ResumableJob):
     seq_len: int = 256
     text_field: str | None = None
     aux_loss_coef: float = 0.05
+    distill: str = "experts"
     resume: bool = False
     settings: TrainSettings = field(default_factory=TrainSettings)
 
@@ -169,32 +211,51 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     """Pull and check the experts, upcycle them, train on their domains' mixture, write the mix."""
     if cfg.router not in ("nexus", "linear", "merge"):
         raise ExpertmixError(f"--router {cfg.router!r}: choose nexus, linear or merge")
+    if cfg.distill not in DISTILL_MODES:
+        raise ExpertmixError(f"--distill {cfg.distill!r}: choose {' or '.join(DISTILL_MODES)}")
     if not cfg.data:
         raise ExpertmixError("no training data given (--data NAME=PATH, one per domain)")
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
     work = cfg.work_dir
     cfg.start_work_dir()
     init = work / "init"
+    experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]
     if not init.is_dir():
-        experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]
         log(f"experts: {', '.join(f'{e.info.name} ({e.info.domain})' for e in experts)}")
         upcycle(cfg.seed, experts, init, router=cfg.router, seed=seed_info(cfg.seed, cfg.seed_id),
                 aux_coef=cfg.aux_loss_coef, init_seed=cfg.settings.seed, progress=cfg.settings.progress,
                 log=log)
+    teacher_of = teachers_of_sources([s.name for s in cfg.data], experts) if cfg.distill == "experts" else {}
+    if teacher_of and all(t < 0 for t in teacher_of.values()):
+        log(f"warning: no data source is named after an expert's domain (sources: {', '.join(teacher_of)}; "
+            f"domains: {', '.join(e.info.domain for e in experts)}), so nothing is distilled: every source trains "
+            f"on its labels. Name each --data NAME=PATH after its expert's domain to distill the experts.")
     manifest = read_manifest(init)
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     trainable = freeze_except(model, cfg.train_groups)
     needed = budget_tokens(cfg.settings, cfg.seq_len)
     tokenized = read_sources(cfg.data, tokenizer, cfg.text_field, max_tokens=needed, seed=cfg.settings.seed)
-    blocks, report = mixture_blocks(tokenized, shares, needed, cfg.seq_len, cfg.settings.seed)
+    trainer_class: Callable[..., Trainer] = Trainer
+    teachers: dict[str, int] | None = None
+    teaching = sorted({t for t in teacher_of.values() if t >= 0})  # the experts loaded as teachers, in order
+    if teaching and cfg.settings.max_steps != 0 and cfg.settings.max_tokens != 0:  # (a 0-step stage trains nothing)
+        slot = {t: i for i, t in enumerate(teaching)}
+        teachers = {name: slot.get(t, -1) for name, t in teacher_of.items()}
+        models = [AutoModelForCausalLM.from_pretrained(experts[t].folder, dtype=torch.float32) for t in teaching]
+        trainer_class = partial(DistillationTrainer, teachers=models)
+        log("distilling: " + ", ".join(f"{name} from {experts[t].info.name}" if t >= 0 else f"{name} from labels"
+                                        for name, t in teacher_of.items()))
+    blocks, report = mixture_blocks(tokenized, shares, needed, cfg.seq_len, cfg.settings.seed, teachers=teachers)
     log(f"training {', '.join(cfg.train_groups)} ({trainable / 1e6:.2f}M parameters) on "
         f"{blocks['input_ids'].shape[0]} blocks of {cfg.seq_len} tokens from {', '.join(tokenized)}")
-    metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume)
+    metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume, trainer_class=trainer_class)
     manifest.data = [DataRef(name=s.name, path=str(Path(s.path).resolve())) for s in cfg.data]
     manifest.history.append({"stage": "assemble", "router": cfg.router, "train": list(cfg.train_groups),
                              "trainable_parameters": trainable, "seq_len": cfg.seq_len,
                              "settings": asdict(cfg.settings), "metrics": metrics,
+                             "distill": cfg.distill,
+                             "teachers": {k: experts[t].info.name if t >= 0 else None for k, t in teacher_of.items()},
                              "mix": {k: v["actual_share"] for k, v in report.items()}})
     save_mix(model, init, manifest, cfg.out)
     shutil.rmtree(work, ignore_errors=True)

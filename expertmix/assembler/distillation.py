@@ -1,9 +1,10 @@
-"""Distillation for short finetuning stages: rows learn a frozen teacher's next-token distributions.
+"""Distillation for a mix's training stages: rows learn a frozen teacher's next-token distributions.
 
-``expertmix extend`` finetunes a mix on a few steps of new-domain and replayed data. Labels give one token of
-signal per position; a teacher's distribution gives the whole vocabulary's, so the same few steps move the
-student further toward the teacher. The replayed rows can learn from the mix before the extension (what the old
-domains should keep) and the new-domain rows from the new dense expert (what the new domain should become).
+Labels give one token of signal per position; a teacher's distribution gives the whole vocabulary's, so the same
+tokens move the student further toward the teacher. ``expertmix assemble`` teaches each domain's rows with that
+domain's dense expert, so the mix learns what each expert does on its own domain. ``expertmix extend`` teaches the
+replayed rows with the mix before the extension (what the old domains should keep) and the new-domain rows with
+the new dense expert (what the new domain should become).
 
 Each training block carries a ``teacher`` index (-1: plain labels). The loss is the mean over scored tokens of
 KL(teacher || student) on taught rows and cross-entropy on the others, plus the student's load-balancing loss.
@@ -38,10 +39,11 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         which = inputs.pop(TEACHER_KEY)
         input_ids, labels = inputs["input_ids"], inputs["labels"]
-        outputs = model(input_ids=input_ids, output_router_logits=True)
+        routed = hasattr(getattr(model, "module", model), "moe_blocks")  # a dense student (a merge) takes no flag
+        outputs = model(input_ids=input_ids, **({"output_router_logits": True} if routed else {}))
         taught = self._teachers_on(input_ids, which)
         loss = distillation_loss(outputs.logits, labels, which, {t: out.logits for t, out in taught.items()})
-        if self.routing_weight and outputs.router_logits:
+        if self.routing_weight and getattr(outputs, "router_logits", None):
             for t, out in taught.items():
                 if getattr(out, "router_logits", None):
                     loss = loss + self.routing_weight * routing_distillation_loss(

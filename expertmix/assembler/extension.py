@@ -71,7 +71,7 @@ from .assemble import (
     train_stage,
 )
 from .configuration_nexus import NexusConfig
-from .distillation import TEACHER_KEY, DistillationTrainer
+from .distillation import DistillationTrainer
 from .manifest import MixManifest, read_manifest
 from .modeling_nexus import NexusForCausalLM
 from .upcycling import (
@@ -504,27 +504,6 @@ def restore_old_experts(model: NexusForCausalLM, source: Path, n_old: int) -> No
                 p[:n_old] = sf.get_tensor(f"{prefix}.experts.{attr}")[:n_old].to(p.dtype)
 
 
-def taught_blocks(new_docs: dict[str, list[TokenizedDocument]], old_docs: dict[str, list[TokenizedDocument]],
-                  recipe: ExtensionRecipe, total_tokens: int | None, seq_len: int,
-                  seed: int) -> tuple[Blocks, dict]:
-    """New-domain and replay blocks packed apart, each row naming its teacher (``TEACHER_KEY``).
-
-    Replay rows learn from teacher 0 (the mix before the extension); new-domain rows from teacher 1 (the new
-    expert) with ``distill="all"``, else from their labels (-1).
-    """
-    parts = []
-    for docs, share, teacher in ((new_docs, recipe.new_share, 1 if recipe.distill == "all" else -1),
-                                 (old_docs, 1 - recipe.new_share, 0)):
-        if share <= 0:
-            continue
-        tokens = round(share * total_tokens) if total_tokens is not None else None
-        blocks, report = mixture_blocks(docs, None, tokens, seq_len, seed)
-        blocks[TEACHER_KEY] = torch.full((blocks["input_ids"].shape[0],), teacher, dtype=torch.long)
-        parts.append((blocks, {k: {**v, "actual_share": v["actual_share"] * share} for k, v in report.items()}))
-    merged = {k: torch.cat([b[k] for b, _ in parts]) for k in parts[0][0]}
-    return merged, {k: v for _, r in parts for k, v in r.items()}
-
-
 def replay_sources(cfg: ExtendConfig, manifest: MixManifest) -> list[DataSource]:
     if cfg.replay is not None:
         return cfg.replay
@@ -605,16 +584,19 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     trainer_class: Callable[..., Trainer] = Trainer
-    if recipe.distill == "none":
-        shares = {k: recipe.new_share / len(new_docs) for k in new_docs}
-        shares.update({k: (1 - recipe.new_share) / len(old_docs) for k in old_docs})
-        blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, needed, cfg.seq_len, cfg.settings.seed)
-    else:
-        teachers = [AutoModelForCausalLM.from_pretrained(mix_dir, dtype=torch.float32)]  # 0: the mix as it was
+    shares = {k: recipe.new_share / len(new_docs) for k in new_docs}
+    shares.update({k: (1 - recipe.new_share) / len(old_docs) for k in old_docs})
+    teacher_of = None
+    if recipe.distill != "none":
+        # Replay rows learn from teacher 0 (the mix as it was); new-domain rows from teacher 1 (the new expert)
+        # with distill "all", else from their labels.
+        teachers = [AutoModelForCausalLM.from_pretrained(mix_dir, dtype=torch.float32)]
         if recipe.distill == "all":
             teachers.append(AutoModelForCausalLM.from_pretrained(expert.folder, dtype=torch.float32))
-        blocks, report = taught_blocks(new_docs, old_docs, recipe, needed, cfg.seq_len, cfg.settings.seed)
+        teacher_of = {**{k: 1 if recipe.distill == "all" else -1 for k in new_docs}, **{k: 0 for k in old_docs}}
         trainer_class = partial(DistillationTrainer, teachers=teachers, routing_weight=recipe.routing_weight)
+    blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, needed, cfg.seq_len, cfg.settings.seed,
+                                    teachers=teacher_of)
     placement = {}
     if recipe.placement in FITTED:
         # the data read above, no document repeated; on the accelerator the Trainer will use anyway

@@ -86,6 +86,15 @@ def mix_sources(sources: dict[str, list[TokenizedDocument]], shares: dict[str, f
     ``total_tokens=None`` takes the largest total that repeats no document. Sources without a share are
     left out. The report maps each source to its target and actual share, tokens, documents and repeats.
     """
+    drawn, report = draw_sources(sources, shares, total_tokens, seed)
+    mixed = [doc for docs in drawn.values() for doc in docs]
+    random.Random(f"{seed}:shuffle").shuffle(mixed)
+    return mixed, report
+
+
+def draw_sources(sources: dict[str, list[TokenizedDocument]], shares: dict[str, float],
+                 total_tokens: int | None = None, seed: int = 0) -> tuple[dict[str, list[TokenizedDocument]], dict]:
+    """``mix_sources`` with each source's sample kept apart (``{source: docs}``), for callers that pack by source."""
     unknown = [name for name in shares if name not in sources]
     if unknown:
         raise DataError(f"mix names unknown source(s) {', '.join(map(repr, unknown))}; known sources: "
@@ -104,19 +113,18 @@ def mix_sources(sources: dict[str, list[TokenizedDocument]], shares: dict[str, f
     if total_tokens < 1:
         raise DataError(f"total_tokens={total_tokens}: the mix needs at least one token")
 
-    mixed: list[TokenizedDocument] = []
+    out: dict[str, list[TokenizedDocument]] = {}
     report: dict[str, dict] = {}
     for name, docs in sources.items():
         share = shares.get(name, 0.0)
         target = round(share * total_tokens)
         # One generator per source, seeded by (seed, name): a source's sample does not depend on the others.
         drawn, repeats = _draw(docs, target, random.Random(f"{seed}:{name}")) if target else ([], 0)
-        mixed.extend(drawn)
+        out[name] = drawn
         report[name] = {"target_share": share, "tokens": _tokens(drawn), "documents": len(drawn),
                         "repeats": repeats, "available_tokens": available[name],
                         "epochs": _tokens(drawn) / available[name] if available[name] else 0.0}
     total = sum(r["tokens"] for r in report.values())
     for r in report.values():
         r["actual_share"] = r["tokens"] / total if total else 0.0
-    random.Random(f"{seed}:shuffle").shuffle(mixed)
-    return mixed, report
+    return out, report
