@@ -2,14 +2,15 @@
 
 From ``seed-s``: dense experts for code, de, ja and ru (``train_expert``, published to a local store);
 a dense merge, a linear-router MoE and a Nexus MoE assembled from them through the hub with the same
-token budget; validation perplexity of every model on every domain and the routing matrices. Then an
-expert for a new domain (es), and both MoEs extended with it by each ``--recipes`` entry on at most
-``--ext-share`` of that expert's training tokens, with perplexity on es and the old domains after.
+token budget (the MoEs learn each domain's expert's distributions, ``--moe-distill``); validation perplexity
+of every model on every domain and the routing matrices. Then an expert for a new domain (es), and both MoEs
+extended with it by each ``--recipes`` entry on at most ``--ext-share`` of that expert's training tokens, with
+perplexity on es and the old domains after.
 
 Every stage's output is kept under ``--out`` and reused when the script runs again (``--fresh`` redoes
 the mixes and extensions), so an interrupted run resumes and new recipes can be tried on the same mixes.
 
-    # CPU, 2 cores (600 steps of 8 x 128 per model, 30 extension steps: 27 minutes on idle cores):
+    # CPU, 2 cores (600 steps of 8 x 128 per model, 30 extension steps' data: about 45 minutes on idle cores):
     python benchmarks/nexus_table.py --shared ../shared
     # GPU, the reference budget (300 steps of 32 x 512 tokens per model, 15 extension steps):
     python benchmarks/nexus_table.py --shared ../shared --device cuda --bf16 --reference

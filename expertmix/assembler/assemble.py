@@ -3,8 +3,8 @@
 By default (``distill="experts"``) each data source whose name is an expert's domain is taught by that dense
 expert: its rows learn the expert's next-token distributions (KL) instead of their labels, the stage
 ``expertmix extend`` uses for its short finetuning. The mix then learns to do on each domain what that domain's
-expert does, from the whole vocabulary's signal per token. Measured (benchmarks/RESULTS.md, "Distilling the
-experts into the mix"): the old domains' mean perplexity falls by 13% at the same token budget, for 30% more time.
+expert does, from the whole vocabulary's signal per token: at the same token budget, a mix whose domains' mean
+perplexity is 10-13% lower, for about 30% more time (benchmarks/RESULTS.md, stop 17).
 
 Work happens in ``OUT.partial`` (the untrained upcycled checkpoint, Trainer checkpoints, the run's
 settings), so an interrupted run resumes with ``resume=True``; the mix appears at ``OUT`` only when done.
