@@ -10,7 +10,7 @@ perplexity on es and the old domains after.
 Every stage's output is kept under ``--out`` and reused when the script runs again (``--fresh`` redoes
 the mixes and extensions), so an interrupted run resumes and new recipes can be tried on the same mixes.
 
-    # CPU, 2 cores (600 steps of 8 x 128 per model, 30 extension steps' data: about 45 minutes on idle cores):
+    # CPU, 2 cores (600 steps of 8 x 128 per model, 30 extension steps' data: 34 minutes on idle cores):
     python benchmarks/nexus_table.py --shared ../shared
     # GPU, the reference budget (300 steps of 32 x 512 tokens per model, 15 extension steps):
     python benchmarks/nexus_table.py --shared ../shared --device cuda --bf16 --reference
