@@ -189,7 +189,7 @@ class AssembleConfig(ResumableJob):
 def train_stage(model, blocks: Blocks, settings: TrainSettings, work: Path, resume: bool,
                 trainer_class: Callable[..., Trainer] = Trainer) -> dict:
     """One budgeted Trainer run (none when the budget is zero steps)."""
-    if settings.max_steps == 0 or settings.max_tokens == 0:
+    if not settings.trains:
         return {"steps": 0, "tokens": 0}
     metrics = fit(model, blocks, None, settings, work / "checkpoints", resume=resume, trainer_class=trainer_class)
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) or v is None}
@@ -239,7 +239,7 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     trainer_class: Callable[..., Trainer] = Trainer
     teachers: dict[str, int] | None = None
     teaching = sorted({t for t in teacher_of.values() if t >= 0})  # the experts loaded as teachers, in order
-    if teaching and cfg.settings.max_steps != 0 and cfg.settings.max_tokens != 0:  # (a 0-step stage trains nothing)
+    if teaching and cfg.settings.trains:
         slot = {t: i for i, t in enumerate(teaching)}
         teachers = {name: slot.get(t, -1) for name, t in teacher_of.items()}
         models = [AutoModelForCausalLM.from_pretrained(experts[t].folder, dtype=torch.float32) for t in teaching]

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from ..errors import ExpertmixError
-from ..experts.data import TokenizedDocument
+from ..experts.data import TokenizedDocument, count_tokens
 from ..experts.training import DataSource, ResumableJob, TrainSettings
 from .assemble import (
     Blocks,
@@ -559,7 +559,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     old_docs = read_sources(replay, tokenizer, cfg.text_field, seed=cfg.settings.seed,
                             max_tokens=share_cap(needed, 1 - recipe.new_share, len(replay), n_sources, cfg.seq_len),
                             min_documents=recipe.min_documents)
-    tokens_read = {k: sum(len(d.input_ids) for d in docs) for k, docs in {**new_docs, **old_docs}.items()}
+    tokens_read = {k: count_tokens(docs) for k, docs in {**new_docs, **old_docs}.items()}
     clash = set(new_docs) & set(old_docs)
     if clash:
         raise ExpertmixError(f"data source name(s) {', '.join(sorted(clash))} used for both new and replay data")
@@ -609,7 +609,7 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     trainable = freeze_except(model, recipe.train)
     handles = mask_old_experts(model, n_old)
     settings = replace(cfg.settings, learning_rate=recipe.learning_rate or cfg.settings.learning_rate)
-    if recipe.passes > 1 and settings.max_steps != 0 and settings.max_tokens != 0:
+    if recipe.passes > 1 and settings.trains:
         # the budget bounded the tokens read above; the passes repeat them
         steps = settings.steps_for(blocks["input_ids"].shape[0], cfg.seq_len) * recipe.passes
         settings = replace(settings, max_steps=steps, max_tokens=None)

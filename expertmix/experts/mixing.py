@@ -12,7 +12,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 from ..errors import DataError
-from .data import TokenizedDocument
+from .data import TokenizedDocument, count_tokens
 
 SHARE_TOLERANCE = 1e-6
 MIX_SYNTAX = "NAME=SHARE[,NAME=SHARE...] with shares summing to 1 (e.g. code=0.25,de=0.75)"
@@ -46,10 +46,6 @@ def _check_sum(shares: Mapping[str, float]) -> None:
     if abs(total - 1.0) > SHARE_TOLERANCE:
         listed = ", ".join(f"{k}={v:g}" for k, v in shares.items())
         raise DataError(f"mix shares must sum to 1, they sum to {total:.6g} ({listed})")
-
-
-def _tokens(docs: Sequence[TokenizedDocument]) -> int:
-    return sum(len(d.input_ids) for d in docs)
 
 
 def _draw(docs: Sequence[TokenizedDocument], target: int,
@@ -103,7 +99,7 @@ def draw_sources(sources: dict[str, list[TokenizedDocument]], shares: dict[str, 
         if not math.isfinite(share) or share < 0:
             raise DataError(f"share of source {name!r} must be a finite number >= 0, got {share}")
     _check_sum(shares)
-    available = {name: _tokens(docs) for name, docs in sources.items()}
+    available = {name: count_tokens(docs) for name, docs in sources.items()}
     active = {name: share for name, share in shares.items() if share > 0}
     for name in active:
         if available[name] == 0:
@@ -121,9 +117,9 @@ def draw_sources(sources: dict[str, list[TokenizedDocument]], shares: dict[str, 
         # One generator per source, seeded by (seed, name): a source's sample does not depend on the others.
         drawn, repeats = _draw(docs, target, random.Random(f"{seed}:{name}")) if target else ([], 0)
         out[name] = drawn
-        report[name] = {"target_share": share, "tokens": _tokens(drawn), "documents": len(drawn),
+        report[name] = {"target_share": share, "tokens": count_tokens(drawn), "documents": len(drawn),
                         "repeats": repeats, "available_tokens": available[name],
-                        "epochs": _tokens(drawn) / available[name] if available[name] else 0.0}
+                        "epochs": count_tokens(drawn) / available[name] if available[name] else 0.0}
     total = sum(r["tokens"] for r in report.values())
     for r in report.values():
         r["actual_share"] = r["tokens"] / total if total else 0.0

@@ -48,6 +48,11 @@ class TrainSettings:
     bf16: bool | Literal["auto"] = "auto"
     progress: bool = True
 
+    @property
+    def trains(self) -> bool:
+        """False for a zero budget (``max_steps`` or ``max_tokens`` of 0): the stage trains nothing."""
+        return self.max_steps != 0 and self.max_tokens != 0
+
     def steps_for(self, n_blocks: int, seq_len: int) -> int:
         """Optimizer steps for the budget; one pass over the data when no budget is set."""
         world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
