@@ -11,9 +11,10 @@
 # ../shared). A machine whose Python lacks the project's dependencies gets the wheels in .whl/ on its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPES=${RECIPES:-"paper,paper-keep,targeted,targeted:passes=3,targeted:passes=1;routing_weight=0;min_documents=1"}
+RECIPES=${RECIPES:-"paper,paper-keep,targeted,targeted:new_share=0.35,targeted:row_old_weight=1;passes=5"}
 EXT_SEEDS=${EXT_SEEDS:-0}  # e.g. 0,1,2: each extension once per run seed, and a table of their spread
 LABELS=${LABELS:-0}  # 1: also the MoEs trained on labels only (--moe-distill none), with the same experts
+COMPILE=${COMPILE:-default}  # moe_speed.py --compile modes, e.g. default,reduce-overhead (CUDA graphs)
 
 if [ "${1:-}" = prepare ]; then
     mkdir -p local/shared/seeds local/shared/corpus
@@ -49,7 +50,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     speed=(--device cpu --check --tokens 256 --repeats 1 --configs 8x1)
     table=(--device cpu --expert-steps 2 --batch-size 2 --seq-len 32 --eval-blocks 2)
 else
-    speed=(--device cuda --check --ours grouped_mm --compile default)
+    speed=(--device cuda --check --ours grouped_mm --compile "$COMPILE")
     table=(--device cuda --bf16 --reference)
 fi
 python3 benchmarks/moe_speed.py "${speed[@]}" 2>&1 | tee "$OUT/moe_speed.log"

@@ -1,11 +1,22 @@
-"""The distillation loss: KL to a row's teacher, cross-entropy where a row has none."""
+"""The distillation loss (KL to a row's teacher, cross-entropy where a row has none) and the teachers' precision."""
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
-from expertmix.assembler.distillation import distillation_loss, routing_distillation_loss
+from expertmix.assembler.distillation import (
+    TEACHER_KEY,
+    DistillationTrainer,
+    distillation_loss,
+    load_teachers,
+    routing_distillation_loss,
+)
+from expertmix.experts.training import TrainSettings, fit
 
 
 def _logits(*shape: int, seed: int) -> torch.Tensor:
@@ -66,3 +77,22 @@ def test_routing_distillation_is_zero_when_routing_is_kept_and_charges_mass_move
     want = torch.stack([(-torch.log1p(-p)).mean() for p in p_new]).mean()  # old experts keep their ratios
     torch.testing.assert_close(moved, want)
     assert moved > 0.05
+
+
+def test_bf16_training_holds_teachers_in_bf16_and_runs_them_in_the_students_autocast(llama_seed, tmp_path):
+    teachers = load_teachers([llama_seed], bf16=True)
+    before = {k: v.clone() for k, v in teachers[0].state_dict().items()}
+    seen = []
+    teachers[0].model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda _m, _i, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    student = AutoModelForCausalLM.from_pretrained(llama_seed, dtype=torch.float32)
+    ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    blocks = {"input_ids": ids, "labels": ids.clone(), TEACHER_KEY: torch.tensor([0, -1, 0, -1])}
+    metrics = fit(student, blocks, None, TrainSettings(max_steps=2, batch_size=2, save_steps=0, bf16=True,
+                                                       progress=False), tmp_path / "work",
+                  trainer_class=partial(DistillationTrainer, teachers=teachers))
+    assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 2
+    assert seen == [(True, torch.bfloat16)] * 2  # one taught row per batch of two, each step
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teachers[0].parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teachers[0].state_dict().items())
+    assert load_teachers([llama_seed], bf16=False)[0].dtype == torch.float32

@@ -21,7 +21,7 @@ from expertmix.assembler.extension import RECIPES, ExtendConfig, extend, parse_r
 from expertmix.assembler.manifest import DataRef, read_manifest
 from expertmix.assembler.upcycling import load_expert, save_checkpoint, upcycle
 from expertmix.errors import ExpertmixError
-from expertmix.experts.data import read_documents, tokenize_documents
+from expertmix.experts.data import TokenizedDocument, read_documents, tokenize_documents
 from expertmix.experts.seed import build_seed
 from expertmix.experts.training import DataSource, TrainSettings
 
@@ -126,6 +126,19 @@ def test_token_row_merge_takes_new_domain_rows_and_keeps_the_rest(base_mixes, co
     assert torch.equal(after[key][unused_new], before[key][unused_new])
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(after[q], before[q])
+
+
+def test_token_row_weights_follow_relative_frequency_and_the_old_domains_weight():
+    doc = lambda ids: TokenizedDocument(input_ids=ids, labels=ids)  # noqa: E731
+    new = [doc([1, 1, 2, 3])]  # token 1: new only; 2 and 3: shared at different rates; 4: old only; 0: unused
+    old = {"a": [doc([2, 4, 4, 4])], "b": [doc([3, 3, 3, 3])]}
+    even = extension.token_row_lambdas(new, old, vocab_size=5)
+    # f_new = (0, .5, .25, .25, 0); max old f = (0, 0, .25, 1, .75)
+    assert torch.allclose(even, torch.tensor([0.0, 1.0, 0.5, 0.2, 0.0]))
+    strict = extension.token_row_lambdas(new, old, vocab_size=5, old_weight=4.0)
+    assert torch.allclose(strict, torch.tensor([0.0, 1.0, 0.2, 0.25 / 4.25, 0.0]))
+    with pytest.raises(ExpertmixError, match="row_old_weight=-1"):
+        parse_recipe("targeted:row_old_weight=-1")
 
 
 def test_extension_reads_no_more_data_than_its_token_budget(base_mixes, corpus, tmp_path):

@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens, pack, read_documents, tokenize_documents
 from ..experts.mixing import draw_sources, mix_sources, parse_mix_spec
-from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit
+from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit, uses_bf16
 from ..fsutil import atomic_dir
-from .distillation import TEACHER_KEY, DistillationTrainer
+from .distillation import TEACHER_KEY, DistillationTrainer, load_teachers
 from .manifest import DataRef, MixManifest, read_manifest
 from .upcycling import COPIED_FILES, ExpertSource, load_expert, seed_info, upcycle
 
@@ -242,7 +242,7 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     if teaching and cfg.settings.trains:
         slot = {t: i for i, t in enumerate(teaching)}
         teachers = {name: slot.get(t, -1) for name, t in teacher_of.items()}
-        models = [AutoModelForCausalLM.from_pretrained(experts[t].folder, dtype=torch.float32) for t in teaching]
+        models = load_teachers([experts[t].folder for t in teaching], uses_bf16(cfg.settings.bf16))
         trainer_class = partial(DistillationTrainer, teachers=models)
         log("distilling: " + ", ".join(f"{name} from {experts[t].info.name}" if t >= 0 else f"{name} from labels"
                                         for name, t in teacher_of.items()))

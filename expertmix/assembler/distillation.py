@@ -17,12 +17,20 @@ and gates instead of drifting to the new expert. The Trainer has no per-row teac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import AutoModelForCausalLM, Trainer
 
 TEACHER_KEY = "teacher"
+
+
+def load_teachers(folders: Sequence[str | Path], bf16: bool) -> list[torch.nn.Module]:
+    """Frozen teachers in the precision the student computes in: under bf16 they hold half the memory (they all
+    stay resident beside the student) and their matrix products run as fast as the student's."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return [AutoModelForCausalLM.from_pretrained(f, dtype=dtype) for f in folders]
 
 
 class DistillationTrainer(Trainer):
@@ -66,7 +74,9 @@ class DistillationTrainer(Trainer):
             if next(teacher.parameters()).device != device:
                 teacher.to(device)
             routes = self.routing_weight > 0 and hasattr(teacher, "moe_blocks")
-            out[t] = teacher(input_ids=input_ids[which == t], **({"output_router_logits": True} if routes else {}))
+            with self.accelerator.autocast():  # the student's mixed precision (accelerate wraps only its forward)
+                out[t] = teacher(input_ids=input_ids[which == t],
+                                 **({"output_router_logits": True} if routes else {}))
         return out
 
 

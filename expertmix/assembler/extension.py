@@ -5,8 +5,9 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
 
 - ``merge``: which non-FFN weights take in the new expert's, ``phi = (1 - lam) phi_mix + lam phi_new``:
   ``all`` of them (the paper, ``lam = 1/(n+1)``), ``none``, or ``token-rows``: only the token embedding /
-  head rows, each with its own ``lam_v = f_new(v) / (f_new(v) + max_old f_old(v))`` from token frequencies
-  in the finetuning data (tokens only the new domain uses come from the new expert, shared ones stay);
+  head rows, each with its own ``lam_v = f_new(v) / (f_new(v) + w max_old f_old(v))`` from token frequencies
+  in the finetuning data (tokens only the new domain uses come from the new expert, shared ones stay; ``w`` is
+  ``row_old_weight``: above 1, rows the old domains also use move less);
 - ``train``: which parameter groups finetune (``experts`` = the new expert only);
 - ``placement``: where the new expert sits in the router. Nexus ``project``: ``e_new = P(d_new)`` with the
   mix's standardisation (the paper); ``fit``: the router input of the new expert (an m-vector, no new
@@ -22,8 +23,9 @@ are masked and their rows are restored bit-exactly after finetuning). A recipe s
 - ``distill``: what the finetuning learns from. ``none``: the labels; ``replay``: replayed rows learn the mix's
   own next-token distributions before the extension (KL), so the few steps pull the old domains back to where
   they were; ``all``: new-domain rows also learn the new expert's distributions
-  (``expertmix.assembler.distillation``). The teachers stay frozen in memory beside the model being trained
-  (the old mix, and the new expert for ``all``), and each step runs them forward once on their rows.
+  (``expertmix.assembler.distillation``). The teachers (the old mix, and the new expert for ``all``) stay frozen
+  in memory beside the model being trained, in its precision (bf16 under bf16 training), and each step runs them
+  forward once on their rows.
 - ``routing_weight``: with distillation, replayed rows also learn the mix's routing (KL per layer between the
   old and the new router), which keeps old tokens away from the new expert at some cost to the new domain;
 - ``min_documents``: the budget's reads span at least this many documents per source, long ones giving a window
@@ -60,7 +62,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens
-from ..experts.training import DataSource, ResumableJob, TrainSettings
+from ..experts.training import DataSource, ResumableJob, TrainSettings, uses_bf16
 from .assemble import (
     Blocks,
     budget_tokens,
@@ -71,7 +73,7 @@ from .assemble import (
     train_stage,
 )
 from .configuration_nexus import NexusConfig
-from .distillation import DistillationTrainer
+from .distillation import DistillationTrainer, load_teachers
 from .manifest import MixManifest, read_manifest
 from .modeling_nexus import NexusForCausalLM
 from .upcycling import (
@@ -105,6 +107,7 @@ class ExtensionRecipe:
     ffn_init: FfnInit = "expert"  # transfer: add the old experts' mean in-mix update to the new FFN
     learning_rate: float | None = None  # None: the run's learning rate
     fit_old_weight: float = 1.0  # placement fit: weight of "old tokens keep their expert" against the new domain
+    row_old_weight: float = 1.0  # token-rows merge: weight of the old domains' token frequency against the new one's
     # placement fit: tokens of new-domain data, and of replay data, whose router inputs it sees (2 x fit_tokens x
     # hidden floats per layer, held for as many layers at once as PLACEMENT_MEMORY allows with fit-layers)
     fit_tokens: int = 32_768
@@ -126,6 +129,8 @@ class ExtensionRecipe:
             raise ExpertmixError(f"recipe field min_documents={self.min_documents}: at least one document")
         if self.passes < 1:
             raise ExpertmixError(f"recipe field passes={self.passes}: at least one pass over the data")
+        if self.row_old_weight < 0:
+            raise ExpertmixError(f"recipe field row_old_weight={self.row_old_weight}: must be >= 0")
         if self.fit_tokens < 1:
             raise ExpertmixError(f"recipe field fit_tokens={self.fit_tokens}: the placement needs at least 1 token")
 
@@ -150,13 +155,14 @@ RECIPES: dict[str, ExtensionRecipe] = {
     # Only the new expert's FFN trains (every old weight stays), with the new domain's token rows and a fitted
     # router placement.
     "isolated": ExtensionRecipe(merge="token-rows", train=("experts",), placement="fit"),
-    # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows, a placement fitted per
-    # layer that keeps old tokens with their experts, the new FFN shifted by the old experts' mean in-mix update,
-    # then everything finetuned gently for five passes over the budget's data (spread over at least 32 documents
-    # per source), replayed rows distilled from the mix (its distributions and its routing) and new rows from the
-    # new expert.
-    "targeted": ExtensionRecipe(merge="token-rows", placement="fit-layers", fit_old_weight=8.0, ffn_init="transfer",
-                                learning_rate=1e-4, distill="all", routing_weight=0.3, passes=5, min_documents=32),
+    # Measured best here (benchmarks/RESULTS.md, "Nexus"): the new domain's own token rows (rows the old domains
+    # use too move little), a placement fitted per layer that keeps old tokens with their experts, the new FFN
+    # shifted by the old experts' mean in-mix update, then everything finetuned gently for eight passes over the
+    # budget's data (spread over at least 32 documents per source), replayed rows distilled from the mix (its
+    # distributions and its routing) and new rows from the new expert.
+    "targeted": ExtensionRecipe(merge="token-rows", row_old_weight=16.0, placement="fit-layers", fit_old_weight=8.0,
+                                ffn_init="transfer", learning_rate=1e-4, distill="all", routing_weight=0.3, passes=8,
+                                min_documents=32),
 }
 DEFAULT_RECIPE = "targeted"
 
@@ -212,8 +218,8 @@ class ExtendConfig(ResumableJob):
 # -- merging -----------------------------------------------------------------------------------------
 
 def token_row_lambdas(new: Sequence[TokenizedDocument], old: dict[str, Sequence[TokenizedDocument]],
-                      vocab_size: int) -> torch.Tensor:
-    """Per-token merge weight ``f_new / (f_new + max_d f_d)`` (0 for tokens no data uses)."""
+                      vocab_size: int, old_weight: float = 1.0) -> torch.Tensor:
+    """Per-token merge weight ``f_new / (f_new + old_weight * max_d f_d)`` (0 for tokens no data uses)."""
     def freq(docs: Sequence[TokenizedDocument]) -> torch.Tensor:
         ids = torch.tensor([t for d in docs for t in d.input_ids], dtype=torch.long)
         f = torch.bincount(ids, minlength=vocab_size).double()
@@ -221,7 +227,7 @@ def token_row_lambdas(new: Sequence[TokenizedDocument], old: dict[str, Sequence[
 
     f_new = freq(new)
     f_old = torch.stack([freq(d) for d in old.values()]).amax(0) if old else torch.zeros_like(f_new)
-    total = f_new + f_old
+    total = f_new + old_weight * f_old
     return torch.where(total > 0, f_new / total.clamp_min(1e-30), torch.zeros_like(total)).float()
 
 
@@ -567,8 +573,10 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     init = work / "init"
     if not init.is_dir():
         new_config = extended_config(config, expert.info.name)
-        lambdas = token_row_lambdas([d for v in new_docs.values() for d in v], old_docs,
-                                    config.text_config.vocab_size) if recipe.merge == "token-rows" else None
+        lambdas = None
+        if recipe.merge == "token-rows":
+            lambdas = token_row_lambdas([d for v in new_docs.values() for d in v], old_docs,
+                                        config.text_config.vocab_size, recipe.row_old_weight)
         log(f"appending '{expert.info.name}' as expert {n_old} (merge: {recipe.merge}, "
             f"lambda {recipe.lam(n_old):.3g}; placement: {recipe.placement})")
         tensors = extend_tensors(mix_dir, config, new_config, expert, manifest, recipe, lambdas,
@@ -590,9 +598,8 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     if recipe.distill != "none":
         # Replay rows learn from teacher 0 (the mix as it was); new-domain rows from teacher 1 (the new expert)
         # with distill "all", else from their labels.
-        teachers = [AutoModelForCausalLM.from_pretrained(mix_dir, dtype=torch.float32)]
-        if recipe.distill == "all":
-            teachers.append(AutoModelForCausalLM.from_pretrained(expert.folder, dtype=torch.float32))
+        teachers = load_teachers([mix_dir, *([expert.folder] if recipe.distill == "all" else [])],
+                                 uses_bf16(cfg.settings.bf16))
         teacher_of = {**{k: 1 if recipe.distill == "all" else -1 for k in new_docs}, **{k: 0 for k in old_docs}}
         trainer_class = partial(DistillationTrainer, teachers=teachers, routing_weight=recipe.routing_weight)
     blocks, report = mixture_blocks({**new_docs, **old_docs}, shares, needed, cfg.seq_len, cfg.settings.seed,

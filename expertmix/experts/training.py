@@ -77,7 +77,8 @@ class BlockDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.blocks.items()}
 
 
-def _use_bf16(flag: bool | str) -> bool:
+def uses_bf16(flag: bool | str) -> bool:
+    """Whether training runs in bf16 autocast: ``auto`` means on a GPU that supports it."""
     if flag == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool(flag)
@@ -113,7 +114,7 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         report_to="none",
         seed=settings.seed,
         data_seed=settings.seed,
-        bf16=_use_bf16(settings.bf16),
+        bf16=uses_bf16(settings.bf16),
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=not settings.progress,
