@@ -128,6 +128,24 @@ def test_token_row_merge_takes_new_domain_rows_and_keeps_the_rest(base_mixes, co
     assert torch.equal(after[q], before[q])
 
 
+def test_row_old_weight_keeps_shared_token_rows_and_still_takes_new_only_ones(base_mixes, corpus, tmp_path):
+    """Through ``extend``: a large row_old_weight leaves rows the old domains use near the mix's (isolated trains
+    only the new FFN, so the rows move by the merge alone)."""
+    few = write_jsonl(tmp_path / "prose.jsonl", [d.text for d in read_documents(corpus["prose"])[:4]])
+    data = {**corpus, "prose": few}
+    key = "language_model.model.embed_tokens.weight"
+    before = load_file(str(base_mixes[1]["nexus"] / "model.safetensors"))[key]
+    new = load_file(str(base_mixes[2] / "model.safetensors"))["model.embed_tokens.weight"]
+    after = {w: load_file(str(_extend(base_mixes, data, "nexus", f"isolated:row_old_weight={w}", tmp_path / str(w),
+                                      steps=6) / "model.safetensors"))[key] for w in (1, 1000)}
+    moved = {w: (a - before).norm(dim=1) for w, a in after.items()}
+    only_new = torch.isclose(after[1], new, atol=1e-6).all(dim=1) & (moved[1] > 0)
+    shared = (moved[1] > 0) & ~only_new  # rows both the new and an old domain use
+    assert only_new.any() and shared.any()
+    assert torch.allclose(after[1000][only_new], new[only_new], atol=1e-6)
+    assert (moved[1000][shared] < 0.05 * moved[1][shared]).all()
+
+
 def test_token_row_weights_follow_relative_frequency_and_the_old_domains_weight():
     doc = lambda ids: TokenizedDocument(input_ids=ids, labels=ids)  # noqa: E731
     new = [doc([1, 1, 2, 3])]  # token 1: new only; 2 and 3: shared at different rates; 4: old only; 0: unused
