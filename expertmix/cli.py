@@ -773,7 +773,7 @@ def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_s
               help="Where to work (default: $EXPERTMIX_HOME/quickstart). Rerunning resumes.")
 @click.option("--seed-steps", type=int, default=300, show_default=True)
 @click.option("--expert-steps", type=int, default=150, show_default=True)
-@click.option("--align-steps", type=int, default=20, show_default=True,
+@click.option("--align-steps", type=int, default=80, show_default=True,
               help="RLOO steps of the alignment stage (0: skip).")
 @_registry_option
 def quickstart(workdir, seed_steps, expert_steps, align_steps, registry):
