@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import replace
@@ -370,3 +371,17 @@ def test_distilled_extension_resumes_from_its_last_checkpoint(base_mixes, corpus
     assert step["metrics"]["resumed_from"] == "checkpoint-2"
     assert step["metrics"]["steps"] == 4 * RECIPES["targeted"].passes  # the passes survive the resume
     assert step["distill"] == "all" and not cfg.work_dir.exists()
+
+
+def test_an_extension_started_before_a_recipe_field_existed_resumes_with_the_fields_old_behaviour(tmp_path):
+    """A recipe field added later (row_old_weight) reads as its dataclass default in an older run's record."""
+    kw = dict(mix=tmp_path / "mix", expert="org/es", data=[DataSource("es", tmp_path / "es.jsonl")],
+              out=tmp_path / "out")
+    ExtendConfig(recipe=parse_recipe("targeted:row_old_weight=1;passes=5"), **kw).start_work_dir()
+    run_file = tmp_path / "out.partial" / "run.json"
+    older = json.loads(run_file.read_text())
+    del older["recipe"]["row_old_weight"]  # as a version before the field wrote it
+    run_file.write_text(json.dumps(older))
+    with pytest.raises(ExpertmixError, match=r"started with other settings \(differs in: recipe\)"):
+        ExtendConfig(recipe=parse_recipe("targeted"), resume=True, **kw).start_work_dir()
+    ExtendConfig(recipe=parse_recipe("targeted:row_old_weight=1;passes=5"), resume=True, **kw).start_work_dir()

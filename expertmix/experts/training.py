@@ -207,7 +207,7 @@ class ResumableJob:
             if f.default is not MISSING:
                 out[f.name] = f.default
             elif f.default_factory is not MISSING:
-                out[f.name] = f.default_factory()
+                out[f.name] = _class_defaults(f.default_factory())
         return json.loads(json.dumps(out, default=lambda v: asdict(v) if is_dataclass(v) else str(v)))
 
     def start_work_dir(self) -> None:
@@ -267,6 +267,17 @@ def run_fingerprint(cfg) -> dict:
         for budget in ("max_steps", "max_tokens", "save_steps", "logging_steps", "progress"):
             settings.pop(budget, None)  # a resumed run may train longer or checkpoint differently
     return json.loads(json.dumps(d, default=str))
+
+
+def _class_defaults(value: object) -> object:
+    """A nested dataclass's own field defaults, where it has them all: a field added to it later behaves as its
+    default did before it existed, whatever the values of the instance a job defaults to (e.g. a named recipe)."""
+    if is_dataclass(value):
+        try:
+            return type(value)()
+        except TypeError:  # fields without defaults: keep the instance
+            return value
+    return value
 
 
 def _with_defaults(previous: dict, defaults: dict, current: dict) -> dict:
