@@ -235,7 +235,7 @@ def arithmetic_prompts(n: int, seed: int, ops: str = "+-") -> list[PromptRecord]
     return out
 
 
-def align_quickstart_stage(model: Path, workdir: Path, steps: int = 80, lr: float = 3e-4, n_prompts: int = 64,
+def align_quickstart_stage(model: Path, workdir: Path, steps: int, lr: float = 3e-4, n_prompts: int = 64,
                            n_eval: int = 32, log=print) -> dict:
     """Quickstart's alignment stage: RLOO on arithmetic correctness; held-out reward and KL before and after.
 
