@@ -208,11 +208,12 @@ def test_quickstart_trains_publishes_and_prints_the_perplexity_table(tmp_path, h
 def test_resume_skips_a_checkpoint_left_half_written_by_a_kill(tmp_path):
     from expertmix.experts.training import last_complete_checkpoint
 
-    for step, whole in ((3, True), (6, True), (9, False)):
+    # 9: killed before its state was written; 12: killed while it was (the file is opened, then filled)
+    for step, state in ((3, "{}"), (6, '{"global_step": 6}'), (9, None), (12, ""), (15, '{"global_step": 1')):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x")
-        if whole:
-            (d / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
     assert Path(last_complete_checkpoint(tmp_path)).name == "checkpoint-6"
     assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -135,7 +135,8 @@ def last_complete_checkpoint(work_dir: str | Path) -> str | None:
     """The newest checkpoint that was written whole (a run killed mid-save leaves a partial newest one).
 
     transformers' ``get_last_checkpoint`` takes the highest step even when its files are incomplete; the
-    Trainer writes ``trainer_state.json`` after the weights and optimizer state, so its presence marks a whole one.
+    Trainer writes ``trainer_state.json`` after the weights and optimizer state, in place, so a whole one is marked
+    by that file parsing (a kill while it is written leaves it empty or cut short).
     """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
@@ -143,11 +144,20 @@ def last_complete_checkpoint(work_dir: str | Path) -> str | None:
     steps = []
     for d in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         suffix = d.name.rsplit("-", 1)[-1]
-        if d.is_dir() and suffix.isdigit() and (d / "trainer_state.json").is_file() \
+        if d.is_dir() and suffix.isdigit() and _whole_json(d / "trainer_state.json") \
                 and any((d / f).is_file() for f in ("model.safetensors", "adapter_model.safetensors",
                                                     "model.safetensors.index.json")):
             steps.append((int(suffix), d))
     return str(max(steps)[1]) if steps else None
+
+
+def _whole_json(path: Path) -> bool:
+    """Whether ``path`` is a file holding one complete JSON document."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @torch.no_grad()
