@@ -13,8 +13,28 @@ from rich.table import Table
 
 from .errors import ExpertmixError
 
-console = Console(stderr=True)
-stdout = Console()
+# Piped output (logs, CI, `| tee`) is not a terminal: rich would wrap lines and cut table cells at 80 columns
+# there, so such output gets room for whole lines; COLUMNS still sets a width where given.
+_PIPED_WIDTH = 400
+
+
+def _console(stderr: bool = False) -> Console:
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or "COLUMNS" in os.environ:
+        return probe
+    return Console(stderr=stderr, width=_PIPED_WIDTH)
+
+
+console = _console(stderr=True)
+stdout = _console()
+
+
+def _table(*headers: str, title: str | None = None) -> Table:
+    """A results table whose cells wrap rather than lose characters when the terminal is narrow."""
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
 
 
 def _log(msg: str) -> None:
@@ -180,7 +200,7 @@ def list_(registry, token, as_json):
     if as_json:
         click.echo(json.dumps([e.summary() for e in entries], indent=2))
         return
-    table = Table("name", "revision", "domain", "kind", "languages", "base", "valid ppl")
+    table = _table("name", "revision", "domain", "kind", "languages", "base", "valid ppl")
     for e in entries:
         x = e.card.expert
         ppl = x.metrics.get("valid_perplexity_after")
@@ -272,7 +292,7 @@ def search(domain, language, kind, base_fingerprint, like, seed_dir, text_field,
         click.echo(json.dumps([{**e.summary(), "score": s} for e, s in hits], indent=2))
         return
     extra = ["similarity"] if like else []
-    table = Table("name", "revision", "domain", "kind", "languages", "base", *extra)
+    table = _table("name", "revision", "domain", "kind", "languages", "base", *extra)
     for e, s in hits:
         x = e.card.expert
         table.add_row(e.name, e.revision[:12], x.domain, x.kind, ",".join(x.languages), x.base_model,
@@ -313,7 +333,7 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
     summary = generate_preference_file(policy, prompts, reward, out, k, list(languages) or None,
                                        max_new_tokens=max_new_tokens, temperature=temperature,
                                        min_margin=min_margin, batch_size=batch_size, seed=seed)
-    table = Table("language", "prompts", "pairs", "ties", "mean score", title=f"preference pairs → {out}")
+    table = _table("language", "prompts", "pairs", "ties", "mean score", title=f"preference pairs → {out}")
     for lang, s in summary.items():
         table.add_row(lang, str(s["prompts"]), str(s["pairs"]), str(s["ties"]), f"{s['mean_score']:.4f}")
     stdout.print(table)
@@ -354,14 +374,14 @@ def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_
                       languages=list(languages) or None, eval_prompts=eval_prompts, seed=seed)
     s = run_align(cfg, log=_log)
     first, last = s["first_steps"], s["last_steps"]
-    table = Table("metric", f"first {s['steps_averaged']} steps", f"last {s['steps_averaged']} steps",
+    table = _table("metric", f"first {s['steps_averaged']} steps", f"last {s['steps_averaged']} steps",
                   title=f"{method} (beta {s['beta']})")
     for key in ("reward", "sample_reward", "kl", "loss"):
         if key in first:
             table.add_row(key, f"{first[key]:.4f}", f"{last[key]:.4f}")
     stdout.print(table)
     if s["eval_before"] is not None:
-        ev = Table("language", "reward before", "reward after", "KL after", title="held-out prompts")
+        ev = _table("language", "reward before", "reward after", "KL after", title="held-out prompts")
         before, after = s["eval_before"], s["eval_after"]
         for lang, row in after["per_language"].items():
             ev.add_row(lang, f"{before['per_language'][lang]['reward']:.4f}", f"{row['reward']:.4f}",
@@ -574,7 +594,7 @@ def _eval_quality(mix, data, reference, langs, variant, reference_variant, max_b
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return
     header, rows = report.rows()
-    table = Table(*header, title="bits per byte" + (f" against {report.reference}" if reference else ""))
+    table = _table(*header, title="bits per byte" + (f" against {report.reference}" if reference else ""))
     for row in rows:
         table.add_row(*row)
     stdout.print(table)
@@ -652,7 +672,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    table = Table("domain", "perplexity", *report.experts, title="perplexity and routing (share of tokens)")
+    table = _table("domain", "perplexity", *report.experts, title="perplexity and routing (share of tokens)")
     for i, d in enumerate(report.domains):
         shares = [f"{float(x):.0%}" for x in report.routing[i]] if report.routing is not None else []
         table.add_row(d, f"{report.perplexity[d]:.2f}", *shares)
@@ -784,7 +804,7 @@ def quickstart(workdir, seed_steps, expert_steps, align_steps, registry):
     cfg = QuickstartConfig(workdir=workdir or expertmix_home() / "quickstart", seed_steps=seed_steps,
                            expert_steps=expert_steps, align_steps=align_steps)
     result = run_quickstart(cfg, open_registry(registry), log=_log)
-    table = Table("model", *next(iter(result["table"].values())).keys(), title="validation perplexity")
+    table = _table("model", *next(iter(result["table"].values())).keys(), title="validation perplexity")
     for label, row in result["table"].items():
         best = {d: min(r[d] for r in result["table"].values()) for d in row}
         table.add_row(label, *[f"[bold]{v:.2f}[/bold]" if v == best[d] else f"{v:.2f}" for d, v in row.items()])

@@ -217,3 +217,18 @@ def test_resume_skips_a_checkpoint_left_half_written_by_a_kill(tmp_path):
             (d / "trainer_state.json").write_text(state)
     assert Path(last_complete_checkpoint(tmp_path)).name == "checkpoint-6"
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_piped_list_prints_whole_names_and_a_narrow_terminal_folds_them(dense_expert, home):
+    name = "a-rather-long-organisation/an-expert-name-that-overflows-80-columns"
+    run("publish", dense_expert, "--name", name)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-m", "expertmix", "list"], env=env, capture_output=True, text=True,
+                           check=True).stdout
+    row = next(line for line in piped.splitlines() if "overflows" in line)
+    assert name in row and "…" not in piped  # one line, nothing cut, though wider than 80 columns
+    narrow = subprocess.run([sys.executable, "-m", "expertmix", "list"], env={**env, "COLUMNS": "60"},
+                            capture_output=True, text=True, check=True).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 60 and "…" not in narrow
+    first_column = "".join(line.split("│")[1].strip() for line in narrow.splitlines() if line.startswith("│"))
+    assert name in first_column  # folded over several lines, every character kept
