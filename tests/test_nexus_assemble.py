@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM, TrainerCallback
 
+import expertmix.assembler.assemble as assemble_module
 from expertmix.assembler.assemble import AssembleConfig, assemble, mixture_blocks, teachers_of_sources
 from expertmix.assembler.distillation import TEACHER_KEY
 from expertmix.assembler.manifest import read_manifest
@@ -165,6 +166,22 @@ def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits(cli_m
         assert (exported(input_ids=ids).logits - mix(input_ids=ids).logits).abs().max() < 1e-4
 
 
+def test_export_whose_logits_differ_from_the_mix_fails_the_command(cli_mix, tmp_path, monkeypatch):
+    from expertmix.assembler import export as export_module
+
+    real = export_module.qwen2_moe_tensors
+
+    def wrong_head(*args):  # a conversion bug: one tensor altered on the way
+        tensors = real(*args)
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 3
+        return tensors
+
+    monkeypatch.setattr(export_module, "qwen2_moe_tensors", wrong_head)
+    result = CliRunner().invoke(main, ["export", str(cli_mix), "--format", "qwen2-moe", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 1
+    assert "the export does not reproduce the mix" in " ".join(result.output.split())
+
+
 def test_extend_appends_an_expert_and_keeps_the_old_ones(published, cli_mix, corpus):
     root, store, _ = published
     _cli("extend", cli_mix, "--expert", "prose", "--registry", store, "--data", f"prose={corpus['prose']}",
@@ -209,6 +226,33 @@ def test_assemble_resumes_from_its_last_checkpoint(llama_seed, corpus, tmp_path,
     metrics = read_manifest(cfg.out).history[-1]["metrics"]
     assert metrics["resumed_from"] == "checkpoint-2" and metrics["steps"] == 4
     assert not cfg.work_dir.exists()
+
+
+def test_a_refused_assemble_leaves_no_work_folder_so_the_corrected_command_runs(llama_seed, corpus, tmp_path,
+                                                                              monkeypatch):
+    experts = [str(make_expert(llama_seed, tmp_path / n, n, seed=i)) for i, n in enumerate(("a", "b"))]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field here"}\n')
+    cfg = AssembleConfig(seed=llama_seed, experts=experts, out=tmp_path / "mix", seq_len=32,
+                         data=[DataSource("math", corpus["math"]), DataSource("code", bad)],
+                         settings=TrainSettings(max_steps=4, batch_size=2, save_steps=2, progress=False))
+    with pytest.raises(ExpertmixError, match="bad.jsonl line 1: no field 'text'"):
+        assemble(cfg, log=lambda _: None)  # refused after upcycling, before any training
+    assert not cfg.work_dir.exists()
+    # A refusal after a checkpoint keeps the folder: that progress is not thrown away.
+    real_fit = assemble_module.fit
+
+    class Refuse(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise ExpertmixError("refused after checkpoint-2")
+
+    monkeypatch.setattr(assemble_module, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[Refuse()]))
+    fixed = AssembleConfig(**{**cfg.__dict__, "data": [DataSource("math", corpus["math"]),
+                                                       DataSource("code", corpus["code"])]})
+    with pytest.raises(ExpertmixError, match="refused after checkpoint-2"):
+        assemble(fixed, log=lambda _: None)
+    assert (fixed.work_dir / "checkpoints" / "checkpoint-2").is_dir()
 
 
 # -- distilling the experts into the mix ---------------------------------------------------------------

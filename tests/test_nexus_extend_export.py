@@ -253,7 +253,8 @@ def test_per_layer_placement_in_memory_bounded_layer_groups_fits_the_same(base_m
     assert fits[1] == pytest.approx(fits[0], abs=1e-5)
 
 
-def test_extension_refuses_a_foreign_expert_and_a_duplicate(base_mixes, corpus, tmp_path, tokenizer):
+def test_extension_refuses_a_foreign_expert_and_a_duplicate_and_leaves_no_work_folder(base_mixes, corpus, tmp_path,
+                                                                                      tokenizer):
     _, mixes, _ = base_mixes
     foreign_seed = build_seed(tmp_path / "seed2", tokenizer, arch="llama", seed=9)
     foreign = make_expert(foreign_seed, tmp_path / "foreign", "foreign", seed=1)
@@ -265,6 +266,7 @@ def test_extension_refuses_a_foreign_expert_and_a_duplicate(base_mixes, corpus, 
     dup = replace(cfg, expert=str(base_mixes[0] / "math"), out=tmp_path / "y")
     with pytest.raises(ExpertmixError, match="already holds an expert named 'math'"):
         extend(dup, log=lambda _: None)
+    assert not (tmp_path / "x.partial").exists() and not (tmp_path / "y.partial").exists()  # nothing to resume
 
 
 def test_recipe_refuses_an_unknown_placement_merge_or_init():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,49 @@ def test_quantize_refuses_an_existing_output_and_a_float_loader_misuse(mixes, tm
     assert result.exit_code == 1 and "--group-size 7" in result.output
     with pytest.raises(Exception, match="not a mix quantized by expertmix"):
         load_quantized(mix)
+
+
+def test_stages_that_need_float_weights_refuse_a_quantized_mix_by_name_and_leave_nothing(mixes, corpus, tmp_path):
+    mix = mixes["llama_seed"]
+    quantized = tmp_path / "mix-int8"
+    assert CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int8", "--out", str(quantized)]).exit_code == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1 + 2 =", "language": "en"}\n')
+    experts = [str(mix.parent / "e0"), str(mix.parent / "e1")]
+    data = str(corpus["math"])
+    commands = {
+        "extend": ["extend", str(quantized), "--expert", experts[0], "--data", f"math={data}"],
+        "export --format qwen2-moe": ["export", str(quantized), "--format", "qwen2-moe"],
+        "export --format onnx": ["export", str(quantized), "--format", "onnx"],
+        "align": ["align", str(quantized), "--method", "rloo", "--prompts", str(prompts), "--reward", "arithmetic"],
+        "quantize": ["quantize", str(quantized), "--scheme", "int4"],
+        "training an expert": ["train", "--base", str(quantized), "--data", data, "--domain", "math"],
+        "a seed": ["assemble", "--seed", str(quantized), "--experts", *experts, "--data", f"math={data}"],
+    }
+    for i, (action, args) in enumerate(commands.items()):
+        out = tmp_path / f"out{i}"
+        result = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert result.exit_code == 1, (action, result.output)
+        message = " ".join(result.output.split())
+        assert f"a quantized model (int8); {action} needs float weights" in message, message
+        assert str(mix.resolve()) in message  # the float mix it was quantized from
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_sampling_a_quantized_mix_for_preferences_uses_its_quantized_weights(mixes, tmp_path):
+    quantized = tmp_path / "mix-int4"
+    assert CliRunner().invoke(main, ["quantize", str(mixes["llama_seed"]), "--scheme", "int4", "--group-size", "32",
+                                     "--out", str(quantized)]).exit_code == 0
+    # A fresh process, as `expertmix prefs generate` runs: nothing has imported the quantizer beforehand.
+    script = textwrap.dedent(f"""
+        import torch
+        from expertmix.alignment.policy import load_policy
+        policy, _ = load_policy({str(quantized)!r})
+        from expertmix.assembler.quantization import load_quantized
+        ids = torch.arange(3, 19).reshape(2, 8)
+        with torch.no_grad():
+            print(float((policy(input_ids=ids).logits - load_quantized({str(quantized)!r})(input_ids=ids).logits)
+                        .abs().max()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(result.stdout.split()[-1]) == 0.0

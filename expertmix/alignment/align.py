@@ -18,6 +18,7 @@ from typing import Literal, TypeVar
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
 from .dpo import dpo_step
@@ -86,6 +87,7 @@ def _check(cfg: AlignConfig) -> None:
         raise ExpertmixError(f"output folder {cfg.out} already exists; choose another --out or remove it")
     if cfg.method not in DEFAULT_BETA:
         raise ExpertmixError(f"unknown method {cfg.method!r}: use dpo or rloo")
+    require_float_weights(cfg.model, "align")
     if cfg.method == "rloo" and (cfg.prompts is None or cfg.reward is None):
         raise ExpertmixError("--method rloo needs --prompts FILE and --reward SPEC")
     if cfg.method == "rloo" and cfg.k < 2:

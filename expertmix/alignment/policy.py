@@ -35,8 +35,8 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ExpertmixError(f"{path}: not a model folder (no config.json)")
-    import expertmix.assembler  # noqa: F401  (registers the Nexus mix class with the Auto classes)
-
+    # registers the Nexus mix and the quantized-checkpoint format with transformers' Auto classes
+    from ..assembler import quantization  # noqa: F401
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,7 +25,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens, pack, read_documents, tokenize_documents
 from ..experts.mixing import draw_sources, mix_sources, parse_mix_spec
-from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, fit, uses_bf16
+from ..experts.training import (
+    Blocks,
+    DataSource,
+    ResumableJob,
+    TrainSettings,
+    fit,
+    refusal_leaves_no_work_dir,
+    uses_bf16,
+)
 from ..fsutil import atomic_dir
 from .distillation import TEACHER_KEY, DistillationTrainer, load_teachers
 from .manifest import DataRef, MixManifest, read_manifest
@@ -207,6 +215,7 @@ def save_mix(model, source: Path, manifest: MixManifest, out: Path) -> Path:
     return out
 
 
+@refusal_leaves_no_work_dir
 def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     """Pull and check the experts, upcycle them, train on their domains' mixture, write the mix."""
     if cfg.router not in ("nexus", "linear", "merge"):

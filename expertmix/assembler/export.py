@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir
 from .configuration_nexus import NexusConfig
@@ -103,6 +104,7 @@ def qwen2_moe_tensors(mix_dir: Path, config: NexusConfig) -> dict[str, torch.Ten
 def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
     """Write ``out``: a Qwen2-MoE checkpoint of the mix that stock transformers loads."""
     mix_dir, out = require_mix_folder(mix), Path(out)
+    require_float_weights(mix_dir, "export --format qwen2-moe")
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":
         raise ExpertmixError(f"{mix_dir}: a dense merge is already a plain {manifest.seed.architecture} model; "

@@ -60,9 +60,10 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens
-from ..experts.training import DataSource, ResumableJob, TrainSettings, uses_bf16
+from ..experts.training import DataSource, ResumableJob, TrainSettings, refusal_leaves_no_work_dir, uses_bf16
 from .assemble import (
     Blocks,
     budget_tokens,
@@ -531,9 +532,11 @@ def share_cap(needed: int | None, share: float, sources: int, all_sources: int, 
     return math.ceil(share * (needed + seq_len * all_sources) / max(sources, 1)) + seq_len
 
 
+@refusal_leaves_no_work_dir
 def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     """Append the expert ``cfg.expert`` to the mix ``cfg.mix`` by ``cfg.recipe`` and write ``cfg.out``."""
     mix_dir = require_mix_folder(cfg.mix)
+    require_float_weights(mix_dir, "extend")
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":
         raise ExpertmixError(f"{mix_dir}: a dense merge has no experts to extend; extend a nexus or linear mix")

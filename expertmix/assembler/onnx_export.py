@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
 from .export import FORMATS
@@ -195,10 +196,8 @@ def load_for_export(mix: str | Path, routing: Routing = "sparse") -> KvCacheDeco
     """Load a mix (or a dense model folder) in float32 and swap its MoE blocks for :class:`OnnxMoeBlock`."""
     from . import modeling_nexus  # noqa: F401  (Auto-class registration)
 
+    require_float_weights(mix, "export --format onnx", then="quantize its graph with --onnx-quantize int8/int4")
     model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ExpertmixError(f"{mix}: a torch-quantized mix; export the float mix and quantize the ONNX graph "
-                             f"with --onnx-quantize int8/int4 instead")
     if hasattr(model, "moe_blocks"):
         for layer in model.language_model.base_model.layers:
             layer.mlp = OnnxMoeBlock(layer.mlp, routing)

@@ -39,6 +39,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir
 
@@ -337,6 +338,7 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
         raise ExpertmixError(f"{mix}: not a model folder (no config.json)")
     if out.exists():
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+    require_float_weights(mix, "quantize")
     from . import modeling_nexus  # noqa: F401  (registers the Nexus model with the Auto classes)
 
     model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()

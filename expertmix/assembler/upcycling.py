@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError, IncompatibleExpertError, StoreError
 from ..fsutil import atomic_dir, atomic_path, sha256_file
 from ..hub.card import BaseSignature, ExpertInfo, check_compatible
@@ -83,6 +84,7 @@ def seed_info(seed_dir: str | Path, seed_id: str | None = None) -> SeedInfo:
     seed_dir = Path(seed_dir)
     if not (seed_dir / "config.json").is_file():
         raise ExpertmixError(f"--seed {seed_dir}: not a model folder (no config.json)")
+    require_float_weights(seed_dir, "a seed")
     return SeedInfo(id=seed_id or seed_dir.resolve().name, base_fingerprint=fingerprint_weights(seed_dir),
                     architecture=architecture_of(AutoConfig.from_pretrained(seed_dir)),
                     tokenizer_fingerprint=fingerprint_tokenizer(AutoTokenizer.from_pretrained(seed_dir)))

@@ -6,6 +6,7 @@ for free; ``fit`` only turns token blocks and a budget into its arguments.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
@@ -240,6 +242,26 @@ class ResumableJob:
         write_json_atomic(run_file, fingerprint)
 
 
+def refusal_leaves_no_work_dir(job: Callable[..., Path]) -> Callable[..., Path]:
+    """For a job whose first argument is a :class:`ResumableJob`: when it refuses its input (``ExpertmixError``)
+    before any Trainer checkpoint exists, the ``OUT.partial`` folder this call made is removed, so the corrected
+    command starts afresh instead of being told to resume a run with other settings. Interruptions and other
+    failures keep the folder for ``--resume``, as does every failure of a run that an earlier call started."""
+
+    @functools.wraps(job)
+    def run(cfg: ResumableJob, *args, **kwargs) -> Path:
+        work = cfg.work_dir
+        made_here = not work.exists()
+        try:
+            return job(cfg, *args, **kwargs)
+        except ExpertmixError:
+            if made_here and work.is_dir() and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    return run
+
+
 @dataclass
 class ExpertTrainConfig(ResumableJob):
     """Everything ``expertmix train`` needs; validated by :func:`train_expert` before any work starts."""
@@ -335,6 +357,7 @@ def peft_wrap(model, kind: str, r: int, alpha: int):
     return get_peft_model(model, cfg)
 
 
+@refusal_leaves_no_work_dir
 def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     """Train a dense or PEFT expert from a seed and write the expert repo of DESIGN.md to ``cfg.out``.
 
@@ -350,6 +373,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     if not (Path(cfg.base) / "config.json").is_file():
         raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
+    require_float_weights(cfg.base, "training an expert")
     if not cfg.data:
         raise ExpertmixError("no training data given (--data)")
     prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None

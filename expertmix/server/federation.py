@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from ..checkpoints import require_float_weights
 from ..client.settings import FederationConfig
 from ..client.weights import load_travelling_state, travelling_state
 from ..errors import ExpertmixError
@@ -71,6 +72,7 @@ def _seed_model(cfg: FederationConfig):
 
     if not (Path(cfg.base) / "config.json").is_file():
         raise ExpertmixError(f"run config 'base': {cfg.base} is not a model folder (no config.json)")
+    require_float_weights(cfg.base, "federated training")
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32)
     if cfg.kind != "dense":

@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 import tomli_w
 
+from ..checkpoints import require_float_weights
 from ..client.settings import FederationConfig, NodeConfig
 from ..errors import ExpertmixError
 from ..fsutil import write_json_atomic, write_text_atomic
@@ -250,6 +251,7 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
     validate_name(cfg.expert_name)
     if not (Path(cfg.base) / "config.json").is_file():
         raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
+    require_float_weights(cfg.base, "federated training")
     for n in fed.nodes:
         if not Path(n.data).exists():
             raise ExpertmixError(f"node {n.name}: data {n.data} does not exist")
