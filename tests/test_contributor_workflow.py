@@ -171,6 +171,13 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_s
                 and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
             time.sleep(0.2)
         assert proc.poll() is None, f"training ended before it could be killed:\n{log.read_text()[-3000:]}"
+        # The same job started again while the first lives (a second terminal, a scheduler's retry) is refused:
+        # two processes would overwrite each other's checkpoints.
+        twice = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
+                    "--max-steps", "7", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume",
+                    ok=False)
+        assert twice.exit_code == 1 and f"in use by another expertmix process (pid {proc.pid})" in twice.output
+        assert proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert list(checkpoints.glob("checkpoint-*")), f"no checkpoint appeared before the kill:\n{log.read_text()[-3000:]}"

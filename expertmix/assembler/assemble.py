@@ -31,7 +31,7 @@ from ..experts.training import (
     ResumableJob,
     TrainSettings,
     fit,
-    refusal_leaves_no_work_dir,
+    resumable_job,
     uses_bf16,
 )
 from ..fsutil import atomic_dir
@@ -215,7 +215,7 @@ def save_mix(model, source: Path, manifest: MixManifest, out: Path) -> Path:
     return out
 
 
-@refusal_leaves_no_work_dir
+@resumable_job
 def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     """Pull and check the experts, upcycle them, train on their domains' mixture, write the mix."""
     if cfg.router not in ("nexus", "linear", "merge"):

@@ -63,7 +63,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens
-from ..experts.training import DataSource, ResumableJob, TrainSettings, refusal_leaves_no_work_dir, uses_bf16
+from ..experts.training import DataSource, ResumableJob, TrainSettings, resumable_job, uses_bf16
 from .assemble import (
     Blocks,
     budget_tokens,
@@ -532,7 +532,7 @@ def share_cap(needed: int | None, share: float, sources: int, all_sources: int, 
     return math.ceil(share * (needed + seq_len * all_sources) / max(sources, 1)) + seq_len
 
 
-@refusal_leaves_no_work_dir
+@resumable_job
 def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     """Append the expert ``cfg.expert`` to the mix ``cfg.mix`` by ``cfg.recipe`` and write ``cfg.out``."""
     mix_dir = require_mix_folder(cfg.mix)

@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
-from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, refusal_leaves_no_work_dir
+from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, resumable_job
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from ..hub.card import check_compatible
 from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
@@ -544,7 +544,7 @@ def _calibration(tokenized: dict, seq_len: int, n_blocks: int, seq2seq: bool) ->
     return out
 
 
-@refusal_leaves_no_work_dir
+@resumable_job
 def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = print) -> Path:
     """Build a MoV / MoLoRA mix (from published PEFT experts or fresh ones), train routers and experts, save it."""
     if cfg.kind not in EXPERT_KINDS:

@@ -9,12 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: work folders go unlocked there
+    fcntl = None
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -228,6 +234,8 @@ class ResumableJob:
         work, out, fingerprint = self.work_dir, Path(self.out), self.fingerprint()
         if out.exists():
             raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+        if work.is_dir():
+            _lock_work_dir(work)
         if work.exists() and not self.resume:
             raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
                                  f"or delete that folder to start over")
@@ -239,14 +247,50 @@ class ResumableJob:
                 raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
                                      f"(differs in: {', '.join(changed)})")
         work.mkdir(parents=True, exist_ok=True)
+        _lock_work_dir(work)
         write_json_atomic(run_file, fingerprint)
 
 
-def refusal_leaves_no_work_dir(job: Callable[..., Path]) -> Callable[..., Path]:
-    """For a job whose first argument is a :class:`ResumableJob`: when it refuses its input (``ExpertmixError``)
-    before any Trainer checkpoint exists, the ``OUT.partial`` folder this call made is removed, so the corrected
-    command starts afresh instead of being told to resume a run with other settings. Interruptions and other
-    failures keep the folder for ``--resume``, as does every failure of a run that an earlier call started."""
+# Work folders this process holds, each with the open descriptor of its locked ``.lock`` file.
+_HELD_WORK_DIRS: dict[Path, int] = {}
+LOCK_FILE = ".lock"
+
+
+def _lock_work_dir(work: Path) -> None:
+    """Hold ``work`` exclusively until :func:`_release_work_dir` (or the process's end): a second process training
+    into the same folder (a command started twice, a scheduler's retry while the first run lives) would
+    overwrite the first one's checkpoints. The lock is the kernel's, so a killed process leaves none behind."""
+    key = work.resolve()
+    if key in _HELD_WORK_DIRS or fcntl is None:  # held already; or no flock on this platform
+        return
+    fd = os.open(work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise ExpertmixError(f"{work} is in use by another expertmix process{f' (pid {holder})' if holder else ''}; "
+                             f"wait for it to end or stop it, then rerun") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_WORK_DIRS[key] = fd
+
+
+def _release_work_dir(work: Path) -> bool:
+    """Let go of ``work`` if this process holds it; returns whether it did."""
+    fd = _HELD_WORK_DIRS.pop(work.resolve(), None)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
+    """For a job whose first argument is a :class:`ResumableJob`: its ``OUT.partial`` folder is held for the call
+    (see :func:`_lock_work_dir`). When the job refuses its input (``ExpertmixError``) before any Trainer checkpoint
+    exists, the folder this call made is removed, so the corrected command starts afresh instead of being told to
+    resume a run with other settings. Interruptions and other failures keep it for ``--resume``, as does every
+    failure of a run that an earlier call started."""
 
     @functools.wraps(job)
     def run(cfg: ResumableJob, *args, **kwargs) -> Path:
@@ -255,9 +299,11 @@ def refusal_leaves_no_work_dir(job: Callable[..., Path]) -> Callable[..., Path]:
         try:
             return job(cfg, *args, **kwargs)
         except ExpertmixError:
-            if made_here and work.is_dir() and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            if made_here and work.resolve() in _HELD_WORK_DIRS and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
                 shutil.rmtree(work, ignore_errors=True)
             raise
+        finally:
+            _release_work_dir(work)
 
     return run
 
@@ -357,7 +403,7 @@ def peft_wrap(model, kind: str, r: int, alpha: int):
     return get_peft_model(model, cfg)
 
 
-@refusal_leaves_no_work_dir
+@resumable_job
 def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     """Train a dense or PEFT expert from a seed and write the expert repo of DESIGN.md to ``cfg.out``.
 
