@@ -239,3 +239,17 @@ def test_piped_list_prints_whole_names_and_a_narrow_terminal_folds_them(dense_ex
     assert max(len(line) for line in narrow.splitlines()) <= 60 and "…" not in narrow
     first_column = "".join(line.split("│")[1].strip() for line in narrow.splitlines() if line.startswith("│"))
     assert name in first_column  # folded over several lines, every character kept
+
+
+def test_training_runs_unlocked_on_a_filesystem_without_locks(tmp_path, llama_seed, corpus, monkeypatch):
+    import errno
+
+    from expertmix.experts import training
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(training.fcntl, "flock", no_locks)
+    out = tmp_path / "unlocked"
+    run("train", "--base", llama_seed, "--data", corpus["math"], "--domain", "math", "--out", out, *FAST)
+    assert read_card(out).expert.training["steps"] == 6 and not out.with_name("unlocked.partial").exists()

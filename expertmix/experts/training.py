@@ -251,7 +251,8 @@ class ResumableJob:
         write_json_atomic(run_file, fingerprint)
 
 
-# Work folders this process holds, each with the open descriptor of its locked ``.lock`` file.
+# Work folders this process holds, each with the open descriptor of its locked ``.lock`` file (-1: held without
+# a lock, where the platform or filesystem has none).
 _HELD_WORK_DIRS: dict[Path, int] = {}
 LOCK_FILE = ".lock"
 
@@ -261,16 +262,23 @@ def _lock_work_dir(work: Path) -> None:
     into the same folder (a command started twice, a scheduler's retry while the first run lives) would
     overwrite the first one's checkpoints. The lock is the kernel's, so a killed process leaves none behind."""
     key = work.resolve()
-    if key in _HELD_WORK_DIRS or fcntl is None:  # held already; or no flock on this platform
+    if key in _HELD_WORK_DIRS:
+        return
+    if fcntl is None:  # no flock on this platform
+        _HELD_WORK_DIRS[key] = -1
         return
     fd = os.open(work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
         raise ExpertmixError(f"{work} is in use by another expertmix process{f' (pid {holder})' if holder else ''}; "
                              f"wait for it to end or stop it, then rerun") from None
+    except OSError:  # a filesystem without locks (some network mounts): go on unlocked
+        os.close(fd)
+        _HELD_WORK_DIRS[key] = -1
+        return
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _HELD_WORK_DIRS[key] = fd
@@ -281,7 +289,8 @@ def _release_work_dir(work: Path) -> bool:
     fd = _HELD_WORK_DIRS.pop(work.resolve(), None)
     if fd is None:
         return False
-    os.close(fd)
+    if fd >= 0:
+        os.close(fd)
     return True
 
 
