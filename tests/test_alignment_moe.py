@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,16 @@ def test_rloo_adds_the_models_own_router_loss_to_the_policy_loss(toy_mix):
     assert losses[1] == pytest.approx(losses[0] + 2.0 * metrics[1]["aux_loss"], rel=1e-5)
 
 
+def _assert_mix_json_gained_the_align_stage(source: Path, out: Path, method: str) -> None:
+    """The aligned mix's mix.json is its input's, with one more history entry: the alignment and its settings."""
+    before, after = (json.loads((p / "mix.json").read_text()) for p in (source, out))
+    stage = after["history"][-1]
+    assert after["history"][:-1] == before.get("history", [])
+    assert {k: v for k, v in after.items() if k != "history"} == {k: v for k, v in before.items() if k != "history"}
+    assert stage["stage"] == "align" and stage["settings"]["method"] == method
+    assert stage["summary"] == json.loads((out / "alignment.json").read_text())["summary"]
+
+
 def test_aligning_a_mix_keeps_its_class_and_mix_json_and_can_freeze_the_router(toy_mix, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     write_prompts(prompts, [PromptRecord("the cat", "en"), PromptRecord("def f", "py")])
@@ -124,7 +135,7 @@ def test_aligning_a_mix_keeps_its_class_and_mix_json_and_can_freeze_the_router(t
                           steps=3, batch_size=2, lr=1e-2, max_new_tokens=4, train_router=False,
                           progress=False), log=lambda m: None)
     assert s["router_frozen"] and s["aux_loss_coef"] == 0.05  # the config's own coefficient
-    assert (out / "mix.json").read_bytes() == (toy_mix / "mix.json").read_bytes()
+    _assert_mix_json_gained_the_align_stage(toy_mix, out, "rloo")
     before = AutoModelForCausalLM.from_pretrained(toy_mix)
     after = AutoModelForCausalLM.from_pretrained(out)
     assert type(after) is ToyMixForCausalLM
@@ -144,7 +155,7 @@ def test_aligning_a_nexus_mix_keeps_it_a_loadable_mix(llama_seed, tmp_path):
     align(AlignConfig(model=mix, out=out, method="rloo", prompts=prompts, reward="script", k=2, steps=2,
                       batch_size=2, lr=1e-2, max_new_tokens=4, train_router=False, progress=False),
           log=lambda m: None)
-    assert (out / "mix.json").read_bytes() == (mix / "mix.json").read_bytes()
+    _assert_mix_json_gained_the_align_stage(mix, out, "rloo")
     before, after = (AutoModelForCausalLM.from_pretrained(p) for p in (mix, out))
     assert type(after) is NexusForCausalLM
     routers = [n for n, _ in after.named_parameters() if ".router." in n]

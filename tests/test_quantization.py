@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,8 @@ def test_quantize_command_writes_a_smaller_mix_whose_logits_stay_close(mixes, tm
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "quantized mix written to" in result.output
+    stage = json.loads((out / "mix.json").read_text())["history"][-1]  # the mix's record says what was done
+    assert stage["stage"] == "quantize" and stage["scheme"] == scheme and stage["source"] == str(mix.resolve())
     float_bytes, q_bytes = (mix / "model.safetensors").stat().st_size, (out / "model.safetensors").stat().st_size
     assert q_bytes < float_bytes * (0.45 if scheme == "int8" else 0.35)
 

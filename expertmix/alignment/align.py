@@ -18,6 +18,7 @@ from typing import Literal, TypeVar
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..assembler.manifest import MIX_FILE, append_history
 from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
@@ -214,6 +215,8 @@ def align(cfg: AlignConfig, log=print) -> dict:
                    "train_rows": len(train_rows), **_summary(history),
                    "eval_before": before, "eval_after": after}
         write_json_atomic(tmp / "alignment.json", {"settings": _settings(cfg), "summary": summary})
+        if (tmp / MIX_FILE).is_file():  # a mix: its own record says it was aligned, and how
+            append_history(tmp, {"stage": "align", "settings": _settings(cfg), "summary": summary})
     return summary
 
 

@@ -2,7 +2,7 @@
 
 It lists the seed's signature, every expert (repo id, revision, sha256 of its weights, its raw domain
 embedding), the router kind, the embedding standardisation, the data the router was trained on and the
-history of build stages (assemble, extend) with their settings and results.
+history of build stages (assemble, extend, align, quantize) with their settings and results.
 """
 
 from __future__ import annotations
@@ -95,6 +95,18 @@ class MixManifest(BaseModel):
         path = Path(folder) / MIX_FILE
         write_json_atomic(path, self.model_dump(mode="json"))
         return path
+
+
+def append_history(folder: str | Path, entry: dict[str, Any]) -> None:
+    """Record a build stage in ``folder/mix.json`` (of any mix kind, kept as it is otherwise; rewritten atomically),
+    so a mix aligned or quantized and then extended still says what was done to it."""
+    path = Path(folder) / MIX_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    history = data.setdefault("history", [])
+    if not isinstance(history, list):
+        raise ExpertmixError(f"{path}: field 'history' is not a list")
+    history.append(entry)
+    write_json_atomic(path, data)
 
 
 def read_manifest(folder: str | Path, model: type[BaseModel] | None = None):

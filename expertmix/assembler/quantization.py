@@ -42,6 +42,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir
+from .manifest import MIX_FILE, append_history
 
 QUANT_METHOD = "expertmix"
 Scheme = Literal["int8", "int4"]
@@ -355,8 +356,10 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
         for name in COPIED_FILES:
             if (mix / name).is_file():
                 shutil.copyfile(mix / name, tmp / name)
-        (tmp / "quantization.json").write_text(json.dumps(
-            {"source": str(mix.resolve()), **model.config.quantization_config.to_dict(), **stats}, indent=2) + "\n")
+        record = {"source": str(mix.resolve()), **model.config.quantization_config.to_dict(), **stats}
+        (tmp / "quantization.json").write_text(json.dumps(record, indent=2) + "\n")
+        if (tmp / MIX_FILE).is_file():
+            append_history(tmp, {"stage": "quantize", **record})
     return QuantizeReport(out=out, spec=spec, tensors=int(stats["tensors"]), source_bytes=weights_bytes(mix),
                           quantized_bytes=weights_bytes(out), stats=stats)
 
