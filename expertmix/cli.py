@@ -666,9 +666,16 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     quantized = "quantization_config" in json.loads((Path(mix) / "config.json").read_text()) \
         if (Path(mix) / "config.json").is_file() else False
     if bpb or reference or langs or variant or is_onnx_export(mix) or quantized:
+        if heatmap is not None:
+            raise ExpertmixError(f"--heatmap draws the routing of the perplexity mode; {mix} is evaluated in bits per "
+                                 f"byte here (--bpb, --reference, --langs, --variant, a quantized mix or an ONNX "
+                                 f"export): use --chart and --report-json")
         _eval_quality(mix, data, reference, langs, variant, reference_variant, max_bytes, seq_len, batch_size,
                       text_field, report_json, chart, as_json)
         return
+    if chart is not None or report_json is not None:
+        raise ExpertmixError("--chart and --report-json belong to the bits-per-byte mode: add --bpb (or --reference); "
+                             "the perplexity mode saves its routing with --heatmap and prints JSON with --json")
     from .assembler.lightweight import evaluate_lightweight_mix, is_lightweight_mix
     from .assembler.routing_report import evaluate_mix, save_heatmap
 
@@ -690,7 +697,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     stdout.print(table)
     if heatmap is not None:
         stdout.print(f"routing heatmap: {heatmap}" if report.routing is not None
-                     else "no routing heatmap: the mix is a dense merge", highlight=False)
+                     else "no routing heatmap: the model has no router (a dense merge or model)", highlight=False)
 
 
 # -- federated training (Flower) --------------------------------------------------------------------

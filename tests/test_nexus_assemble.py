@@ -156,7 +156,7 @@ def test_eval_prints_perplexity_and_routing_and_saves_a_heatmap(cli_mix, corpus,
     assert "math" in table and "%" in table
 
 
-def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits(cli_mix, tmp_path):
+def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits_and_routing(cli_mix, corpus, tmp_path):
     out = _cli("export", cli_mix, "--format", "qwen2-moe", "--out", tmp_path / "q")
     assert "max |logit difference|" in out
     exported = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "q").eval()
@@ -164,6 +164,23 @@ def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits(cli_m
     ids = torch.randint(3, mix.config.text_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (exported(input_ids=ids).logits - mix(input_ids=ids).logits).abs().max() < 1e-4
+    # `eval` reads the stock export's router too, and names its experts as the mix does: the same routing.
+    data = [f"--data={d}={corpus[d]}" for d in ("math", "code")]
+    reports = [json.loads(_cli("eval", m, *data, "--seq-len", "32", "--max-blocks", "4", "--json"))
+               for m in (cli_mix, tmp_path / "q")]
+    assert reports[1]["experts"] == reports[0]["experts"] == ["math", "code"]
+    for domain in ("math", "code"):
+        assert reports[1]["perplexity"][domain] == pytest.approx(reports[0]["perplexity"][domain], rel=1e-4)
+        assert reports[1]["routing"][domain] == pytest.approx(reports[0]["routing"][domain], abs=1e-6)
+
+
+def test_eval_refuses_options_of_the_other_mode(cli_mix, corpus, tmp_path):
+    data = f"--data=math={corpus['math']}"
+    result = CliRunner().invoke(main, ["eval", str(cli_mix), data, "--chart", str(tmp_path / "c.png")])
+    assert result.exit_code == 1 and "--chart and --report-json belong to the bits-per-byte mode" in result.output
+    result = CliRunner().invoke(main, ["eval", str(cli_mix), data, "--bpb", "--heatmap", str(tmp_path / "h.png")])
+    assert result.exit_code == 1 and "--heatmap draws the routing of the perplexity mode" in result.output
+    assert not (tmp_path / "c.png").exists() and not (tmp_path / "h.png").exists()
 
 
 def test_export_whose_logits_differ_from_the_mix_fails_the_command(cli_mix, tmp_path, monkeypatch):

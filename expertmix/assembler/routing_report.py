@@ -1,11 +1,13 @@
 """``expertmix eval``: per-domain perplexity of a mix and its routing matrix (as a table and a PNG heatmap).
 
 The routing matrix holds, for each domain, the share of its tokens whose top-1 routed expert is each
-expert, averaged over the MoE layers (per-layer matrices are kept too).
+expert, averaged over the MoE layers (per-layer matrices are kept too). Any transformers MoE that returns
+``router_logits`` has one: a Nexus mix, and its stock Qwen2-MoE export (whose routing should match the mix's).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..experts.data import pack, read_documents, tokenize_documents
 from ..experts.training import Blocks, DataSource, perplexity
 from ..fsutil import save_figure
+from .manifest import MIX_FILE
 from .upcycling import require_mix_folder
 
 
@@ -58,32 +61,48 @@ def eval_blocks(sources: Sequence[DataSource], tokenizer, seq_len: int, max_bloc
     return out
 
 
+def num_routed_experts(model) -> int | None:
+    """How many routed experts a transformers MoE has (Nexus, Qwen2-MoE: ``num_experts``; Mixtral's naming too);
+    ``None`` for a dense model."""
+    config = model.config
+    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or None
+
+
 @torch.no_grad()
 def routing_counts(model, blocks: Blocks, batch_size: int = 8) -> torch.Tensor:
-    """Top-1 expert counts per layer ``[layers, experts]`` over the blocks' real (label != -100) tokens."""
+    """Top-1 expert counts per MoE layer ``[layers, experts]`` over the blocks' real (label != -100) tokens."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    counts = torch.zeros(len(model.moe_blocks()), model.config.num_experts)
+    experts = num_routed_experts(model)
+    counts: torch.Tensor | None = None
     for s in range(0, blocks["input_ids"].shape[0], batch_size):
         ids = blocks["input_ids"][s:s + batch_size].to(device)
         keep = (blocks["labels"][s:s + batch_size] != -100).reshape(-1)
-        out = model(input_ids=ids, output_router_logits=True)
-        for layer, logits in enumerate(out.router_logits):
-            top = logits.argmax(-1).cpu()[keep]
-            counts[layer] += torch.bincount(top, minlength=model.config.num_experts).float()
+        router_logits = model(input_ids=ids, output_router_logits=True).router_logits
+        if counts is None:
+            counts = torch.zeros(len(router_logits), experts)
+        for layer, logits in enumerate(router_logits):
+            top = logits.reshape(-1, experts).argmax(-1).cpu()[keep]
+            counts[layer] += torch.bincount(top, minlength=experts).float()
     model.train(was)
-    return counts
+    return counts if counts is not None else torch.zeros(0, experts)
 
 
-def evaluate(model, blocks: dict[str, Blocks], batch_size: int = 8) -> EvalReport:
-    """Perplexity on each domain's blocks, plus the routing matrix when ``model`` is a Nexus mix."""
+def evaluate(model, blocks: dict[str, Blocks], batch_size: int = 8,
+             expert_names: Sequence[str] | None = None) -> EvalReport:
+    """Perplexity on each domain's blocks, plus the routing matrix when ``model`` is an MoE.
+
+    Experts are named by the mix's config, else by ``expert_names``, else ``expert0``, ``expert1``, ...
+    """
     ppl = {d: perplexity(model, b, batch_size) for d, b in blocks.items()}
     report = EvalReport(domains=list(blocks), perplexity=ppl)
-    if hasattr(model, "moe_blocks"):
+    experts = num_routed_experts(model)
+    if experts:
         per_layer = torch.stack([routing_counts(model, b, batch_size) for b in blocks.values()], dim=1)
         per_layer = per_layer / per_layer.sum(-1, keepdim=True).clamp_min(1)
-        report.experts = list(model.config.expert_names)
+        names = getattr(model.config, "expert_names", None) or expert_names
+        report.experts = list(names) if names and len(names) == experts else [f"expert{i}" for i in range(experts)]
         report.routing_per_layer = per_layer
         report.routing = per_layer.mean(0)
     return report
@@ -91,12 +110,16 @@ def evaluate(model, blocks: dict[str, Blocks], batch_size: int = 8) -> EvalRepor
 
 def evaluate_mix(mix: str | Path, sources: Sequence[DataSource], seq_len: int = 256, max_blocks: int | None = 32,
                  batch_size: int = 8, device: str | None = None, text_field: str | None = None) -> EvalReport:
-    """Load a mix folder (MoE or dense merge) and evaluate it on named data sources."""
+    """Load a mix folder (MoE or dense merge, or a mix's stock export) and evaluate it on named data sources."""
     mix = require_mix_folder(mix)
     tokenizer = AutoTokenizer.from_pretrained(mix)
     model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return evaluate(model, eval_blocks(sources, tokenizer, seq_len, max_blocks, text_field), batch_size)
+    names = None
+    if (mix / MIX_FILE).is_file():  # an export carries its mix's mix.json: name the experts as the mix does
+        names = [e.get("name") for e in json.loads((mix / MIX_FILE).read_text()).get("experts", [])]
+    return evaluate(model, eval_blocks(sources, tokenizer, seq_len, max_blocks, text_field), batch_size,
+                    expert_names=names if names and all(names) else None)
 
 
 def save_heatmap(report: EvalReport, path: str | Path, title: str = "tokens routed to each expert") -> Path:
@@ -107,7 +130,7 @@ def save_heatmap(report: EvalReport, path: str | Path, title: str = "tokens rout
     import matplotlib.pyplot as plt
 
     if report.routing is None:
-        raise ValueError("this mix has no router (a dense merge): there is no routing matrix to draw")
+        raise ValueError("this model has no router (a dense merge or model): there is no routing matrix to draw")
     m = report.routing.numpy()
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 1.0 + 0.6 * m.shape[0]))
     im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
