@@ -8,6 +8,15 @@ from pathlib import Path
 from .errors import ExpertmixError
 
 
+def quantization_config(folder: str | Path) -> dict | None:
+    """The ``quantization_config`` of a model folder's ``config.json``; ``None`` for float weights or no model."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # not a model folder: the caller's own loading says so
+    return config.get("quantization_config") or None
+
+
 def require_float_weights(folder: str | Path, action: str, then: str = "quantize the result afterwards") -> None:
     """Refuse a quantized model folder where ``action`` needs float weights, naming the float one it came from.
 
@@ -15,12 +24,8 @@ def require_float_weights(folder: str | Path, action: str, then: str = "quantize
     model is loaded: loaded without its quantizer, a quantized checkpoint's layers are silently left random.
     """
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # not a model folder: the caller's own loading says so
-    quantization = config.get("quantization_config")
-    if not quantization:
+    quantization = quantization_config(folder)
+    if quantization is None:
         return
     try:
         source = json.loads((folder / "quantization.json").read_text()).get("source")

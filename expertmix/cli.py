@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .checkpoints import quantization_config
 from .errors import ExpertmixError
 
 # Piped output (logs, CI, `| tee`) is not a terminal: rich would wrap lines and cut table cells at 80 columns
@@ -663,8 +664,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     """
     from .assembler.onnx_export import is_onnx_export
 
-    quantized = "quantization_config" in json.loads((Path(mix) / "config.json").read_text()) \
-        if (Path(mix) / "config.json").is_file() else False
+    quantized = quantization_config(mix) is not None
     if bpb or reference or langs or variant or is_onnx_export(mix) or quantized:
         if heatmap is not None:
             raise ExpertmixError(f"--heatmap draws the routing of the perplexity mode; {mix} is evaluated in bits per "

@@ -214,9 +214,10 @@ def align(cfg: AlignConfig, log=print) -> dict:
         summary = {"method": cfg.method, "beta": beta, "aux_loss_coef": aux_coef, "router_frozen": frozen > 0,
                    "train_rows": len(train_rows), **_summary(history),
                    "eval_before": before, "eval_after": after}
-        write_json_atomic(tmp / "alignment.json", {"settings": _settings(cfg), "summary": summary})
+        record = {"settings": _settings(cfg), "summary": summary}
+        write_json_atomic(tmp / "alignment.json", record)
         if (tmp / MIX_FILE).is_file():  # a mix: its own record says it was aligned, and how
-            append_history(tmp, {"stage": "align", "settings": _settings(cfg), "summary": summary})
+            append_history(tmp, {"stage": "align", **record})
     return summary
 
 

@@ -7,7 +7,6 @@ expert, averaged over the MoE layers (per-layer matrices are kept too). Any tran
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..experts.data import pack, read_documents, tokenize_documents
 from ..experts.training import Blocks, DataSource, perplexity
 from ..fsutil import save_figure
-from .manifest import MIX_FILE
+from .manifest import MIX_FILE, read_manifest
 from .upcycling import require_mix_folder
 
 
@@ -115,11 +114,10 @@ def evaluate_mix(mix: str | Path, sources: Sequence[DataSource], seq_len: int = 
     tokenizer = AutoTokenizer.from_pretrained(mix)
     model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = None
-    if (mix / MIX_FILE).is_file():  # an export carries its mix's mix.json: name the experts as the mix does
-        names = [e.get("name") for e in json.loads((mix / MIX_FILE).read_text()).get("experts", [])]
+    # an export carries its mix's mix.json: name the experts as the mix does
+    names = [e.name for e in read_manifest(mix).experts] if (mix / MIX_FILE).is_file() else None
     return evaluate(model, eval_blocks(sources, tokenizer, seq_len, max_blocks, text_field), batch_size,
-                    expert_names=names if names and all(names) else None)
+                    expert_names=names)
 
 
 def save_heatmap(report: EvalReport, path: str | Path, title: str = "tokens routed to each expert") -> Path:

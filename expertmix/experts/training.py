@@ -284,14 +284,11 @@ def _lock_work_dir(work: Path) -> None:
     _HELD_WORK_DIRS[key] = fd
 
 
-def _release_work_dir(work: Path) -> bool:
-    """Let go of ``work`` if this process holds it; returns whether it did."""
+def _release_work_dir(work: Path) -> None:
+    """Let go of ``work`` if this process holds it."""
     fd = _HELD_WORK_DIRS.pop(work.resolve(), None)
-    if fd is None:
-        return False
-    if fd >= 0:
+    if fd is not None and fd >= 0:
         os.close(fd)
-    return True
 
 
 def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
