@@ -17,20 +17,56 @@ def quantization_config(folder: str | Path) -> dict | None:
     return config.get("quantization_config") or None
 
 
-def require_float_weights(folder: str | Path, action: str, then: str = "quantize the result afterwards") -> None:
-    """Refuse a quantized model folder where ``action`` needs float weights, naming the float one it came from.
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
-    Reads only ``config.json`` (and ``quantization.json``, which ``expertmix quantize`` writes), so it runs before any
-    model is loaded: loaded without its quantizer, a quantized checkpoint's layers are silently left random.
+
+def require_model_weights(folder: str | Path, action: str) -> None:
+    """Refuse a folder that holds no model of its own where ``action`` loads one, saying what the folder is.
+
+    A PEFT adapter and a lightweight (MoV/MoLoRA) mix look like models to a user but have no ``config.json``:
+    naming them, with the base they run on, tells the user which folder to give instead.
     """
     folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return
+    if not folder.is_dir():
+        raise ExpertmixError(f"{folder}: no such folder; {action} needs a model folder")
+    from .assembler.lightweight import LIGHTWEIGHT_FORMAT  # only on this error path: it loads peft
+    from .assembler.manifest import MIX_FILE
+
+    mix = _read_json(folder / MIX_FILE)
+    if mix.get("format") == LIGHTWEIGHT_FORMAT:
+        raise ExpertmixError(
+            f"{folder}: a {mix.get('kind', 'lightweight')} mix of PEFT adapters, with no weights of its own (it runs "
+            f"over its seed {mix.get('seed_path', '?')}); {action} needs a full model or a Nexus mix")
+    adapter = _read_json(folder / "adapter_config.json")
+    if adapter:
+        kind = str(adapter.get("peft_type", "PEFT")).lower()
+        base = adapter.get("base_model_name_or_path")
+        raise ExpertmixError(
+            f"{folder}: a {kind} adapter{f' of {base}' if base else ''}, not a full model; {action} needs a full "
+            f"model: give its base{f' ({base})' if base else ''}, or merge the adapter into it first")
+    raise ExpertmixError(f"{folder}: not a model folder (no config.json); {action} needs a model folder")
+
+
+def require_float_weights(folder: str | Path, action: str, then: str = "quantize the result afterwards") -> None:
+    """Refuse a folder without a model, or a quantized one, where ``action`` needs float weights.
+
+    A quantized model is refused naming the float one it came from. Reads only ``config.json`` (and
+    ``quantization.json``, which ``expertmix quantize`` writes), so it runs before any model is loaded: loaded
+    without its quantizer, a quantized checkpoint's layers are silently left random.
+    """
+    folder = Path(folder)
+    require_model_weights(folder, action)
     quantization = quantization_config(folder)
     if quantization is None:
         return
-    try:
-        source = json.loads((folder / "quantization.json").read_text()).get("source")
-    except (OSError, ValueError):
-        source = None
+    source = _read_json(folder / "quantization.json").get("source")
     scheme = quantization.get("scheme") or quantization.get("quant_method", "?")
     raise ExpertmixError(
         f"{folder}: a quantized model ({scheme}); {action} needs float weights: use the float model it was quantized "

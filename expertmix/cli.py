@@ -645,7 +645,7 @@ def quantize(mix, scheme, group_size, out, keep_float):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--text-field", default=None)
 @click.option("--seed", "seed_dir", type=click.Path(path_type=Path), default=None,
-              help="mov/molora mixes: the seed folder (default: the one recorded in mix.json).")
+              help="mov/molora mixes and PEFT experts: the seed folder (default: the one they record).")
 @click.option("--bpb", is_flag=True, help="Bits per byte per language, domain and script instead of perplexity.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Compare with this model (e.g. the float mix): bits-per-byte change, KL per token, top-1 flips.")
@@ -684,7 +684,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
                                           batch_size=batch_size, text_field=text_field, seed=seed_dir)
     else:
         report = evaluate_mix(mix, _named_sources(data), seq_len=seq_len, max_blocks=max_blocks or None,
-                              batch_size=batch_size, text_field=text_field)
+                              batch_size=batch_size, text_field=text_field, seed=seed_dir)
     if heatmap is not None and report.routing is not None:
         save_heatmap(report, heatmap, title=f"{Path(mix).name}: tokens routed to each expert")
     if as_json:

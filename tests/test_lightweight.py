@@ -265,3 +265,67 @@ def test_mixture_settings_are_checked(llama_seed, corpus, tmp_path):
             build_mixture(load_base(llama_seed), order)
     result = run("assemble", "--seed", llama_seed, "--data", corpus["math"], "--out", tmp_path / "x", ok=False)
     assert result.exit_code != 0 and "--kind nexus needs --experts" in result.output
+
+
+def test_a_peft_expert_is_evaluated_on_its_seed_and_adapter_folders_are_refused_where_weights_are_needed(
+        llama_seed, qwen2_seed, corpus, home, tmp_path):
+    """eval scores a LoRA expert as its seed plus adapter (perplexity and bits per byte, checked against the same
+    model saved whole); commands that need a model's own weights name a LoRA expert and a MoLoRA mix for what
+    they are and write nothing."""
+    expert = tmp_path / "math-lora"
+    run("train", "--base", llama_seed, "--data", corpus["math"], "--domain", "math", "--out", expert,
+        "--peft", "lora", "--max-steps", "3", "--lr", "1e-2", *FAST)
+    # The same expert as one plain model folder, merged by hand with peft.
+    merged = tmp_path / "math-merged"
+    PeftModel.from_pretrained(load_base(llama_seed), str(expert)).merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(llama_seed).save_pretrained(merged)
+    data = ["--data", f"math={corpus['math']}", "--seq-len", "32", "--max-blocks", "4"]
+
+    def ppl(model, *extra) -> float:
+        return json.loads(run("eval", model, *data, *extra, "--json").stdout)["perplexity"]["math"]
+
+    def bpb(model) -> float:
+        report = json.loads(run("eval", model, *data, "--bpb", "--json").stdout)
+        return next(g for g in report["groups"] if g["kind"] == "all")["bpb"][report["models"][0]]
+
+    assert ppl(expert) == pytest.approx(ppl(merged), rel=1e-5)
+    assert ppl(expert) != pytest.approx(ppl(llama_seed), rel=1e-3)  # the adapter is applied
+    assert bpb(expert) == pytest.approx(bpb(merged), rel=1e-5)
+    # The seed comes from the adapter's config, or --seed when that folder is elsewhere; a wrong seed is refused.
+    moved = tmp_path / "moved-lora"
+    moved.mkdir()
+    for f in expert.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gone/seed"}))
+    lost = run("eval", moved, *data, ok=False)
+    assert lost.exit_code == 1 and "'gone/seed'" in lost.output and "--seed" in lost.output
+    assert ppl(moved, "--seed", llama_seed) == pytest.approx(ppl(expert), rel=1e-6)
+    wrong = run("eval", expert, *data, "--seed", qwen2_seed, ok=False)
+    assert wrong.exit_code == 1 and "does not fit the seed" in wrong.output
+
+    mix = tmp_path / "molora"
+    run("assemble", "--kind", "molora", "--seed", llama_seed, "--num-experts", "2", "--rank", "2",
+        "--data", f"math={corpus['math']}", "--data", f"code={corpus['code']}", "--out", mix, "--max-steps", "2",
+        *FAST)
+    assert bpb(mix) > 0  # the mix scores in bits per byte too, on its recorded seed
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1 + 2 =", "language": "en"}\n')
+    refusals = {
+        (mix, "extend"): ["extend", mix, "--expert", expert, "--data", f"math={corpus['math']}"],
+        (mix, "export --format qwen2-moe"): ["export", mix, "--format", "qwen2-moe"],
+        (mix, "export --format onnx"): ["export", mix, "--format", "onnx"],
+        (mix, "quantize"): ["quantize", mix, "--scheme", "int8"],
+        (mix, "align"): ["align", mix, "--method", "rloo", "--prompts", prompts, "--reward", "arithmetic"],
+        (expert, "training an expert"): ["train", "--base", expert, "--data", corpus["math"], "--domain", "m"],
+        (expert, "quantize"): ["quantize", expert, "--scheme", "int8"],
+        (expert, "a seed"): ["assemble", "--seed", expert, "--num-experts", "2", "--kind", "molora",
+                             "--data", f"math={corpus['math']}"],
+    }
+    for i, ((folder, action), args) in enumerate(refusals.items()):
+        out = tmp_path / f"out{i}"
+        message = " ".join(run(*args, "--out", out, ok=False).output.split())
+        what = (f"a molora mix of PEFT adapters, with no weights of its own (it runs over its seed {llama_seed})"
+                if folder == mix else f"a lora adapter of {llama_seed}, not a full model")
+        assert f"{folder}: {what}; {action} needs a full model" in message, message
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from ..checkpoints import require_model_weights
 from ..errors import ExpertmixError
 from ..experts.training import _saved_dtype
 from .rewards import RewardFn, score
@@ -33,8 +34,7 @@ ROUTER_PARAM = re.compile(r"(^|\.)(router|gate|shared_expert_gate)(\.|$)")
 def load_policy(path: str | Path, device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer)`` from a model or mix folder, in float32 for training."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ExpertmixError(f"{path}: not a model folder (no config.json)")
+    require_model_weights(path, "sampling or aligning a policy")
     # registers the Nexus mix and the quantized-checkpoint format with transformers' Auto classes
     from ..assembler import quantization  # noqa: F401
     tokenizer = AutoTokenizer.from_pretrained(path)

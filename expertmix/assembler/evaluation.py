@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoints import require_model_weights
 from ..errors import DataError, ExpertmixError
+from ..experts.adapter import is_adapter_folder, load_adapter_expert
 from ..experts.data import IGNORE_INDEX, Document, read_documents, tokenize_documents
 from ..fsutil import save_figure, write_json_atomic
 
@@ -72,6 +74,7 @@ def open_scorer(path: str | Path, variant: str | None = None, device: str = "cpu
                 threads: int | None = None) -> Scorer:
     """A scorer for a model folder: an ONNX export (``variant`` fp32/int8/int4), a quantized mix or a float model."""
     from . import modeling_nexus, quantization  # noqa: F401  (register the Nexus model and the quantizer)
+    from .lightweight import is_lightweight_mix, load_lightweight
     from .onnx_export import OnnxCausalLM, is_onnx_export
 
     path = Path(path)
@@ -79,8 +82,15 @@ def open_scorer(path: str | Path, variant: str | None = None, device: str = "cpu
         return OrtScorer(OnnxCausalLM(path, variant or "fp32", threads=threads))
     if variant not in (None, "fp32"):
         raise ExpertmixError(f"{path}: --variant {variant} applies to ONNX exports only")
-    if not (path / "config.json").is_file():
-        raise ExpertmixError(f"{path}: not a model folder (no config.json) and not an ONNX export")
+    if is_adapter_folder(path):  # a PEFT expert, on the seed its adapter config records
+        return TorchScorer(load_adapter_expert(path).to(device))
+    if is_lightweight_mix(path):  # MoV / MoLoRA, on the seed its mix.json records
+        loaded = load_lightweight(path, device=device)
+        if loaded.seq2seq:
+            raise ExpertmixError(f"{path}: an encoder-decoder mix; bits per byte scores causal models: "
+                                 f"evaluate it without --bpb/--reference")
+        return TorchScorer(loaded.model)
+    require_model_weights(path, "eval in bits per byte")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

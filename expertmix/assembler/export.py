@@ -103,8 +103,8 @@ def qwen2_moe_tensors(mix_dir: Path, config: NexusConfig) -> dict[str, torch.Ten
 
 def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
     """Write ``out``: a Qwen2-MoE checkpoint of the mix that stock transformers loads."""
+    require_float_weights(mix, "export --format qwen2-moe")
     mix_dir, out = require_mix_folder(mix), Path(out)
-    require_float_weights(mix_dir, "export --format qwen2-moe")
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":
         raise ExpertmixError(f"{mix_dir}: a dense merge is already a plain {manifest.seed.architecture} model; "

@@ -535,8 +535,8 @@ def share_cap(needed: int | None, share: float, sources: int, all_sources: int, 
 @resumable_job
 def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     """Append the expert ``cfg.expert`` to the mix ``cfg.mix`` by ``cfg.recipe`` and write ``cfg.out``."""
+    require_float_weights(cfg.mix, "extend")
     mix_dir = require_mix_folder(cfg.mix)
-    require_float_weights(mix_dir, "extend")
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":
         raise ExpertmixError(f"{mix_dir}: a dense merge has no experts to extend; extend a nexus or linear mix")

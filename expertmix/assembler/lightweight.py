@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
 from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, resumable_job
@@ -102,8 +103,7 @@ def is_seq2seq(config) -> bool:
 def load_base(seed_dir: str | Path, dtype: torch.dtype = torch.float32):
     """The seed as a causal LM or, for encoder-decoders, a seq2seq LM (float32 for training)."""
     seed_dir = Path(seed_dir)
-    if not (seed_dir / "config.json").is_file():
-        raise ExpertmixError(f"--seed {seed_dir}: not a model folder (no config.json)")
+    require_float_weights(seed_dir, "a seed")
     auto = AutoModelForSeq2SeqLM if is_seq2seq(AutoConfig.from_pretrained(seed_dir)) else AutoModelForCausalLM
     return auto.from_pretrained(seed_dir, dtype=dtype)
 

@@ -317,8 +317,6 @@ def export_onnx(mix: str | Path, out: str | Path, settings: OnnxExportSettings |
     """Write ``out``: ``model.onnx`` (+ quantized variants), the tokenizer, config and ``onnx_export.json``."""
     settings = settings or OnnxExportSettings()
     mix, out = Path(mix), Path(out)
-    if not (mix / "config.json").is_file():
-        raise ExpertmixError(f"{mix}: not a model folder (no config.json)")
     if out.exists():
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     decoder = load_for_export(mix, settings.routing)

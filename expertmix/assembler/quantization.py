@@ -335,11 +335,9 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
                  ) -> QuantizeReport:
     """Load a mix (or any causal LM folder), quantize it and write a loadable checkpoint to ``out``."""
     mix, out = Path(mix), Path(out)
-    if not (mix / "config.json").is_file():
-        raise ExpertmixError(f"{mix}: not a model folder (no config.json)")
+    require_float_weights(mix, "quantize")
     if out.exists():
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
-    require_float_weights(mix, "quantize")
     from . import modeling_nexus  # noqa: F401  (registers the Nexus model with the Auto classes)
 
     model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..experts.adapter import is_adapter_folder, load_adapter_expert
 from ..experts.data import pack, read_documents, tokenize_documents
 from ..experts.training import Blocks, DataSource, perplexity
 from ..fsutil import save_figure
@@ -108,11 +109,17 @@ def evaluate(model, blocks: dict[str, Blocks], batch_size: int = 8,
 
 
 def evaluate_mix(mix: str | Path, sources: Sequence[DataSource], seq_len: int = 256, max_blocks: int | None = 32,
-                 batch_size: int = 8, device: str | None = None, text_field: str | None = None) -> EvalReport:
-    """Load a mix folder (MoE or dense merge, or a mix's stock export) and evaluate it on named data sources."""
-    mix = require_mix_folder(mix)
-    tokenizer = AutoTokenizer.from_pretrained(mix)
-    model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32)
+                 batch_size: int = 8, device: str | None = None, text_field: str | None = None,
+                 seed: str | Path | None = None) -> EvalReport:
+    """Evaluate a mix folder (MoE or dense merge, a mix's stock export, a model, or a PEFT expert on its ``seed``)."""
+    if is_adapter_folder(mix):
+        model = load_adapter_expert(mix, seed)
+        tokenizer = AutoTokenizer.from_pretrained(mix if (Path(mix) / "tokenizer_config.json").is_file()
+                                                  else model.name_or_path)
+    else:
+        mix = require_mix_folder(mix)
+        tokenizer = AutoTokenizer.from_pretrained(mix)
+        model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # an export carries its mix's mix.json: name the experts as the mix does
     names = [e.name for e in read_manifest(mix).experts] if (mix / MIX_FILE).is_file() else None

@@ -423,8 +423,6 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     name = validate_name(cfg.name or cfg.domain)
     if out.exists():  # checked again by cfg.start_work_dir(); here before any model is loaded
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
-    if not (Path(cfg.base) / "config.json").is_file():
-        raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
     require_float_weights(cfg.base, "training an expert")
     if not cfg.data:
         raise ExpertmixError("no training data given (--data)")

@@ -70,8 +70,6 @@ def _seed_model(cfg: FederationConfig):
 
     from ..experts.training import peft_wrap
 
-    if not (Path(cfg.base) / "config.json").is_file():
-        raise ExpertmixError(f"run config 'base': {cfg.base} is not a model folder (no config.json)")
     require_float_weights(cfg.base, "federated training")
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32)

@@ -249,8 +249,6 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
     if len(set(names)) != len(names):
         raise ExpertmixError(f"node names must be unique, got {names}")
     validate_name(cfg.expert_name)
-    if not (Path(cfg.base) / "config.json").is_file():
-        raise ExpertmixError(f"--base {cfg.base}: not a model folder (no config.json)")
     require_float_weights(cfg.base, "federated training")
     for n in fed.nodes:
         if not Path(n.data).exists():
