@@ -71,3 +71,21 @@ def require_float_weights(folder: str | Path, action: str, then: str = "quantize
     raise ExpertmixError(
         f"{folder}: a quantized model ({scheme}); {action} needs float weights: use the float model it was quantized "
         f"from{f' ({source})' if source else ''} and {then}")
+
+
+def require_context(folder: str | Path, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse training blocks of fewer than 2 tokens or longer than the model's context.
+
+    Positions past ``max_position_embeddings`` were never trained, and attention over them costs quadratic time
+    (a 100k-token block of a 512-token seed took minutes per step and learnt nothing).
+    """
+    from transformers import AutoConfig
+
+    if seq_len < 2:
+        raise ExpertmixError(f"{option} {seq_len}: a block needs at least 2 tokens (a token and its successor)")
+    from .assembler import modeling_nexus  # noqa: F401  (a mix's config resolves through the Auto classes)
+
+    limit = getattr(AutoConfig.from_pretrained(folder).get_text_config(), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ExpertmixError(f"{option} {seq_len} is longer than the context of {folder} (max_position_embeddings "
+                             f"{limit}): use at most {limit}")

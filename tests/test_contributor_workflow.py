@@ -120,7 +120,8 @@ def test_mixed_and_pruned_training_records_shares_and_audit_scores(tmp_path, lla
         assert sum(r["kept"] for r in mine) == round(0.5 * len(mine))
 
 
-@pytest.mark.parametrize("case", ["missing-field", "empty", "not-utf8", "bad-mix", "unknown-mix-source", "exists"])
+@pytest.mark.parametrize("case", ["missing-field", "empty", "not-utf8", "bad-mix", "unknown-mix-source", "exists",
+                                  "longer-than-context"])
 def test_bad_input_gives_a_clear_error_and_writes_nothing(case, tmp_path, llama_seed, corpus):
     data, extra = corpus["math"], []
     out = tmp_path / "out"
@@ -142,11 +143,14 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(case, tmp_path, llama_
     elif case == "unknown-mix-source":
         extra = ["--mix", "math=0.5,german=0.5"]
         expect = ["german", "known sources"]
+    elif case == "longer-than-context":  # the seed's max_position_embeddings is 512
+        extra = ["--seq-len", "100000"]
+        expect = ["--seq-len 100000", "max_position_embeddings 512", "at most 512"]
     else:
         out.mkdir()
         expect = [str(out), "already exists"]
     result = run("train", "--base", llama_seed, "--data", f"math={data}", "--domain", "math", "--out", out,
-                 *extra, *FAST, ok=False)
+                 *FAST, *extra, ok=False)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     for piece in expect:

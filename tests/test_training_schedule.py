@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from expertmix.experts.data import pack, read_documents, tokenize_documents
@@ -33,3 +34,15 @@ def test_cosine_schedule_decays_to_the_configured_share_of_the_peak(floor, llama
     assert after_peak == sorted(after_peak, reverse=True)  # decays monotonically after the warm-up
     assert min(after_peak) >= floor * 1e-3 - 1e-12
     assert after_peak[-1] == pytest.approx(floor * 1e-3 + (1 - floor) * 1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_a_one_step_run_takes_its_step_at_the_peak_rate(llama_seed, corpus, tmp_path):
+    """A warm-up rounded up to the whole run would leave its only step at learning rate 0: nothing would train."""
+    model = AutoModelForCausalLM.from_pretrained(llama_seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = pack(tokenize_documents(read_documents(corpus["prose"]), AutoTokenizer.from_pretrained(llama_seed)), 32)
+    seen = _Rates()
+    fit(model, blocks, None, TrainSettings(max_steps=1, batch_size=2, learning_rate=1e-3, save_steps=0,
+                                           progress=False), tmp_path / "fit", callbacks=[seen])
+    assert seen.rates == [pytest.approx(1e-3)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
+from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens, pack, read_documents, tokenize_documents
 from ..experts.mixing import draw_sources, mix_sources, parse_mix_spec
@@ -225,6 +226,8 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     if not cfg.data:
         raise ExpertmixError("no training data given (--data NAME=PATH, one per domain)")
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
+    require_float_weights(cfg.seed, "a seed")
+    require_context(cfg.seed, cfg.seq_len)
     work = cfg.work_dir
     cfg.start_work_dir()
     init = work / "init"

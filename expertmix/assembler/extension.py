@@ -60,7 +60,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from ..checkpoints import require_float_weights
+from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens
 from ..experts.training import DataSource, ResumableJob, TrainSettings, resumable_job, uses_bf16
@@ -536,6 +536,7 @@ def share_cap(needed: int | None, share: float, sources: int, all_sources: int, 
 def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     """Append the expert ``cfg.expert`` to the mix ``cfg.mix`` by ``cfg.recipe`` and write ``cfg.out``."""
     require_float_weights(cfg.mix, "extend")
+    require_context(cfg.mix, cfg.seq_len)
     mix_dir = require_mix_folder(cfg.mix)
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..checkpoints import require_float_weights
+from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
 from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, resumable_job
@@ -564,6 +564,7 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
     if cfg.out.exists():
         raise ExpertmixError(f"output folder {cfg.out} already exists; choose another --out or remove it")
     seed = seed_info(cfg.seed, cfg.seed_id)
+    require_context(cfg.seed, cfg.seq_len)
     experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]
     if experts:  # refused before any work folder exists
         check_lightweight_experts(seed, experts, cfg.kind)

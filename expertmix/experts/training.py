@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoints import require_float_weights
+from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
@@ -92,6 +92,15 @@ def uses_bf16(flag: bool | str) -> bool:
     return bool(flag)
 
 
+def warmup_steps(ratio: float, steps: int) -> int:
+    """Warm-up steps for a run of ``steps``: ``ratio`` of them, rounded up, unless that is the whole run.
+
+    A one-step run would otherwise take its only step at learning rate 0 and train nothing.
+    """
+    warmup = math.ceil(ratio * steps)
+    return warmup if warmup < steps else 0
+
+
 def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: TrainSettings, work_dir: str | Path,
         resume: bool = False, callbacks: Sequence | None = None,
         trainer_class: Callable[..., Trainer] = Trainer) -> dict:
@@ -110,7 +119,7 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
-        warmup_steps=settings.warmup_ratio,
+        warmup_steps=warmup_steps(settings.warmup_ratio, steps),
         lr_scheduler_type="cosine_with_min_lr" if floored else settings.lr_scheduler,
         lr_scheduler_kwargs={"min_lr_rate": settings.min_lr_ratio} if floored else {},
         weight_decay=settings.weight_decay,
@@ -424,6 +433,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     if out.exists():  # checked again by cfg.start_work_dir(); here before any model is loaded
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     require_float_weights(cfg.base, "training an expert")
+    require_context(cfg.base, cfg.seq_len)
     if not cfg.data:
         raise ExpertmixError("no training data given (--data)")
     prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-from ..checkpoints import require_float_weights
+from ..checkpoints import require_context, require_float_weights
 from ..client.settings import FederationConfig, NodeConfig
 from ..errors import ExpertmixError
 from ..fsutil import write_json_atomic, write_text_atomic
@@ -250,6 +250,7 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
         raise ExpertmixError(f"node names must be unique, got {names}")
     validate_name(cfg.expert_name)
     require_float_weights(cfg.base, "federated training")
+    require_context(cfg.base, cfg.seq_len)
     for n in fed.nodes:
         if not Path(n.data).exists():
             raise ExpertmixError(f"node {n.name}: data {n.data} does not exist")
