@@ -189,6 +189,11 @@ def pull(ref, for_base, registry, token):
     click.echo(str(path))
 
 
+def _registry_name(reg) -> str:
+    """How a registry is named to the user: its URL, or the local store's folder."""
+    return getattr(reg, "url", None) or f"the local store {getattr(reg, 'root', '')}"
+
+
 @main.command(name="list")
 @_registry_option
 @_token_option
@@ -197,9 +202,14 @@ def list_(registry, token, as_json):
     """List the experts in the registry."""
     from .hub.store import open_registry
 
-    entries = open_registry(registry, token=token).list()
+    reg = open_registry(registry, token=token)
+    entries = reg.list()
     if as_json:
         click.echo(json.dumps([e.summary() for e in entries], indent=2))
+        return
+    if not entries:
+        stdout.print(f"no experts in {_registry_name(reg)}: publish one with `expertmix publish EXPERT_FOLDER`",
+                     highlight=False)
         return
     table = _table("name", "revision", "domain", "kind", "languages", "base", "valid ppl")
     for e in entries:
@@ -291,6 +301,11 @@ def search(domain, language, kind, base_fingerprint, like, seed_dir, text_field,
         hits = reg.search(limit=limit, **filters)
     if as_json:
         click.echo(json.dumps([{**e.summary(), "score": s} for e, s in hits], indent=2))
+        return
+    if not hits:
+        asked = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in filters.items() if v is not None)
+        stdout.print(f"no experts in {_registry_name(reg)} match{f' {asked}' if asked else ''}"
+                     f"{' (--like: none embedded comparably)' if like else ''}", highlight=False)
         return
     extra = ["similarity"] if like else []
     table = _table("name", "revision", "domain", "kind", "languages", "base", *extra)

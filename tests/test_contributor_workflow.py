@@ -231,6 +231,8 @@ def test_resume_skips_a_checkpoint_left_half_written_by_a_kill(tmp_path):
 
 
 def test_piped_list_prints_whole_names_and_a_narrow_terminal_folds_them(dense_expert, home):
+    empty = run("list").output
+    assert "no experts in the local store" in empty and str(home) in " ".join(empty.split())
     name = "a-rather-long-organisation/an-expert-name-that-overflows-80-columns"
     run("publish", dense_expert, "--name", name)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
@@ -243,6 +245,8 @@ def test_piped_list_prints_whole_names_and_a_narrow_terminal_folds_them(dense_ex
     assert max(len(line) for line in narrow.splitlines()) <= 60 and "…" not in narrow
     first_column = "".join(line.split("│")[1].strip() for line in narrow.splitlines() if line.startswith("│"))
     assert name in first_column  # folded over several lines, every character kept
+    none = " ".join(run("search", "--domain", "no-such-domain", "--kind", "lora").output.split())
+    assert "match --domain no-such-domain, --kind lora" in none and "┃" not in none
 
 
 def test_training_runs_unlocked_on_a_filesystem_without_locks(tmp_path, llama_seed, corpus, monkeypatch):
