@@ -111,6 +111,8 @@ def test_federation_finishes_when_a_node_dies_mid_round_and_the_node_rejoins(fed
     # It never replied, so the coordinator knows it by its node id only; the SuperLink saw its heartbeat stop.
     assert history[0]["sampled"] == 3 and len(history[0]["errors"]) == 1, history[0]["errors"]
     assert "heartbeat" in history[0]["errors"][0]
+    # The command's own output says so as the round ends, not only the coordinator's log file.
+    assert f"round 1: {history[0]['errors'][0]}; continuing with the other nodes" in federation["log"]
     assert sorted(r["name"] for r in history[1]["nodes"]) == ["n0", "n1", "n2"]  # it came back and rejoined
     assert "published prose@" in federation["log"]
 

@@ -69,7 +69,8 @@ class InProcessGrid(Grid):
             try:
                 replies.append(client_app(m, ctx))
             except Exception as exc:  # what Flower's ClientApp runtime turns an exception into
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
+                reason = str(type(exc)) + ":<'" + str(exc) + "'>"  # as Flower's runtime writes it
+                replies.append(Message(Error(code=0, reason=reason), reply_to=m))
         return replies
 
 
@@ -265,6 +266,31 @@ def test_nodes_with_another_seed_are_refused_by_name(tmp_path, llama_seed, qwen2
         n["base"] = str(qwen2_seed)
     with pytest.raises(ExpertmixError, match=r"round 1: no node returned an update.*n0.*differs from the coordinator"):
         run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+
+
+def test_a_failing_node_is_named_and_recorded_and_fewer_nodes_than_min_nodes_are_not_averaged(tmp_path, llama_seed,
+                                                                                           shards, home):
+    """n2's data cannot hold out validation data: every round reports it by name (its message, not Flower's
+    wrapper), the card records it; with min-nodes 3 no round may average the two others, so nothing is written."""
+    broken = {**shards, "n2": shards["n2"].with_name("n2-one-doc.jsonl")}
+    broken["n2"].write_text(shards["n2"].read_text().splitlines()[0] + "\n")
+    cfg, nodes = _setup(tmp_path, llama_seed, broken, home, rounds=2, min_nodes=2)
+    result = run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+    history = json.loads((tmp_path / "work" / "state.json").read_text())["history"]
+    for h in history:
+        assert sorted(r["name"] for r in h["nodes"]) == ["n0", "n1"] and h["aggregated"]
+        assert h["errors"] == [f"node n2: {broken['n2']}: need at least 2 documents to hold out validation data "
+                               f"(or pass --valid FILE)"]
+    rounds_log = read_card(result["expert"]).expert.federation["rounds_log"]
+    assert [r["failed"] for r in rounds_log] == [h["errors"] for h in history]
+
+    strict, nodes = _setup(tmp_path / "strict", llama_seed, broken, home, rounds=2, min_nodes=3)
+    with pytest.raises(ExpertmixError, match=r"no round produced an aggregate \(min-nodes=3\).*node n2: .*need at "
+                                             r"least 2 documents"):
+        run_federation(InProcessGrid(strict.to_flat(), nodes), strict)
+    assert not any(h["aggregated"] for h in json.loads((tmp_path / "strict" / "work" / "state.json").read_text())[
+        "history"])
+    assert not (tmp_path / "strict" / "work" / "result.json").exists()
 
 
 def test_run_config_errors_name_the_key(tmp_path):

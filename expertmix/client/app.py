@@ -14,13 +14,33 @@ Settings come from the run config (:class:`FederationConfig`) and the SuperNode'
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..errors import ExpertmixError
 from .node import Node
-from .settings import FederationConfig, NodeConfig
+from .settings import FederationConfig, NodeConfig, node_title
 
 app = ClientApp()
+
+
+def _names_the_node(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A failure names the node it happened on: the coordinator learns names only from successful replies, so a
+    node that fails from its first round would otherwise be reported by its numeric id."""
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            title = node_title(NodeConfig.from_node_config(dict(context.node_config)).label(context.node_id))
+            text = str(exc) if isinstance(exc, ExpertmixError) else f"{type(exc).__name__}: {exc}"
+            if text.startswith(f"{title}:"):
+                raise
+            raise ExpertmixError(f"{title}: {text}") from exc
+    return wrapped
 
 
 def _node(context: Context) -> Node:
@@ -29,6 +49,7 @@ def _node(context: Context) -> Node:
 
 
 @app.train()
+@_names_the_node
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the node's private data."""
     node = _node(context)
@@ -44,6 +65,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_names_the_node
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the global state on the node's validation data."""
     metrics = _node(context).evaluate(msg.content["arrays"].to_torch_state_dict())
@@ -51,6 +73,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@_names_the_node
 def query(msg: Message, context: Context) -> Message:
     """The node's summary (counts, languages, domain embedding; never text), before it trains."""
     node = _node(context)

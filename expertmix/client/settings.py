@@ -188,3 +188,8 @@ class NodeConfig(_Config):
     def label(self, node_id: int) -> str:
         """How the node is named in logs, the card and debug files."""
         return self.name or f"node-{node_id}"
+
+
+def node_title(label: str) -> str:
+    """A node as messages name it: ``node a`` for a named node, ``node-123`` for an unnamed one."""
+    return label if label.startswith("node-") else f"node {label}"

@@ -11,6 +11,7 @@ also records each node's reply (losses, sizes, its summary) before aggregation.
 from __future__ import annotations
 
 import math
+import re
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -28,7 +29,7 @@ from flwr.serverapp.strategy import (
 )
 
 from ..checkpoints import require_float_weights
-from ..client.settings import FederationConfig
+from ..client.settings import FederationConfig, node_title
 from ..client.weights import load_travelling_state, travelling_state
 from ..errors import ExpertmixError
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
@@ -78,16 +79,32 @@ def _seed_model(cfg: FederationConfig):
     return model, AutoTokenizer.from_pretrained(cfg.base)
 
 
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<(['\"])(.*)\2>$", re.DOTALL)
+
+
+def _reason(reason: str) -> str:
+    """A node's error as its message: Flower reports ``<class 'pkg.Error'>:<'message'>``."""
+    match = _FLOWER_REASON.match(reason)
+    if match is None:
+        return reason
+    kind, text = match.group(1), match.group(3)
+    return text if kind == ExpertmixError.__name__ else f"{kind}: {text}"
+
+
 def _errors(messages: list[Message], replies: list[Message], labels: dict[int, str]) -> list[str]:
     """One line per failed or missing reply, naming the node the message went to."""
+    def title(node: int) -> str:
+        return node_title(labels.get(node, f"node-{node}"))
+
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     out = []
     for m in replies:
         if m.has_error():
-            node = dst.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
-            out.append(f"{labels.get(node, f'node-{node}')}: {m.error.reason}")
+            text = _reason(m.error.reason)  # a node names itself first (see the ClientApp)
+            out.append(text if text.startswith("node") else
+                       f"{title(dst.get(m.metadata.reply_to_message_id, m.metadata.src_node_id))}: {text}")
     replied = {m.metadata.reply_to_message_id for m in replies}
-    out += [f"{labels.get(n, f'node-{n}')}: no reply in time" for mid, n in dst.items() if mid not in replied]
+    out += [f"{title(n)}: no reply in time" for mid, n in dst.items() if mid not in replied]
     return out
 
 
@@ -181,11 +198,16 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
             raise ExpertmixError(f"round {rnd}: no node returned an update ({'; '.join(errors) or 'no replies'})")
         for e in errors:
             log(WARNING, "round %d: %s; continuing with the other nodes", rnd, e)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if len(rows) < cfg.min_nodes:  # an average of fewer nodes than agreed would expose too few nodes' updates
+            log(WARNING, "round %d: %d node(s) returned an update, fewer than min-nodes=%d: not aggregated, the "
+                "global state stays as it was", rnd, len(rows), cfg.min_nodes)
+            new_arrays, train_metrics = None, None
+        else:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            if new_arrays is None:
+                log(WARNING, "round %d: the strategy skipped aggregation; the global state stays as it was", rnd)
         if new_arrays is not None:
             arrays = new_arrays
-        else:
-            log(WARNING, "round %d: the strategy skipped aggregation; the global state stays as it was", rnd)
         record.nodes.update(summaries)
         entry = {"round": rnd, "lr": cfg.round_lr(rnd), "sampled": len(messages), "aggregated": new_arrays is not None,
                  "nodes": rows, "errors": errors, "train": dict(train_metrics or {}),
@@ -205,7 +227,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
             _fmt(entry["valid_loss_before"]), _fmt((entry.get("evaluate") or {}).get("valid_loss")))
 
     if not any(h["aggregated"] for h in record.history):
-        raise ExpertmixError("no round produced an aggregate; the expert would be the seed itself")
+        failures = record.history[-1]["errors"] if record.history else []
+        raise ExpertmixError(f"no round produced an aggregate (min-nodes={cfg.min_nodes}); the expert would be the "
+                             f"seed itself{'. Last round: ' + '; '.join(failures) if failures else ''}")
     load_travelling_state(model, arrays.to_torch_state_dict())
     return _finish(cfg, store, record, model, tokenizer, signature)
 
@@ -288,7 +312,8 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
             "rounds_log": [{"round": h["round"], "nodes": [r["name"] for r in h["nodes"]],
                             "aggregated": h["aggregated"], "valid_loss_before": h["valid_loss_before"],
                             "valid_loss_after": (h.get("evaluate") or {}).get("valid_loss"),
-                            "bytes_to_nodes": h["bytes_to_nodes"], "bytes_from_nodes": h["bytes_from_nodes"]}
+                            "bytes_to_nodes": h["bytes_to_nodes"], "bytes_from_nodes": h["bytes_from_nodes"],
+                            **({"failed": h["errors"]} if h.get("errors") else {})}
                            for h in history],
         }
         info = ExpertInfo(

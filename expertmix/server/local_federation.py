@@ -282,7 +282,7 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
             if on_started is not None:
                 on_started(procs)
             run = procs.start("flwr-run", [_tool("flwr"), "run", str(app_dir), SUPERLINK_NAME, "--stream"])
-            _watch(procs, run, work, cfg, progress)
+            _watch(procs, run, work, cfg, progress, log)
             result = FederationStore(work).result()
             if result is None:
                 raise ExpertmixError(f"the federation ended without an expert (flwr run exited with code "
@@ -306,22 +306,42 @@ def start_node(procs: Processes, node: LocalNode, port: int, work: Path, fed: Lo
     return procs.start(f"node-{node.name}", argv, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
 
 
-def _watch(procs: Processes, run: subprocess.Popen, work: Path, cfg: FederationConfig, progress: bool) -> None:
-    """Wait for ``flwr run`` to end, showing the rounds done; fail early if the SuperLink dies."""
+def _read_state(path: Path) -> dict | None:
+    """The coordinator's state file, or None while it is absent or being replaced."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _watch(procs: Processes, run: subprocess.Popen, work: Path, cfg: FederationConfig, progress: bool,
+           log: Callable[[str], None] = print) -> None:
+    """Wait for ``flwr run`` to end, showing the rounds done and the nodes that failed in each; fail early if the
+    SuperLink dies."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     state = work / "state.json"
     with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=False) as bar:
         task = bar.add_task("rounds", total=cfg.rounds)
+        shown = len((_read_state(state) or {}).get("history", []))  # rounds a resumed run had done before
+
+        def report() -> None:
+            nonlocal shown
+            if (record := _read_state(state)) is None:
+                return
+            bar.update(task, completed=record.get("rounds_done", 0))
+            history = record.get("history", [])
+            for entry in history[shown:]:
+                for error in entry.get("errors", []):
+                    log(f"round {entry['round']}: {error}; continuing with the other nodes (logs: {work / 'logs'})")
+            shown = max(shown, len(history))
+
         while run.poll() is None:
             procs.refresh()
             if procs.procs["superlink"].poll() is not None:
                 raise ExpertmixError(f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}")
-            if state.is_file():
-                try:
-                    bar.update(task, completed=json.loads(state.read_text()).get("rounds_done", 0))
-                except ValueError:  # being replaced right now; read it next time
-                    pass
+            report()
             time.sleep(1.0)
+        report()
         bar.update(task, completed=cfg.rounds if FederationStore(work).result() else bar.tasks[0].completed)
