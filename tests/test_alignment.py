@@ -144,6 +144,31 @@ def test_score_refuses_wrong_length_or_non_finite_rewards():
         score(lambda p, c, **kw: [float("nan")], ["a"], ["x"])
 
 
+def test_a_per_sample_or_failing_reward_function_is_refused_in_one_line_and_align_writes_nothing(tmp_path,
+                                                                                                 llama_seed):
+    """A reward written per sample (TRL's convention is lists) or one that raises ends the command with a line
+    naming the function and what went wrong, not a traceback from deep inside the sampler."""
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def per_sample(prompt, completion, **kw):\n    return 1.0\n\n"
+                       "def flaky(prompts, completions, **kw):\n    raise ConnectionError('reward server down')\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1 + 2 =", "language": "en"}\n{"prompt": "3 + 4 =", "language": "en"}\n')
+    for name, expected in (("per_sample", "reward per_sample returned float 1.0, not a list"),
+                           ("flaky", "reward flaky raised ConnectionError: reward server down")):
+        out = tmp_path / f"aligned-{name}"
+        result = CliRunner().invoke(main, ["align", str(llama_seed), "--method", "rloo", "--prompts", str(prompts),
+                                           "--reward", f"{rewards}:{name}", "--k", "2", "--batch-size", "2",
+                                           "--steps", "1", "--max-new-tokens", "4", "--out", str(out)])
+        assert result.exit_code == 1 and expected in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output and not out.exists()
+    with pytest.raises(ExpertmixError, match="returned str 'yes', not a list"):
+        score(lambda p, c, **kw: "yes", ["a"], ["x"])
+
+
 # -- preference files -------------------------------------------------------------------------------
 
 def test_prompts_read_plain_and_aya_rows_keeping_extra_fields(tmp_path):

@@ -238,8 +238,17 @@ def load_reward(spec: str | RewardFn, device: str | torch.device = "cpu") -> Rew
 def score(reward: RewardFn, prompts: Sequence[str], completions: Sequence[str],
           columns: dict[str, list] | None = None) -> list[float]:
     """Call ``reward`` and check that it returned one finite number per completion."""
-    values = reward(list(prompts), list(completions), **(columns or {}))
     name = getattr(reward, "__name__", type(reward).__name__)
+    try:
+        values = reward(list(prompts), list(completions), **(columns or {}))
+    except ExpertmixError:
+        raise
+    except Exception as exc:  # the user's code: one clear line, the traceback chained for --debugging
+        raise ExpertmixError(f"reward {name} raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ExpertmixError(f"reward {name} returned {type(values).__name__} {values!r:.60}, not a list: a reward "
+                             f"takes lists (prompts, completions, **columns) and returns one score per completion "
+                             f"(TRL's reward-function convention)")
     if len(values) != len(completions):
         raise ExpertmixError(f"reward {name} returned {len(values)} scores for "
                              f"{len(completions)} completions")
