@@ -20,7 +20,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
-from registry_helpers import DATABASES, blob_path, database, plain_http_uploads, serve
+from registry_helpers import DATABASES, blob_path, cli, database, free_port, plain_http_uploads, serve
 from safetensors.torch import save_file
 
 LIMIT = 1_000_000
@@ -354,3 +354,18 @@ def test_a_corrupt_blob_is_never_delivered_whole(registry, tmp_path):
     # A client resuming the cut download asks for the rest: the server hashes the blob first and refuses.
     rest = httpx.get(url, headers={"Range": f"bytes={len(data) - 10}-"})
     assert rest.status_code == 500 and "does not match its sha256" in rest.headers["x-error-message"]
+
+
+def test_an_unreachable_or_driverless_database_is_named_in_one_line_with_its_password_hidden(tmp_path):
+    """`serve` and `token create` on a database they cannot open: exit 1, the URL without its password, the reason."""
+    closed = f"postgresql+psycopg://reg:s3cret-pw@127.0.0.1:{free_port()}/registry"  # nothing listens there
+    env = {"EXPERTMIX_HOME": str(tmp_path / "home")}
+    for args in (["serve", "--port", str(free_port()), "--database", closed],
+                 ["token", "create", "--namespace", "org", "--database", closed]):
+        proc = cli(*args, env=env, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        assert "cannot open the registry database postgresql+psycopg://reg:***@127.0.0.1" in out
+        assert "s3cret-pw" not in out and "Traceback" not in out and "refused" in out.lower()
+    proc = cli("serve", "--database", "mysql://reg:s3cret-pw@127.0.0.1/registry", env=env, check=False)
+    assert proc.returncode == 1 and "its driver is not installed" in proc.stderr and "s3cret-pw" not in proc.stderr

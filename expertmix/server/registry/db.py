@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ...errors import StoreError
@@ -34,11 +34,20 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(parsed, pool_size=10, max_overflow=30, pool_pre_ping=True)
+    try:
+        return create_engine(parsed, pool_size=10, max_overflow=30, pool_pre_ping=True)
+    except ImportError as exc:  # e.g. postgresql:// means psycopg2, which is not a dependency
+        raise StoreError(f"database URL {parsed.render_as_string(hide_password=True)}: its driver is not installed "
+                         f"({exc.name or exc}); for PostgreSQL use postgresql+psycopg://USER:PASSWORD@HOST/DB") from exc
 
 
 def init_db(url: str) -> sessionmaker[Session]:
     """Create the tables if missing and return a session factory."""
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    try:
+        Base.metadata.create_all(engine)
+    except DBAPIError as exc:  # unreachable server, wrong password, unwritable file: one line, password hidden
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise StoreError(f"cannot open the registry database {engine.url.render_as_string(hide_password=True)}: "
+                         f"{reason}") from exc
     return sessionmaker(engine, expire_on_commit=False)
