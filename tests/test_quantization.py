@@ -206,3 +206,14 @@ def test_sampling_a_quantized_mix_for_preferences_uses_its_quantized_weights(mix
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(result.stdout.split()[-1]) == 0.0
+
+
+def test_publishing_a_mix_or_a_seed_says_what_the_folder_is_and_what_to_do(mixes, llama_seed, home):
+    mix = mixes["llama_seed"]
+    for folder, expected in ((mix, f"{mix}: a mix (mix.json), not an expert"),
+                             (llama_seed, f"{llama_seed}: no expert card (README.md)")):
+        result = CliRunner().invoke(main, ["publish", str(folder)])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and expected in message and "expertmix train" in message, message
+    assert "--format qwen2-moe" in " ".join(CliRunner().invoke(main, ["publish", str(mix)]).output.split())
+    assert not (home / "store").exists() or not any((home / "store").rglob("*.safetensors"))

@@ -71,6 +71,14 @@ def validate_expert_folder(folder: str | Path) -> ExpertFolder:
     folder = Path(folder)
     if not folder.is_dir():
         raise StoreError(f"{folder}: not a folder")
+    if (folder / "mix.json").is_file():  # the assembler's output; the literal keeps hub below assembler
+        raise StoreError(f"{folder}: a mix (mix.json), not an expert; the registry holds experts, the folders "
+                         f"`expertmix train` and `expertmix federate` write. Share a Nexus mix as a standard "
+                         f"checkpoint: `expertmix export {folder} --format qwen2-moe --out DIR`, then upload DIR with "
+                         f"any Hub client")
+    if not (folder / CARD_FILE).is_file():
+        raise StoreError(f"{folder}: no expert card ({CARD_FILE}); an expert folder is what `expertmix train` or "
+                         f"`expertmix federate` writes")
     card = read_card(folder)
     info = card.expert
     for p in folder.rglob("*"):
