@@ -75,6 +75,11 @@ def test_dense_expert_publishes_pulls_and_loads_with_plain_transformers(dense_ex
     assert shown["card"]["base_fingerprint"] == read_card(dense_expert).expert.base_fingerprint
     assert {f["path"] for f in shown["files"]} >= {"config.json", "model.safetensors", "README.md",
                                                     "domain_embedding.safetensors", "tokenizer.json"}
+    # The folder itself shows the same card and files before (or without) publishing.
+    local = json.loads(run("show", dense_expert).output)
+    assert local["revision"] is None and local["folder"] == str(dense_expert.resolve())
+    assert local["card"] == shown["card"]
+    assert {(f["path"], f["sha256"]) for f in local["files"]} == {(f["path"], f["sha256"]) for f in shown["files"]}
     # publishing the same folder again is a no-op; the store hands out the same revision
     assert run("publish", dense_expert).output.strip().endswith(revision)
 
