@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class Document:
     domain: str | None = None
     source: str = ""
     line: int = 0
+    record: dict | None = field(default=None, repr=False, compare=False)  # the JSON row it was read from, whole
 
     @property
     def full_text(self) -> str:
@@ -54,16 +55,16 @@ def _record_to_document(rec: dict, path: Path, line: int, text_field: str | None
         for key, val in ((AYA_INPUT, inputs), (AYA_TARGET, targets)):
             if not isinstance(val, str):
                 raise DataError(f"{path} line {line}: field '{key}' must be a string, got {type(val).__name__}")
-        return Document(text=targets, prompt=inputs, **extra)
-    field = text_field or "text"
-    if field not in rec:
+        return Document(text=targets, prompt=inputs, record=rec, **extra)
+    text_key = text_field or "text"
+    if text_key not in rec:
         fields = ", ".join(sorted(rec)) or "none"
-        raise DataError(f"{path} line {line}: no field '{field}' (fields: {fields}); "
+        raise DataError(f"{path} line {line}: no field '{text_key}' (fields: {fields}); "
                         f"name the text field with --text-field")
-    val = rec[field]
+    val = rec[text_key]
     if not isinstance(val, str):
-        raise DataError(f"{path} line {line}: field '{field}' must be a string, got {type(val).__name__}")
-    return Document(text=val, **extra)
+        raise DataError(f"{path} line {line}: field '{text_key}' must be a string, got {type(val).__name__}")
+    return Document(text=val, record=rec, **extra)
 
 
 def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:

@@ -159,7 +159,7 @@ def prune_documents(docs: Sequence[Document], model: Any, tokenizer: Any, spec: 
 def _write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
     with atomic_path(path, ".jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")  # datasets rows may hold dates
 
 
 def write_scores(path: str | Path, records: Sequence[dict]) -> None:
@@ -168,7 +168,10 @@ def write_scores(path: str | Path, records: Sequence[dict]) -> None:
 
 
 def document_record(doc: Document) -> dict:
-    """A document as a JSONL row that ``read_documents`` reads back (Aya ones as ``inputs``/``targets``)."""
+    """A document as a JSONL row that ``read_documents`` reads back: the row it was read from, every field kept
+    (ids, ``language_code``, metadata), or for plain text a ``text`` row."""
+    if doc.record is not None:
+        return doc.record
     row: dict[str, Any] = {"inputs": doc.prompt, "targets": doc.text} if doc.prompt is not None \
         else {"text": doc.text}
     for key in ("language", "script", "domain"):
