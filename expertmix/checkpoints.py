@@ -17,6 +17,9 @@ def quantization_config(folder: str | Path) -> dict | None:
     return config.get("quantization_config") or None
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside an adapter's weights
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -44,7 +47,7 @@ def require_model_weights(folder: str | Path, action: str) -> None:
         raise ExpertmixError(
             f"{folder}: a {mix.get('kind', 'lightweight')} mix of PEFT adapters, with no weights of its own (it runs "
             f"over its seed {mix.get('seed_path', '?')}); {action} needs a full model or a Nexus mix")
-    adapter = _read_json(folder / "adapter_config.json")
+    adapter = _read_json(folder / ADAPTER_CONFIG)
     if adapter:
         kind = str(adapter.get("peft_type", "PEFT")).lower()
         base = adapter.get("base_model_name_or_path")

@@ -228,15 +228,13 @@ def show(ref, registry, token):
     """Print an expert's card fields and files as JSON (REF: NAME[@REV] in the registry, or an expert folder)."""
     from .fsutil import sha256_file
     from .hub.repo import validate_expert_folder
-    from .hub.store import open_registry
+    from .hub.store import expert_summary, open_registry
 
     if Path(ref).is_dir():  # a folder not yet published: the same fields, checked as publish would check them
         folder = validate_expert_folder(ref)
         x = folder.card.expert
-        click.echo(json.dumps({"name": x.name, "revision": None, "folder": str(folder.path.resolve()),
-                               "domain": x.domain, "kind": x.kind, "languages": x.languages,
-                               "base_model": x.base_model, "base_fingerprint": x.base_fingerprint,
-                               "metrics": x.metrics, "card": x.model_dump(mode="json"),
+        click.echo(json.dumps({**expert_summary(x.name, None, x), "folder": str(folder.path.resolve()),
+                               "card": x.model_dump(mode="json"),
                                "files": [{"path": f.relative_to(folder.path).as_posix(), "sha256": sha256_file(f),
                                           "size": f.stat().st_size} for f in folder.files]}, indent=2))
         return

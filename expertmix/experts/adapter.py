@@ -7,12 +7,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..checkpoints import require_float_weights
+from ..checkpoints import ADAPTER_CONFIG, require_float_weights
 from ..errors import ExpertmixError
 from ..hub.card import CARD_FILE, check_compatible, read_card
 from ..hub.fingerprint import model_signature
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import StoreError
 from ..fsutil import atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
-from .card import ExpertCard, parse_card
+from .card import ExpertCard, ExpertInfo, parse_card
 from .repo import load_domain_embedding, validate_expert_folder, validate_name
 
 if TYPE_CHECKING:  # imported lazily: the registry server and `expertmix list` start without torch
@@ -55,10 +55,13 @@ class ExpertEntry:
     refs: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        e = self.card.expert
-        return {"name": self.name, "revision": self.revision, "domain": e.domain, "kind": e.kind,
-                "languages": e.languages, "base_model": e.base_model,
-                "base_fingerprint": e.base_fingerprint, "metrics": e.metrics}
+        return expert_summary(self.name, self.revision, self.card.expert)
+
+
+def expert_summary(name: str, revision: str | None, e: ExpertInfo) -> dict:
+    """The fields `list`, `search` and `show` print for an expert (``revision`` None: a folder not published)."""
+    return {"name": name, "revision": revision, "domain": e.domain, "kind": e.kind, "languages": e.languages,
+            "base_model": e.base_model, "base_fingerprint": e.base_fingerprint, "metrics": e.metrics}
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
