@@ -644,7 +644,7 @@ def _eval_quality(mix, data, reference, langs, variant, reference_variant, max_b
 @click.argument("mix", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(["int8", "int4"]), required=True,
               help="int8: per-row weights; int4: group-wise with a float16 scale and zero point per group.")
-@click.option("--group-size", type=int, default=128, show_default=True, help="int4: weights per group.")
+@click.option("--group-size", type=int, default=None, help="int4: weights per group (default 128).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--keep-float", default=None,
               help="Module-name parts kept float (comma list; default: lm_head,router,gate,shared_expert_gate).")
@@ -652,8 +652,12 @@ def quantize(mix, scheme, group_size, out, keep_float):
     """Weight-only int8 / int4 quantization of every linear layer and the routed experts (runs on the CPU)."""
     from .assembler.quantization import DEFAULT_SKIP, QuantSpec, quantize_mix
 
+    if group_size is not None and scheme != "int4":
+        raise click.BadParameter(f"{group_size}: groups are an int4 setting; int8 has one scale per row",
+                                 param_hint="--group-size")
     skip = tuple(x.strip() for x in keep_float.split(",") if x.strip()) if keep_float is not None else DEFAULT_SKIP
-    report = quantize_mix(mix, out, QuantSpec(scheme=scheme, group_size=group_size, skip=skip), log=_log)
+    spec = QuantSpec(scheme=scheme, group_size=group_size or QuantSpec.group_size, skip=skip)
+    report = quantize_mix(mix, out, spec, log=_log)
     stdout.print(f"quantized mix written to {report.out}: {report.tensors} weight tensors, "
                  f"{report.source_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB "
                  f"(mean relative weight error {report.stats['mean_relative_error']:.2e})", highlight=False)

@@ -114,8 +114,8 @@ def test_quantize_command_writes_a_smaller_mix_whose_logits_stay_close(mixes, tm
                                                                       agree):
     mix = mixes[arch]
     out = tmp_path / f"mix-{scheme}"
-    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", scheme, "--group-size", "32",
-                                       "--out", str(out)])
+    groups = ["--group-size", "32"] if scheme == "int4" else []
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", scheme, *groups, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "quantized mix written to" in result.output
     stage = json.loads((out / "mix.json").read_text())["history"][-1]  # the mix's record says what was done
@@ -158,6 +158,14 @@ def test_quantize_refuses_an_existing_output_and_a_float_loader_misuse(mixes, tm
     result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int4", "--group-size", "7",
                                        "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "--group-size 7" in result.output
+    # A group longer than the rows would pad every row (int4 larger than int8); int8 has no groups.
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int4", "--group-size", "1000",
+                                       "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "--group-size 1000 is longer than the shortest rows" in result.output
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int8", "--group-size", "32",
+                                       "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "groups are an int4 setting" in result.output
+    assert not (tmp_path / "x").exists()
     with pytest.raises(Exception, match="not a mix quantized by expertmix"):
         load_quantized(mix)
 
@@ -217,3 +225,25 @@ def test_publishing_a_mix_or_a_seed_says_what_the_folder_is_and_what_to_do(mixes
         assert result.exit_code == 1 and expected in message and "expertmix train" in message, message
     assert "--format qwen2-moe" in " ".join(CliRunner().invoke(main, ["publish", str(mix)]).output.split())
     assert not (home / "store").exists() or not any((home / "store").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_everything_keeps_a_tied_head_float_and_the_result_loads_and_runs(mixes, tmp_path, scheme):
+    """--keep-float "" asks for every linear layer, routers included; the head shares the (float) embedding
+    matrix, so it stays float, and transformers loads the result (a quantized tied head did not load)."""
+    mix = mixes["llama_seed"]
+    out = tmp_path / "all"
+    groups = ["--group-size", "32"] if scheme == "int4" else []
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", scheme, *groups, "--keep-float", "",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "tied to the input embeddings" in result.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["skip"] == ["lm_head"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(isinstance(b.router.up_proj, QuantizedLinear) for b in model.moe_blocks())  # routers too
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ref = AutoModelForCausalLM.from_pretrained(mix).eval()
+    ids = _ids(ref.config.text_config.vocab_size)
+    with torch.no_grad():
+        agree = (ref(input_ids=ids).logits.argmax(-1) == model(input_ids=ids).logits.argmax(-1)).float().mean()
+    assert agree >= 0.5

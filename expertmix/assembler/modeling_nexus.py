@@ -48,7 +48,8 @@ class NexusRouter(nn.Module):
 
     def expert_embeddings(self) -> torch.Tensor:
         """``e_i = W2 . SwiGLU(W1 . d_i)``: one hidden-size vector per expert, ``[E, H]``."""
-        d = self.domain_embeddings.to(self.up_proj.weight.dtype)
+        weight = getattr(self.up_proj, "weight", None)  # none when quantized (--keep-float without 'router')
+        d = self.domain_embeddings if weight is None else self.domain_embeddings.to(weight.dtype)
         gate, value = self.up_proj(d).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * value)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -292,11 +292,25 @@ AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, WeightOnlyQuantizer)
 
 # -- whole models --------------------------------------------------------------------------------------
 
+def keeps_tied_head_float(model: nn.Module, spec: QuantSpec) -> QuantSpec:
+    """``spec``, with the output head kept float when it is tied to the input embeddings.
+
+    The embeddings stay float (only linear layers are quantized), and a tied head is the same tensor: quantizing it
+    would untie it and write a checkpoint that transformers cannot load (it re-ties the head to a missing weight).
+    """
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return spec
+    name = next((n for n, m in quantizable_modules(model, spec) if m is head), None)
+    return spec if name is None else replace(spec, skip=(*spec.skip, name.rpartition(".")[2]))
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Quantize ``model`` in place and record the ``quantization_config`` that reloads it."""
     if getattr(model.config, "quantization_config", None) is not None:
         raise ExpertmixError("the model is already quantized (its config has a quantization_config)")
+    spec = keeps_tied_head_float(model, spec)
     model.float()
     count = replace_modules(model, spec)
     if count == 0:
@@ -341,7 +355,17 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
     from . import modeling_nexus  # noqa: F401  (registers the Nexus model with the Auto classes)
 
     model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()
+    if (tied := keeps_tied_head_float(model, spec)) != spec:
+        log(f"the output head is tied to the input embeddings, which stay float: keeping it float too "
+            f"(--keep-float {','.join(tied.skip)})")
+        spec = tied
     float_weights = {name: _float_weight(m) for name, m in quantizable_modules(model, spec)}
+    if spec.scheme == "int4" and float_weights:
+        shortest = min(w.shape[-1] for weights in float_weights.values() for w in weights.values())
+        if spec.group_size > shortest:  # every row would be zero-padded to a whole group: int4 bigger than int8
+            raise ExpertmixError(f"--group-size {spec.group_size} is longer than the shortest rows to quantize "
+                                 f"({shortest} inputs): each row would be padded to a whole group; use at most "
+                                 f"{shortest}")
     quantize_model(model, spec)
     stats = _relative_errors(model, float_weights)
     del float_weights
