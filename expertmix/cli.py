@@ -112,7 +112,7 @@ def _parse_data(values: tuple[str, ...], domain: str):
 @click.option("--max-steps", type=int, default=None, help="Budget in optimizer steps.")
 @click.option("--max-tokens", type=int, default=None, help="Budget in training tokens (wins over --max-steps).")
 @click.option("--save-steps", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
-@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 def train(base, data, domain, out, name, base_id, kind, valid, valid_fraction, text_field, prune, prune_reference,
@@ -394,6 +394,10 @@ def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_
     from .alignment.align import AlignConfig
     from .alignment.align import align as run_align
 
+    if method == "dpo":
+        _refuse_unused({"prompts": "--prompts", "k": "--k"}, "--method dpo (it trains on --prefs pairs)")
+    else:
+        _refuse_unused({"prefs_file": "--prefs"}, "--method rloo (it samples --prompts)")
     cfg = AlignConfig(model=model, out=out, method=method, prompts=prompts, prefs=prefs_file, reward=reward,
                       k=k, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, train_router=train_router,
@@ -418,6 +422,17 @@ def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_
 
 
 # -- assembling mixes (Nexus) -----------------------------------------------------------------------
+
+def _refuse_unused(options: dict[str, str], mode: str) -> None:
+    """Refuse options given on the command line that ``mode`` does not use (``options``: parameter -> flag), rather
+    than run without them as if they had been applied."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [flag for name, flag in options.items() if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {mode}")
+
 
 def _named_sources(values: tuple[str, ...]):
     """``NAME=PATH`` (or a PATH whose file name starts with the name, e.g. code.valid.jsonl)."""
@@ -477,7 +492,8 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
 @click.option("--num-experts", type=int, default=4, show_default=True,
               help="mov/molora without --experts: how many fresh experts.")
 @click.option("--top-k", type=int, default=None, help="mov/molora: keep the k largest merging weights (default: all).")
-@click.option("--rank", type=int, default=4, show_default=True, help="molora, fresh experts: LoRA rank.")
+@click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True,
+              help="molora, fresh experts: LoRA rank.")
 @click.option("--targets", default=None,
               help="mov/molora, fresh experts: comma list of modules to adapt (default: peft's for the model).")
 @click.option("--router-init", type=click.Choice(["auto", "domain", "random"]), default="auto", show_default=True,
@@ -494,6 +510,11 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
     from .assembler.assemble import assemble as run_assemble
 
     if kind != "nexus":
+        _refuse_unused({"router": "--router", "train_all": "--train-all", "aux_loss": "--aux-loss",
+                        "distill": "--distill"}, f"--kind {kind} (they are Nexus settings)")
+        if experts or more_experts:
+            _refuse_unused({"num_experts": "--num-experts", "rank": "--rank", "targets": "--targets"},
+                           "a mix of published experts (they shape fresh experts; published ones bring their own)")
         from .assembler.lightweight import DEFAULT_LEARNING_RATES, LightweightConfig, assemble_lightweight
 
         lw = LightweightConfig(
@@ -510,6 +531,9 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
         return
     if not experts and not more_experts:
         raise click.UsageError("--kind nexus needs --experts (registry refs or expert folders)")
+    _refuse_unused({"num_experts": "--num-experts", "top_k": "--top-k", "rank": "--rank", "targets": "--targets",
+                    "router_init": "--router-init", "shared_router": "--shared-router"},
+                   "--kind nexus (they are MoV/MoLoRA settings)")
     cfg = AssembleConfig(seed=seed_dir, experts=[*experts, *more_experts], data=_named_sources(data), out=out,
                          router=router, registry=registry, seed_id=seed_id, train_all=train_all, mix=mix,
                          seq_len=seq_len, text_field=text_field, aux_loss_coef=aux_loss, distill=distill, resume=resume,
@@ -576,17 +600,21 @@ def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_gr
               help="onnx: static loop over experts on their routed tokens (sparse) or all experts masked (dense).")
 @click.option("--onnx-quantize", "onnx_quantize", multiple=True, type=click.Choice(["int8", "int4"]),
               help="onnx: also write onnxruntime-quantized graphs (int8: quantize_dynamic; int4: MatMulNBits).")
-@click.option("--block-size", type=int, default=128, show_default=True, help="onnx int4: MatMulNBits block size.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="128", show_default=True,
+              help="onnx int4: MatMulNBits block size (the sizes onnxruntime supports).")
 def export(mix, fmt, out, no_check, routing, onnx_quantize, block_size):
     """Export a mix to a format that standard tooling loads (qwen2-moe: stock transformers; onnx: onnxruntime)."""
     from .assembler.export import export as run_export
     from .assembler.export import max_logit_difference
 
+    if fmt != "onnx":
+        _refuse_unused({"routing": "--routing", "onnx_quantize": "--onnx-quantize", "block_size": "--block-size"},
+                       f"--format {fmt} (they are ONNX settings)")
     if fmt == "onnx":
         from .assembler.onnx_export import OnnxExportSettings, export_onnx, export_summary, max_logit_difference_onnx
 
         path = export_onnx(mix, out, OnnxExportSettings(routing=routing, quantize=tuple(onnx_quantize),
-                                                        block_size=block_size), log=_log)
+                                                        block_size=int(block_size)), log=_log)
         summary = export_summary(path)
         stdout.print(f"exported to {path} ({summary['routing']} routing): " + ", ".join(
             f"{v} {summary['files'][v]} ({summary['bytes'][v] / 1e6:.1f} MB)" for v in summary["files"]),
@@ -699,12 +727,17 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
             raise ExpertmixError(f"--heatmap draws the routing of the perplexity mode; {mix} is evaluated in bits per "
                                  f"byte here (--bpb, --reference, --langs, --variant, a quantized mix or an ONNX "
                                  f"export): use --chart and --report-json")
+        _refuse_unused({"max_blocks": "--max-blocks", "seed_dir": "--seed"},
+                       "the bits-per-byte mode (it reads --max-bytes per language; a lightweight mix runs on the "
+                       "seed its mix.json records)")
         _eval_quality(mix, data, reference, langs, variant, reference_variant, max_bytes, seq_len, batch_size,
                       text_field, report_json, chart, as_json)
         return
     if chart is not None or report_json is not None:
         raise ExpertmixError("--chart and --report-json belong to the bits-per-byte mode: add --bpb (or --reference); "
                              "the perplexity mode saves its routing with --heatmap and prints JSON with --json")
+    _refuse_unused({"max_bytes": "--max-bytes", "reference_variant": "--reference-variant"},
+                   "the perplexity mode (add --bpb for bits per byte)")
     from .assembler.lightweight import evaluate_lightweight_mix, is_lightweight_mix
     from .assembler.routing_report import evaluate_mix, save_heatmap
 
@@ -784,7 +817,7 @@ def _parse_nodes(values: tuple[str, ...]):
 @click.option("--local-warmup", type=float, default=0.0, show_default=True,
               help="Share of each round's local steps that ramps the rate up again (for --fresh-optimizer).")
 @click.option("--valid-fraction", type=float, default=0.05, show_default=True)
-@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--embedder", default="seed", show_default=True,
               help="'seed', 'minilm' or a sentence-transformers folder.")
 @click.option("--dp-clip", type=float, default=0.0, help="Clip each node's update to this L2 norm (central DP).")

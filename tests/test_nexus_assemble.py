@@ -181,6 +181,36 @@ def test_eval_refuses_options_of_the_other_mode(cli_mix, corpus, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(cli_mix), data, "--bpb", "--heatmap", str(tmp_path / "h.png")])
     assert result.exit_code == 1 and "--heatmap draws the routing of the perplexity mode" in result.output
     assert not (tmp_path / "c.png").exists() and not (tmp_path / "h.png").exists()
+    result = CliRunner().invoke(main, ["eval", str(cli_mix), data, "--bpb", "--max-blocks", "2"])
+    assert result.exit_code == 2 and "--max-blocks does not apply to the bits-per-byte mode" in result.output
+    result = CliRunner().invoke(main, ["eval", str(cli_mix), data, "--max-bytes", "100"])
+    assert result.exit_code == 2 and "--max-bytes does not apply to the perplexity mode" in result.output
+
+
+def test_options_that_the_chosen_mode_would_ignore_are_refused_by_name(cli_mix, corpus, tmp_path):
+    """An option the command would not use (another format's, method's or kind's) is an error, not a no-op."""
+    out, data = tmp_path / "out", f"math={corpus['math']}"
+    cases = {
+        ("export", str(cli_mix), "--format", "qwen2-moe", "--onnx-quantize", "int8"):
+            "--onnx-quantize does not apply to --format qwen2-moe",
+        ("align", str(cli_mix), "--method", "dpo", "--prefs", str(corpus["math"]), "--k", "8"):
+            "--k does not apply to --method dpo",
+        ("align", str(cli_mix), "--method", "rloo", "--prompts", str(corpus["math"]), "--reward", "arithmetic",
+         "--prefs", str(corpus["math"])): "--prefs does not apply to --method rloo",
+        ("assemble", "--seed", str(cli_mix), "--experts", str(cli_mix), "--data", data, "--top-k", "2",
+         "--shared-router"): "--top-k, --shared-router do not apply to --kind nexus",
+        ("assemble", "--kind", "molora", "--seed", str(cli_mix), "--experts", str(cli_mix), "--data", data,
+         "--rank", "8"): "--rank does not apply to a mix of published experts",
+        ("assemble", "--kind", "mov", "--seed", str(cli_mix), "--data", data, "--router", "linear"):
+            "--router does not apply to --kind mov",
+    }
+    for args, expected in cases.items():
+        result = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), (args, result.output)
+        assert not out.exists() and not out.with_name("out.partial").exists()
+    result = CliRunner().invoke(main, ["export", str(cli_mix), "--format", "onnx", "--block-size", "100",
+                                       "--out", str(out)])
+    assert result.exit_code == 2 and "'100' is not one of '16', '32', '64', '128', '256'" in result.output
 
 
 def test_export_whose_logits_differ_from_the_mix_fails_the_command(cli_mix, tmp_path, monkeypatch):

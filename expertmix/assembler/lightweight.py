@@ -139,7 +139,12 @@ def build_mixture(model, configs: Sequence[PeftConfig], top_k: int | None = None
     for c in configs:
         c.inference_mode = False
     names = [adapter_name(i) for i in range(len(configs))]
-    peft_model = get_peft_model(model, configs[0], adapter_name=names[0])
+    try:
+        peft_model = get_peft_model(model, configs[0], adapter_name=names[0])
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError and bad settings: name what the user chose
+        targets = configs[0].target_modules
+        raise ExpertmixError(f"the experts' adapter settings do not fit the seed (target modules "
+                             f"{sorted(targets) if isinstance(targets, (set, list)) else targets}): {exc}") from exc
     install_routers(peft_model, names[0], peft_model.peft_config[names[0]])
     for name, cfg in zip(names[1:], configs[1:], strict=True):
         peft_model.add_adapter(name, cfg)
