@@ -342,14 +342,16 @@ def prefs() -> None:
 @click.option("--prompts", required=True, type=click.Path(path_type=Path),
               help="Prompts JSONL: prompt (or Aya inputs), language, and fields the reward reads.")
 @click.option("--reward", required=True, help=_REWARD_HELP)
-@click.option("--k", type=int, default=4, show_default=True, help="Completions sampled per prompt.")
+@click.option("--k", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Completions sampled per prompt (a pair needs two).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Preference pairs JSONL.")
 @click.option("--language", "languages", multiple=True, help="Only prompts in this language (repeatable).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--min-margin", type=float, default=0.0, show_default=True,
               help="Skip prompts whose best and worst scores differ by no more than this.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per generate call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts per generate call.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, temperature, min_margin,
                    batch_size, seed):
@@ -359,9 +361,11 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
     summary = generate_preference_file(policy, prompts, reward, out, k, list(languages) or None,
                                        max_new_tokens=max_new_tokens, temperature=temperature,
                                        min_margin=min_margin, batch_size=batch_size, seed=seed)
-    table = _table("language", "prompts", "pairs", "ties", "mean score", title=f"preference pairs → {out}")
+    table = _table("language", "prompts", "pairs", "ties", "below margin", "mean score",
+                   title=f"preference pairs → {out}")
     for lang, s in summary.items():
-        table.add_row(lang, str(s["prompts"]), str(s["pairs"]), str(s["ties"]), f"{s['mean_score']:.4f}")
+        table.add_row(lang, str(s["prompts"]), str(s["pairs"]), str(s["ties"]), str(s["below_margin"]),
+                      f"{s['mean_score']:.4f}")
     stdout.print(table)
 
 
@@ -373,13 +377,15 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
               help="DPO: preference pairs JSONL (from `expertmix prefs generate`).")
 @click.option("--reward", default=None,
               help=_REWARD_HELP + " Required for RLOO; for DPO it scores monitoring samples.")
-@click.option("--k", type=int, default=4, show_default=True, help="RLOO: samples per prompt.")
-@click.option("--beta", type=float, default=None, help="KL coefficient (default: 0.05 rloo, 0.1 dpo).")
+@click.option("--k", type=click.IntRange(min=2), default=4, show_default=True,
+              help="RLOO: samples per prompt (the leave-one-out baseline needs two).")
+@click.option("--beta", type=click.FloatRange(min=0), default=None,
+              help="KL coefficient (default: 0.05 rloo, 0.1 dpo).")
 @click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts (RLOO) or pairs (DPO) per step.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--train-router/--freeze-router", default=True, show_default=True,
               help="Whether the mix's router trains too.")
 @click.option("--language", "languages", multiple=True, help="Train only on this language (repeatable).")

@@ -177,14 +177,32 @@ def test_cli_rloo_with_a_python_reward_file_prints_per_language_results(llama_se
     (["--method", "rloo", "--reward", "script"], "--method rloo needs --prompts"),
     (["--method", "dpo"], "--method dpo needs --prefs"),
     (["--method", "rloo", "--reward", "nope", "--prompts", "{prompts}"], "unknown reward 'nope'"),
-    (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--k", "1"], "at least 2"),
+    (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--k", "1"], "1 is not in the range x>=2"),
     (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--language", "xx"], "no rows in"),
+    (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--beta", "-1"], "not in the range x>=0"),
+    (["--method", "rloo", "--reward", "script", "--prompts", "{prompts}", "--max-new-tokens", "0"], "x>=1"),
+    # The built-in arithmetic reward needs an answer or an 'a + b =' prompt: line 1 has neither, found up front.
+    (["--method", "rloo", "--reward", "arithmetic", "--prompts", "{prompts}"], "prompts.jsonl line 1: no 'answer'"),
 ])
 def test_cli_align_reports_bad_input_in_one_line(llama_seed, prompt_file, tmp_path, args, msg):
     args = [a.replace("{prompts}", str(prompt_file)) for a in args]
     res = CliRunner().invoke(main, ["align", str(llama_seed), *args, "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1 and msg in res.output and "Traceback" not in res.output
+    assert res.exit_code in (1, 2) and msg in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_prefs_generate_says_when_the_margin_left_no_pair(llama_seed, prompt_file, tmp_path):
+    """Samples that differ, but by less than --min-margin, are reported as such (not as 'scored the same')."""
+    reward_file = tmp_path / "rewards.py"
+    reward_file.write_text(DIGITS_REWARD)
+    base = ["prefs", "generate", "--policy", str(llama_seed), "--prompts", str(prompt_file), "--reward",
+            f"{reward_file}:digits", "--k", "3", "--max-new-tokens", "8"]
+    ok = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "p.jsonl")])
+    assert ok.exit_code == 0 and "below margin" in ok.output, ok.output
+    res = CliRunner().invoke(main, [*base, "--min-margin", "5", "--out", str(tmp_path / "q.jsonl")])
+    message = " ".join(res.output.split())
+    assert res.exit_code == 1 and "differ by more than --min-margin 5.0 (largest gap" in message, message
+    assert not (tmp_path / "q.jsonl").exists()
 
 
 def test_quickstart_alignment_stage_scores_arithmetic_and_resumes(llama_seed, tmp_path):

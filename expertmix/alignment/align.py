@@ -26,6 +26,7 @@ from .dpo import dpo_step
 from .policy import evaluate_policy, freeze_router, load_policy, load_reference, save_aligned
 from .preferences import (
     PromptRecord,
+    check_reward_fields,
     filter_languages,
     prompt_columns,
     read_preferences,
@@ -160,6 +161,10 @@ def align(cfg: AlignConfig, log=print) -> dict:
     eval_rows = read_prompts(cfg.eval_prompts) if cfg.eval_prompts is not None else None
     if eval_rows is not None and reward is None:
         raise ExpertmixError("--eval-prompts needs a --reward to score the samples")
+    if reward is not None and cfg.method == "rloo":
+        check_reward_fields(reward, train_rows, cfg.prompts)
+    if reward is not None and eval_rows is not None:
+        check_reward_fields(reward, eval_rows, cfg.eval_prompts)
 
     policy, tokenizer = load_policy(cfg.model, cfg.device)
     reference = load_reference(cfg.model, cfg.device)

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from ..errors import DataError
+from ..errors import DataError, ExpertmixError
 from ..experts.data import iter_jsonl_records
 from ..fsutil import write_text_atomic
 from .policy import load_policy, sample_completions, score_samples
-from .rewards import RewardFn, load_reward
+from .rewards import BUILTIN_REWARDS, RewardFn, load_reward, score
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "language", "chosen_score", "rejected_score", "samples")
 
@@ -33,6 +33,7 @@ class PromptRecord:
     prompt: str
     language: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    line: int = field(default=0, compare=False)  # in the prompt file, for errors
 
 
 @dataclass
@@ -90,7 +91,7 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
             raise DataError(f"{path} line {i}: no field 'prompt' or 'inputs' "
                             f"(fields: {', '.join(sorted(row))})")
         skip = {"prompt", "inputs", "targets", "language", "language_code", *PAIR_FIELDS}
-        out.append(PromptRecord(prompt, _language(row), {k: v for k, v in row.items() if k not in skip}))
+        out.append(PromptRecord(prompt, _language(row), {k: v for k, v in row.items() if k not in skip}, line=i))
     if not out:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return out
@@ -113,6 +114,20 @@ def filter_languages(rows: list, languages: Sequence[str] | None, source: str | 
         raise DataError(f"{source}: no rows in language(s) {', '.join(languages)} "
                         f"(found: {', '.join(found)})")
     return kept
+
+
+def check_reward_fields(reward: RewardFn, records: Sequence[PromptRecord], source: str | Path) -> None:
+    """Before any sampling: every prompt has the fields a built-in reward reads (an arithmetic ``answer``, a
+    ``keyword``), so a bad row is named by its line at once instead of failing a run when its batch comes up.
+    Other rewards are not called here: a reward model or remote scorer would do a pass's work."""
+    if reward not in BUILTIN_REWARDS.values():
+        return
+    for r in records:
+        try:
+            score(reward, [r.prompt], [""], prompt_columns([r]))
+        except ExpertmixError as exc:
+            reason = str(exc).removeprefix("prompt 0: ")
+            raise DataError(f"{source} line {r.line}: {reason}") from exc
 
 
 def prompt_columns(records: Sequence[PromptRecord]) -> dict[str, list]:
@@ -149,7 +164,8 @@ def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], rew
 
     A pair needs a score gap above ``min_margin``; prompts whose samples tie are skipped.
 
-    Returns the pairs and a per-language summary (prompts, pairs, ties skipped, mean scores).
+    Returns the pairs and a per-language summary (prompts, pairs, exact ties and gaps within ``min_margin``
+    skipped, the largest gap, mean scores).
     """
     if k < 2:
         raise DataError(f"k must be at least 2 to form a pair, got {k}")
@@ -171,14 +187,17 @@ def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], rew
                 stats[lang]["prompts"] += 1
                 best = max(rows, key=lambda r: r[1])
                 worst = min(rows, key=lambda r: r[1])
-                if best[1] - worst[1] <= min_margin:
-                    stats[lang]["ties"] += 1
+                gap = best[1] - worst[1]
+                stats[lang]["largest_gap"] = max(stats[lang]["largest_gap"], gap)
+                if gap <= min_margin:
+                    stats[lang]["ties" if gap == 0 else "below_margin"] += 1
                     continue
                 stats[lang]["pairs"] += 1
                 pairs.append(PreferencePair(rec.prompt, best[0], worst[0], rec.language, best[1], worst[1],
                                             [{"text": t, "score": sc} for t, sc in rows], dict(rec.fields)))
             bar.advance(task, len(batch))
     summary = {lang: {"prompts": st["prompts"], "pairs": st["pairs"], "ties": st["ties"],
+                      "below_margin": st["below_margin"], "largest_gap": st["largest_gap"],
                       "mean_score": sum(all_scores[lang]) / len(all_scores[lang])}
                for lang, st in sorted(stats.items())}
     return pairs, summary
@@ -192,9 +211,15 @@ def generate_preference_file(policy: str | Path, prompts: str | Path, reward: st
     """
     records = filter_languages(read_prompts(prompts), languages, prompts)
     reward_fn = load_reward(reward)
+    check_reward_fields(reward_fn, records, prompts)
     model, tokenizer = load_policy(policy)
     pairs, summary = generate_preferences(model, tokenizer, records, reward_fn, k, **options)
     if not pairs:
+        gap = max(s["largest_gap"] for s in summary.values())
+        if gap > 0:
+            raise DataError(f"{prompts}: no prompt's best and worst samples differ by more than --min-margin "
+                            f"{options.get('min_margin', 0.0)} (largest gap {gap:.4g}); no pair to write (lower "
+                            f"--min-margin or raise --k)")
         raise DataError(f"{prompts}: every prompt's {k} samples scored the same; no pair to write "
                         f"(raise --k or check the reward)")
     write_preferences(out, pairs)

@@ -206,12 +206,19 @@ def _import_function(spec: str) -> RewardFn:
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: a syntax error, a missing import, a failing top level
+            sys.modules.pop(mod_name, None)
+            where = f" line {exc.lineno}" if isinstance(exc, SyntaxError) and exc.lineno else ""
+            raise ExpertmixError(f"reward {spec!r}: {path}{where} does not load: {type(exc).__name__}: "
+                                 f"{getattr(exc, 'msg', None) or exc}") from exc
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ExpertmixError(f"reward {spec!r}: cannot import module {target!r} ({exc})") from exc
+        except Exception as exc:  # ImportError, or an error in the module's own top level
+            raise ExpertmixError(f"reward {spec!r}: cannot import module {target!r} ({type(exc).__name__}: "
+                                 f"{exc})") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ExpertmixError(f"reward {spec!r}: module {target!r} has no function {name!r}")
