@@ -84,12 +84,18 @@ def test_dense_expert_publishes_pulls_and_loads_with_plain_transformers(dense_ex
     assert run("publish", dense_expert).output.strip().endswith(revision)
 
 
-def test_lora_expert_on_qwen2_trains_publishes_and_loads_with_peft(tmp_path, qwen2_seed, corpus, home):
-    from peft import PeftModel
+def test_lora_expert_on_qwen2_trains_publishes_and_loads_with_peft(tmp_path, qwen2_seed, corpus, home,
+                                                                  monkeypatch):
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     out = tmp_path / "code-lora"
-    run("train", "--base", qwen2_seed, "--data", corpus["code"], "--domain", "code", "--peft", "lora",
+    monkeypatch.chdir(qwen2_seed.parent)  # the seed given as a relative path, as users type it
+    run("train", "--base", qwen2_seed.name, "--data", corpus["code"], "--domain", "code", "--peft", "lora",
         "--lora-r", "4", "--out", out, *FAST)
+    monkeypatch.chdir(tmp_path)
+    # The adapter names its base by absolute path, so peft finds it from any directory.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(qwen2_seed)
+    assert AutoPeftModelForCausalLM.from_pretrained(out) is not None
     card = read_card(out).expert
     assert card.kind == "lora" and 0 < card.training["trainable_share"] < 1
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()

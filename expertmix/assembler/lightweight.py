@@ -105,7 +105,7 @@ def load_base(seed_dir: str | Path, dtype: torch.dtype = torch.float32):
     seed_dir = Path(seed_dir)
     require_float_weights(seed_dir, "a seed")
     auto = AutoModelForSeq2SeqLM if is_seq2seq(AutoConfig.from_pretrained(seed_dir)) else AutoModelForCausalLM
-    return auto.from_pretrained(seed_dir, dtype=dtype)
+    return auto.from_pretrained(seed_dir.resolve(), dtype=dtype)  # the adapters record it as their base
 
 
 def fresh_expert_config(spec: MixtureSpec, model) -> PeftConfig:

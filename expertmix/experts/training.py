@@ -443,7 +443,8 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     save_dtype = _saved_dtype(cfg.base)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32)
+    # by its absolute path: a PEFT expert's adapter_config.json records it as its base, read from anywhere later
+    model = AutoModelForCausalLM.from_pretrained(Path(cfg.base).resolve(), dtype=torch.float32)
 
     # -- data ---------------------------------------------------------------------------------------
     sources: dict[str, list[Document]] = {}

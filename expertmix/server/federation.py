@@ -73,7 +73,7 @@ def _seed_model(cfg: FederationConfig):
 
     require_float_weights(cfg.base, "federated training")
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(Path(cfg.base).resolve(), dtype=torch.float32)  # see train
     if cfg.kind != "dense":
         model = peft_wrap(model, cfg.kind, cfg.lora_r, 2 * cfg.lora_r)
     return model, AutoTokenizer.from_pretrained(cfg.base)
