@@ -272,3 +272,28 @@ def test_training_runs_unlocked_on_a_filesystem_without_locks(tmp_path, llama_se
     out = tmp_path / "unlocked"
     run("train", "--base", llama_seed, "--data", corpus["math"], "--domain", "math", "--out", out, *FAST)
     assert read_card(out).expert.training["steps"] == 6 and not out.with_name("unlocked.partial").exists()
+
+
+def test_an_aligned_expert_keeps_a_card_and_publishes_as_its_own_expert(dense_expert, tmp_path, home):
+    """align on an expert folder writes the input's card under NAME-METHOD with the alignment recorded: the aligned
+    expert publishes, shows and loads like any expert (it used to lose its card and be refused)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a} + {b} =", "language": "en"}) + "\n"
+                               for a, b in ((1, 2), (30, 4), (7, 7), (12, 9))))
+    out = tmp_path / "aligned"
+    run("align", dense_expert, "--method", "rloo", "--prompts", prompts, "--reward", "arithmetic", "--k", "2",
+        "--steps", "2", "--batch-size", "2", "--max-new-tokens", "4", "--eval-prompts", prompts, "--out", out)
+    card, source = read_card(out).expert, read_card(dense_expert).expert
+    assert card.name == "org/math-rloo" and card.domain == source.domain
+    assert card.signature() == source.signature()  # the same seed: it mixes with the other experts of that seed
+    alignment = card.training["alignment"]
+    assert alignment["method"] == "rloo" and alignment["from"] == "org/math" and alignment["reward"] == "arithmetic"
+    assert "valid_perplexity_after" not in card.metrics and "held_out_reward_after" in card.metrics
+    published = run("publish", out).output
+    assert published.startswith("published org/math-rloo@")
+    shown = json.loads(run("show", "org/math-rloo").output)
+    assert shown["card"]["training"]["alignment"]["steps"] == 2
+    pulled = Path(run("pull", "org/math-rloo").output.strip())
+    ids = torch.tensor([[1, 5, 9, 17]])
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(pulled)(ids).logits,
+                       AutoModelForCausalLM.from_pretrained(out)(ids).logits)
