@@ -385,8 +385,9 @@ class OnnxCausalLM:
         self.manifest = read_onnx_manifest(self.folder)
         files = self.manifest["files"]
         if variant not in files:
-            raise ExpertmixError(f"{self.folder}: no '{variant}' model (has {', '.join(files)}); add it with "
-                                 f"expertmix export --format onnx --onnx-quantize {variant}")
+            hint = (f"; add it with expertmix export --format onnx --onnx-quantize {variant}" if variant in ONNX_QUANT
+                    else f"; variants are fp32 and {', '.join(ONNX_QUANT)}")
+            raise ExpertmixError(f"{self.folder}: no '{variant}' model (has {', '.join(files)}){hint}")
         self.variant = variant
         options = ort.SessionOptions()
         if threads:
