@@ -41,6 +41,25 @@ def test_revisions_are_immutable_and_resolvable_by_prefix_and_tag(tmp_path, llam
         store.show("org/toy@nope")
     with pytest.raises(StoreError, match="no expert named 'org/other'"):
         store.show("org/other")
+    with pytest.raises(StoreError, match="'bad rev' is not a revision or tag"):
+        store.show("org/toy@bad rev")
+
+
+def test_tags_do_not_move_and_a_bad_tag_publishes_nothing(tmp_path, llama_seed):
+    """A tag naming other content, or a malformed one ('a/b' once corrupted the store), is refused before 'main'
+    moves; republishing the content a tag already names succeeds (a retried command is harmless)."""
+    store = LocalStore(tmp_path / "store")
+    folder = make_expert(tmp_path / "e", llama_seed)
+    first = store.publish(folder, tag="v1")
+    assert store.publish(folder, tag="v1").revision == first.revision  # the same content: a no-op
+    (folder / "notes.md").write_text("changed")
+    for tag, expected in (("v1", "tag 'v1' already names revision"), ("a/b", "invalid tag 'a/b'"),
+                          ("main", "invalid tag 'main'")):
+        with pytest.raises(StoreError, match=expected):
+            store.publish(folder, tag=tag)
+        assert store.show("org/toy").revision == first.revision  # main did not move
+    assert store.show("org/toy@v1").revision == first.revision
+    assert [e.name for e in store.list()] == ["org/toy"]
 
 
 def test_a_failed_publish_leaves_nothing_visible_and_can_be_retried(tmp_path, llama_seed, monkeypatch):

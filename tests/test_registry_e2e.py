@@ -98,6 +98,25 @@ def test_publishing_without_a_token_is_refused_clearly(registry, trained, tmp_pa
     assert res.exit_code == 1 and "not found" in res.output
 
 
+def test_private_and_tag_apply_to_an_existing_repo_and_a_bad_tag_publishes_nothing(registry, trained, tmp_path):
+    """--private on an existing public repo makes it private (it was ignored); a tag that names other content
+    or is malformed is refused before 'main' moves; retrying a finished publish with its tag succeeds."""
+    env = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": registry.token("tags"),
+           "EXPERTMIX_HOME": str(tmp_path / "h")}
+    first = run(["publish", trained["math"], "--name", "tags/m", "--tag", "v1"], env=env).output
+    revision = first.strip().split("@")[1]
+    assert run(["publish", trained["math"], "--name", "tags/m", "--tag", "v1"], env=env).output.strip().endswith(
+        revision)
+    for tag, expected in (("v1", "tag 'v1' already names revision"), ("a/b", "invalid tag 'a/b'")):
+        res = run(["publish", trained["code"], "--name", "tags/m", "--tag", tag], env=env, ok=False)
+        assert res.exit_code == 1 and expected in res.output, res.output
+        assert json.loads(run(["show", "tags/m"], env=env).output)["revision"] == revision  # main did not move
+    run(["publish", trained["code"], "--name", "tags/m", "--private"], env=env)
+    anonymous = {**env, "EXPERTMIX_TOKEN": ""}
+    res = run(["show", "tags/m"], env=anonymous, ok=False)
+    assert res.exit_code == 1 and "not found" in res.output
+
+
 def test_search_like_works_on_the_local_store_too(trained, tmp_path, llama_seed, corpus, home):
     run(["publish", trained["math"], "--name", "acme/math"])
     run(["publish", trained["code"], "--name", "acme/code"])

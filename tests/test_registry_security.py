@@ -369,3 +369,12 @@ def test_an_unreachable_or_driverless_database_is_named_in_one_line_with_its_pas
         assert "s3cret-pw" not in out and "Traceback" not in out and "refused" in out.lower()
     proc = cli("serve", "--database", "mysql://reg:s3cret-pw@127.0.0.1/registry", env=env, check=False)
     assert proc.returncode == 1 and "its driver is not installed" in proc.stderr and "s3cret-pw" not in proc.stderr
+
+
+def test_malformed_card_yaml_and_query_values_are_400_not_500(registry):
+    """YAML the parser rejects (an unclosed list, a python tag) and a non-integer limit are the client's error."""
+    for content in ("---\nlicense: [unclosed\n---\n", "---\nlicense: !!python/object/apply:os.system ['x']\n---\n"):
+        res = httpx.post(f"{registry.url}/api/validate-yaml", json={"content": content})
+        assert res.status_code == 400 and "front matter is not valid YAML" in res.json()["errors"][0]["message"]
+    res = httpx.get(f"{registry.url}/api/models", params={"limit": "abc"})
+    assert res.status_code == 400 and "limit='abc'" in res.text

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import StoreError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, sha256_file
 from .card import ExpertCard
-from .repo import validate_expert_folder
+from .repo import validate_expert_folder, validate_tag
 from .store import ExpertEntry, FileEntry, expertmix_home, parse_ref
 
 TOKEN_ENV = "EXPERTMIX_TOKEN"
@@ -137,14 +137,29 @@ class RemoteRegistry:
         expert = validate_expert_folder(folder)
         repo_id = self._repo_id(name or expert.card.expert.name)
         parse_ref(repo_id)
+        if tag:
+            validate_tag(tag)
         disable_xet()
         with self._errors(f"publish {repo_id}"):
-            self.api.create_repo(repo_id, exist_ok=True, private=private)
+            # create only a missing repo: create_repo(exist_ok=True) neither applies --private to an existing one
+            # nor reports a refused token cleanly for one (huggingface_hub builds a Hub-only URL on 401/403)
+            if not self.api.repo_exists(repo_id):
+                self.api.create_repo(repo_id, private=private)
+            elif private:
+                self.api.update_repo_settings(repo_id, private=True)
+            tagged = None
+            if tag and tag in {t.name for t in self.api.list_repo_refs(repo_id).tags}:
+                tagged = self.show(f"{repo_id}@{tag}")  # tags do not move: refuse before anything is committed
+                mine = {f.relative_to(expert.path).as_posix(): sha256_file(f) for f in expert.files}
+                if {f.path: f.sha256 for f in tagged.files} != mine:
+                    raise StoreError(f"tag '{tag}' already names revision {tagged.revision[:12]} of {repo_id}, which "
+                                     f"holds other files; tags do not move: choose another --tag (nothing was "
+                                     f"published)")
             # delete_patterns="*": the new revision holds exactly the folder's files, nothing left over.
             info = self.api.upload_folder(folder_path=expert.path, repo_id=repo_id, delete_patterns="*",
                                           ignore_patterns=[".*", "*/.*"],
                                           commit_message=f"Publish expert {repo_id}")
-            if tag:
+            if tag and tagged is None:
                 self.api.create_tag(repo_id, tag=tag, revision=info.oid, exist_ok=False)
         return self.show(f"{repo_id}@{info.oid}")
 

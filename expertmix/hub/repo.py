@@ -19,6 +19,21 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._
 FORBIDDEN_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
 
 
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def is_tag(tag: str) -> bool:
+    """A well-formed tag (or branch) name: one path component, no '..', not a git lock name."""
+    return bool(TAG_RE.match(tag)) and ".." not in tag and not tag.endswith((".", ".lock"))
+
+
+def validate_tag(tag: str) -> str:
+    """A tag a user chose: refused before anything is published, naming what a tag may hold."""
+    if not is_tag(tag) or tag == "main":
+        raise StoreError(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-' (no '/'), and not 'main'")
+    return tag
+
+
 def validate_name(name: str) -> str:
     """An expert name is ``NAME`` or ``ORG/NAME`` of letters, digits, '.', '_' and '-'."""
     if not NAME_RE.match(name) or ".." in name or name.endswith((".", ".git")):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import StoreError
 from ..fsutil import atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .card import ExpertCard, ExpertInfo, parse_card
-from .repo import load_domain_embedding, validate_expert_folder, validate_name
+from .repo import is_tag, load_domain_embedding, validate_expert_folder, validate_name, validate_tag
 
 if TYPE_CHECKING:  # imported lazily: the registry server and `expertmix list` start without torch
     import torch
@@ -115,6 +115,8 @@ class LocalStore:
         """Store a validated expert folder as a new immutable revision and point 'main' at it."""
         expert = validate_expert_folder(folder)
         name = validate_name(expert.card.expert.name if name is None else name)
+        if tag:
+            validate_tag(tag)
         files = []
         for p in expert.files:
             blob = self._put_blob(p)
@@ -123,14 +125,17 @@ class LocalStore:
         manifest = {"name": name, "parent": parent,
                     "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in files]}
         revision = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:40]
+        tagged = self._read_ref(name, tag) if tag else None
+        if tagged is not None and self._manifest(name, tagged)["files"] != manifest["files"]:
+            raise StoreError(f"tag '{tag}' already names revision {tagged[:12]} of '{name}', which holds other files; "
+                             f"tags do not move: choose another --tag (nothing was published)")
         if parent is not None and self._manifest(name, parent)["files"] == manifest["files"]:
             revision = parent  # republishing identical content is a no-op
         else:
             manifest.update(revision=revision, created=time.time())
             write_json_atomic(self._repo(name) / "revisions" / f"{revision}.json", manifest)
             write_text_atomic(self._repo(name) / "refs" / "main", revision)
-        if tag:
-            validate_name(tag)
+        if tag and tagged is None:  # a tag that already names this content stays as it is
             write_text_atomic(self._repo(name) / "refs" / tag, revision)
         return self.show(f"{name}@{revision}")
 
@@ -151,7 +156,7 @@ class LocalStore:
             known = ", ".join(e.name for e in self.list()) or "none"
             raise StoreError(f"no expert named '{name}' in the local store {self.root} (known: {known})")
         rev = rev or "main"
-        by_ref = self._read_ref(name, rev) if validate_name(rev) else None
+        by_ref = self._read_ref(name, rev) if is_tag(rev) else None
         if by_ref:
             return name, by_ref
         revisions = [p.stem for p in (repo / "revisions").glob("*.json")]
@@ -170,7 +175,7 @@ class LocalStore:
             raise StoreError(f"revision {revision} of '{name}' has no README.md")
         card = parse_card(self._blob(card_entry.sha256).read_text(encoding="utf-8"), f"{name}@{revision}/README.md")
         refs_dir = self._repo(name) / "refs"
-        refs = sorted(p.name for p in refs_dir.iterdir() if p.read_text().strip() == revision)
+        refs = sorted(p.name for p in refs_dir.iterdir() if p.is_file() and p.read_text().strip() == revision)
         return ExpertEntry(name=name, revision=revision, card=card, files=files, created=m.get("created", 0.0),
                            refs=refs)
 

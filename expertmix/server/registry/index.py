@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import yaml
 from huggingface_hub import ModelCard
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors_bytes
@@ -34,7 +35,7 @@ def card_front_matter(text: str, source: str) -> dict:
     """The README's front matter as a dict ({} when there is none); 400 when it is not YAML."""
     try:
         return ModelCard(text, ignore_metadata_errors=False).data.to_dict()
-    except ValueError as exc:
+    except (ValueError, yaml.YAMLError) as exc:  # yaml's scanner/constructor errors are not ValueErrors
         raise HubError(400, f"{source}: front matter is not valid YAML: {exc}") from exc
 
 

@@ -178,7 +178,10 @@ def list_models(request: Request, db: DbSession,
         ref = db.get(Ref, (repo.id, DEFAULT_BRANCH))
         commit = db.get(Commit, ref.commit_oid) if ref else None
         out.append(model_info(db, repo, commit))
-    limit = int(q.get("limit") or 0)
+    try:
+        limit = int(q.get("limit") or 0)
+    except ValueError as exc:
+        raise HubError(400, f"limit={q.get('limit')!r}: not an integer") from exc
     return out[:limit] if limit > 0 else out
 
 
