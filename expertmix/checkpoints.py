@@ -7,25 +7,22 @@ from pathlib import Path
 
 from .errors import ExpertmixError
 
-
-def quantization_config(folder: str | Path) -> dict | None:
-    """The ``quantization_config`` of a model folder's ``config.json``; ``None`` for float weights or no model."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # not a model folder: the caller's own loading says so
-    return config.get("quantization_config") or None
-
-
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside an adapter's weights
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file's content; ``{}`` when it is missing or not a JSON object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def quantization_config(folder: str | Path) -> dict | None:
+    """The ``quantization_config`` of a model folder's ``config.json``; ``None`` for float weights or no model
+    (not a model folder: the caller's own loading says so)."""
+    return _read_json(Path(folder) / "config.json").get("quantization_config") or None
 
 
 def require_model_weights(folder: str | Path, action: str) -> None:

@@ -22,7 +22,7 @@ from ..assembler.manifest import MIX_FILE, append_history
 from ..checkpoints import require_float_weights
 from ..errors import CardError, ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
-from ..hub.card import CARD_FILE, ExpertCard, read_card
+from ..hub.card import ExpertCard, read_card
 from .dpo import dpo_step
 from .policy import evaluate_policy, freeze_router, load_policy, load_reference, save_aligned
 from .preferences import (
@@ -224,29 +224,28 @@ def align(cfg: AlignConfig, log=print) -> dict:
         write_json_atomic(tmp / "alignment.json", record)
         if (tmp / MIX_FILE).is_file():  # a mix: its own record says it was aligned, and how
             append_history(tmp, {"stage": "align", **record})
-        if (card := aligned_card(cfg.model, summary, cfg)) is not None:
+        if (card := aligned_card(cfg.model, record)) is not None:
             card.save(tmp)
     return summary
 
 
-def aligned_card(source: str | Path, summary: dict, cfg: AlignConfig) -> ExpertCard | None:
-    """The card of an aligned expert: the input expert's, renamed ``NAME-METHOD``, its alignment recorded, so it can
-    be published and mixed like any expert. ``None`` when the input has no expert card (a mix, a seed)."""
-    path = Path(source) / CARD_FILE
-    if not path.is_file():
-        return None
+def aligned_card(source: str | Path, record: dict) -> ExpertCard | None:
+    """The card of an aligned expert: the input expert's, renamed ``NAME-METHOD``, its alignment (``record``, as
+    alignment.json holds it) recorded, so it can be published and mixed like any expert. ``None`` when the input
+    has no expert card (a mix, a seed)."""
     try:
         card = read_card(source)
-    except CardError:  # a model card of another kind: nothing to carry over
+    except CardError:  # no card, or a model card of another kind: nothing to carry over
         return None
-    e = card.expert
+    e, settings, summary = card.expert, record["settings"], record["summary"]
     evaluated = {f"held_out_reward_{when}": summary[f"eval_{when}"]["reward"] for when in ("before", "after")
                  if summary.get(f"eval_{when}")}
-    alignment = {"method": cfg.method, "beta": summary["beta"], "steps": cfg.steps, "learning_rate": cfg.lr,
-                 "reward": _settings(cfg)["reward"], "train_rows": summary["train_rows"], "from": e.name, **evaluated}
+    alignment = {"method": settings["method"], "beta": summary["beta"], "steps": settings["steps"],
+                 "learning_rate": settings["lr"], "reward": settings["reward"], "train_rows": summary["train_rows"],
+                 "from": e.name, **evaluated}
     # validation perplexity and training loss describe the input's weights; the alignment's numbers replace them
     metrics = {k: v for k, v in e.metrics.items() if k == "valid_perplexity_before"} | evaluated
-    info = e.model_copy(update={"name": f"{e.name}-{cfg.method}", "metrics": metrics,
+    info = e.model_copy(update={"name": f"{e.name}-{settings['method']}", "metrics": metrics,
                                 "training": {**e.training, "alignment": alignment}})
     return card.model_copy(update={"expert": info, "body": ""})
 

@@ -112,9 +112,10 @@ def evaluate_mix(mix: str | Path, sources: Sequence[DataSource], seq_len: int = 
                  batch_size: int = 8, device: str | None = None, text_field: str | None = None,
                  seed: str | Path | None = None) -> EvalReport:
     """Evaluate a mix folder (MoE or dense merge, a mix's stock export, a model, or a PEFT expert on its ``seed``)."""
+    mix = Path(mix)
     if is_adapter_folder(mix):
         model = load_adapter_expert(mix, seed)
-        tokenizer = AutoTokenizer.from_pretrained(mix if (Path(mix) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(mix if (mix / "tokenizer_config.json").is_file()
                                                   else model.name_or_path)
     else:
         mix = require_mix_folder(mix)

@@ -150,7 +150,8 @@ def read_card(folder: str | Path) -> ExpertCard:
     """Read and validate ``folder/README.md``."""
     path = Path(folder) / CARD_FILE
     if not path.is_file():
-        raise CardError(f"{path}: no expert card (README.md) in {folder}")
+        raise CardError(f"{folder}: no expert card ({CARD_FILE}); an expert folder is what `expertmix train` or "
+                        f"`expertmix federate` writes")
     return parse_card(path.read_text(encoding="utf-8"), str(path))
 
 

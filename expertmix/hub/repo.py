@@ -91,9 +91,6 @@ def validate_expert_folder(folder: str | Path) -> ExpertFolder:
                          f"`expertmix train` and `expertmix federate` write. Share a Nexus mix as a standard "
                          f"checkpoint: `expertmix export {folder} --format qwen2-moe --out DIR`, then upload DIR with "
                          f"any Hub client")
-    if not (folder / CARD_FILE).is_file():
-        raise StoreError(f"{folder}: no expert card ({CARD_FILE}); an expert folder is what `expertmix train` or "
-                         f"`expertmix federate` writes")
     card = read_card(folder)
     info = card.expert
     for p in folder.rglob("*"):

@@ -96,5 +96,13 @@ class FederationStore:
     def finish(self, result: dict) -> None:
         write_json_atomic(self.result_file, result)
 
+    def state(self) -> dict | None:
+        """The record as last saved (rounds done, the round log), or None before the first round; for watchers."""
+        path = self.root / STATE_FILE
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:  # replaced between the check and the read: read it next time
+            return None
+
     def result(self) -> dict | None:
         return json.loads(self.result_file.read_text()) if self.result_file.is_file() else None

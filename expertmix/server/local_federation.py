@@ -306,29 +306,21 @@ def start_node(procs: Processes, node: LocalNode, port: int, work: Path, fed: Lo
     return procs.start(f"node-{node.name}", argv, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
 
 
-def _read_state(path: Path) -> dict | None:
-    """The coordinator's state file, or None while it is absent or being replaced."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _watch(procs: Processes, run: subprocess.Popen, work: Path, cfg: FederationConfig, progress: bool,
            log: Callable[[str], None] = print) -> None:
     """Wait for ``flwr run`` to end, showing the rounds done and the nodes that failed in each; fail early if the
     SuperLink dies."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    state = work / "state.json"
+    store = FederationStore(work)
     with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=False) as bar:
         task = bar.add_task("rounds", total=cfg.rounds)
-        shown = len((_read_state(state) or {}).get("history", []))  # rounds a resumed run had done before
+        shown = len((store.state() or {}).get("history", []))  # rounds a resumed run had done before
 
         def report() -> None:
             nonlocal shown
-            if (record := _read_state(state)) is None:
+            if (record := store.state()) is None:
                 return
             bar.update(task, completed=record.get("rounds_done", 0))
             history = record.get("history", [])
@@ -344,4 +336,4 @@ def _watch(procs: Processes, run: subprocess.Popen, work: Path, cfg: FederationC
             report()
             time.sleep(1.0)
         report()
-        bar.update(task, completed=cfg.rounds if FederationStore(work).result() else bar.tasks[0].completed)
+        bar.update(task, completed=cfg.rounds if store.result() else bar.tasks[0].completed)
