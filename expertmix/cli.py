@@ -276,11 +276,14 @@ def token() -> None:
 @click.option("--namespace", required=True, help="The namespace (ORG) the token may write to.")
 @click.option("--database", default=None, help="The registry's database URL (as given to `expertmix serve`).")
 @click.option("--label", default="", help="A note stored with the token.")
-def token_create(namespace, database, label):
+@click.option("--init", is_flag=True,
+              help="Create the registry's database if it has none yet (by default it must exist: `serve` makes it).")
+def token_create(namespace, database, label, init):
     """Create a token for NAMESPACE; it is printed once and stored only hashed."""
     from .server.registry import RegistrySettings, create_token
 
-    click.echo(create_token(RegistrySettings.from_env(database_url=database).database_url, namespace, label))
+    url = RegistrySettings.from_env(database_url=database).database_url
+    click.echo(create_token(url, namespace, label, init=init))
 
 
 @main.command()
@@ -681,7 +684,8 @@ def _eval_quality(mix, data, reference, langs, variant, reference_variant, max_b
 @click.option("--group-size", type=int, default=None, help="int4: weights per group (default 128).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--keep-float", default=None,
-              help="Module-name parts kept float (comma list; default: lm_head,router,gate,shared_expert_gate).")
+              help="Module-name parts kept float (comma list; default: lm_head,router,gate,shared_expert_gate); "
+                   "gate_up_proj / down_proj also keep those weights of the routed experts float.")
 def quantize(mix, scheme, group_size, out, keep_float):
     """Weight-only int8 / int4 quantization of every linear layer and the routed experts (runs on the CPU)."""
     from .assembler.quantization import DEFAULT_SKIP, QuantSpec, quantize_mix

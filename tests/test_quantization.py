@@ -247,3 +247,29 @@ def test_quantizing_everything_keeps_a_tied_head_float_and_the_result_loads_and_
     with torch.no_grad():
         agree = (ref(input_ids=ids).logits.argmax(-1) == model(input_ids=ids).logits.argmax(-1)).float().mean()
     assert agree >= 0.5
+
+
+@pytest.mark.parametrize("kept", ["down_proj", "gate_up_proj,down_proj"])
+def test_keep_float_names_the_routed_experts_fused_weights_too(mixes, tmp_path, kept):
+    """--keep-float down_proj keeps every down projection float, the routed experts' fused one included; naming
+    both fused weights leaves the routed experts wholly float."""
+    mix = mixes["llama_seed"]
+    out = tmp_path / "kept"
+    result = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int8", "--out", str(out),
+                                       "--keep-float", f"lm_head,router,gate,{kept}"])
+    assert result.exit_code == 0, result.output
+    ref = AutoModelForCausalLM.from_pretrained(mix).eval()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    for ref_block, block in zip(ref.moe_blocks(), model.moe_blocks(), strict=True):
+        assert isinstance(block.shared_expert.down_proj, torch.nn.Linear)
+        if kept == "down_proj":
+            assert isinstance(block.experts, QuantizedExperts) and block.experts.float_weights == ("down_proj",)
+            assert torch.equal(block.experts.down_proj, ref_block.experts.down_proj.float())
+            assert not torch.equal(block.experts.expert_weight("gate_up_proj", 0, torch.float32),
+                                   ref_block.experts.gate_up_proj[0].float())
+            assert isinstance(block.shared_expert.up_proj, QuantizedLinear)
+        else:
+            assert isinstance(block.experts, NexusExperts)
+    ids = _ids(ref.config.text_config.vocab_size)
+    for expert in (0, 1, 2):
+        assert _relative_logit_error(ref, model, ids, expert) < 0.04

@@ -371,6 +371,29 @@ def test_an_unreachable_or_driverless_database_is_named_in_one_line_with_its_pas
     assert proc.returncode == 1 and "its driver is not installed" in proc.stderr and "s3cret-pw" not in proc.stderr
 
 
+def test_token_create_refuses_a_database_that_is_not_a_registry_unless_told_to_make_one(tmp_path):
+    """A mistyped --database used to become a new empty registry whose token the real server rejects: now it is
+    refused and no file appears; --init makes a new registry whose token a server on it then accepts."""
+    import sqlite3
+
+    env = {"EXPERTMIX_HOME": str(tmp_path / "home")}
+    typo = tmp_path / "regsitry.db"
+    proc = cli("token", "create", "--namespace", "org", "--database", f"sqlite:///{typo}", env=env, check=False)
+    assert proc.returncode == 1 and f"no registry database at {typo}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not typo.exists()
+    other = tmp_path / "other.db"  # some other application's SQLite file
+    sqlite3.connect(other).execute("CREATE TABLE notes (x TEXT)").connection.commit()
+    proc = cli("token", "create", "--namespace", "org", "--database", f"sqlite:///{other}", env=env, check=False)
+    assert proc.returncode == 1 and "is not an expertmix registry (no blobs, " in proc.stderr, proc.stderr
+    assert {r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")} == {"notes"}
+
+    fresh = f"sqlite:///{tmp_path / 'new.db'}"
+    token = cli("token", "create", "--namespace", "org", "--database", fresh, "--init", env=env).stdout.strip()
+    with serve(tmp_path, fresh) as reg:
+        HfApi(endpoint=reg.url, token=token).create_repo("org/x")
+        assert httpx.get(f"{reg.url}/api/models/org/x").status_code == 200
+
+
 def test_malformed_card_yaml_and_query_values_are_400_not_500(registry):
     """YAML the parser rejects (an unclosed list, a python tag) and a non-integer limit are the client's error."""
     for content in ("---\nlicense: [unclosed\n---\n", "---\nlicense: !!python/object/apply:os.system ['x']\n---\n"):

@@ -176,7 +176,12 @@ class QuantizedExperts(nn.Module):
                  act: Callable[[torch.Tensor], torch.Tensor] = F.silu):
         super().__init__()
         self.num_experts, self.hidden, self.inter, self.spec, self.act = num_experts, hidden, inter, spec, act
+        # A weight named in the skip list (``--keep-float down_proj``) stays a float tensor of the usual name.
+        self.float_weights = tuple(w for w in EXPERT_WEIGHTS if w in spec.skip)
         for weight, (out_f, in_f) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            if weight in self.float_weights:
+                self.register_buffer(weight, torch.zeros(num_experts, out_f, in_f))
+                continue
             for name, (shape, dtype) in _code_shapes(spec, (num_experts,), out_f, in_f).items():
                 self.register_buffer(f"{weight}_{name}", torch.zeros(shape, dtype=dtype))
 
@@ -185,12 +190,17 @@ class QuantizedExperts(nn.Module):
         e, two_i, h = experts.gate_up_proj.shape
         module = cls(e, h, two_i // 2, spec, act=getattr(experts, "act_fn", F.silu))
         for weight in EXPERT_WEIGHTS:
+            if weight in module.float_weights:
+                setattr(module, weight, getattr(experts, weight).detach().float().clone())
+                continue
             for k, v in quantize_tensor(getattr(experts, weight), spec).items():
                 setattr(module, f"{weight}_{k}", v)
         return module
 
     def expert_weight(self, weight: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``expert``'s float ``gate_up_proj`` or ``down_proj`` matrix."""
+        if weight in self.float_weights:
+            return getattr(self, weight)[expert].to(dtype)
         parts = {k[len(weight) + 1:]: v[expert] for k, v in self.named_buffers() if k.startswith(weight + "_")}
         return dequantize_tensor(parts, self.spec, self.hidden if weight == "gate_up_proj" else self.inter, dtype)
 
@@ -221,9 +231,14 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 def quantizable_modules(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every linear layer and fused-experts module that ``spec`` quantizes."""
+    """``(name, module)`` of every linear layer and fused-experts module that ``spec`` quantizes.
+
+    The skip list names module-name parts; for fused experts it also names their weights (``down_proj`` keeps the
+    routed experts' down projections float too), and a fused module with both weights named stays float.
+    """
     return [(name, m) for name, m in model.named_modules()
-            if name and not _skipped(name, spec) and (isinstance(m, nn.Linear) or _is_fused_experts(m))]
+            if name and not _skipped(name, spec) and (
+                isinstance(m, nn.Linear) or (_is_fused_experts(m) and not set(EXPERT_WEIGHTS) <= set(spec.skip)))]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -359,7 +374,7 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
         log(f"the output head is tied to the input embeddings, which stay float: keeping it float too "
             f"(--keep-float {','.join(tied.skip)})")
         spec = tied
-    float_weights = {name: _float_weight(m) for name, m in quantizable_modules(model, spec)}
+    float_weights = {name: _float_weight(m, spec) for name, m in quantizable_modules(model, spec)}
     if spec.scheme == "int4" and float_weights:
         shortest = min(w.shape[-1] for weights in float_weights.values() for w in weights.values())
         if spec.group_size > shortest:  # every row would be zero-padded to a whole group: int4 bigger than int8
@@ -386,10 +401,11 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
                           quantized_bytes=weights_bytes(out), stats=stats)
 
 
-def _float_weight(m: nn.Module) -> dict[str, torch.Tensor]:
+def _float_weight(m: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The float weights of ``m`` that ``spec`` quantizes, by name."""
     if isinstance(m, nn.Linear):
         return {"weight": m.weight.detach().float().clone()}
-    return {w: getattr(m, w).detach().float().clone() for w in EXPERT_WEIGHTS}
+    return {w: getattr(m, w).detach().float().clone() for w in EXPERT_WEIGHTS if w not in spec.skip}
 
 
 def _relative_errors(model: nn.Module, float_weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -40,13 +40,16 @@ def issue_token(db: Session, namespace: str, label: str = "") -> str:
     return token
 
 
-def create_token(database_url: str, namespace: str, label: str = "") -> str:
-    """Open the registry database at ``database_url`` and issue a token for ``namespace``."""
+def create_token(database_url: str, namespace: str, label: str = "", init: bool = True) -> str:
+    """Open the registry database at ``database_url`` and issue a token for ``namespace``.
+
+    ``init=False``: the database must already be a registry (see ``init_db``).
+    """
     try:
         check_namespace(namespace)
     except HubError as exc:
         raise StoreError(exc.message) from exc
-    factory = init_db(database_url)
+    factory = init_db(database_url, create=init)
     with factory() as db:
         return issue_token(db, namespace, label)
 
