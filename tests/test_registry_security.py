@@ -12,7 +12,10 @@ import http.client
 import json
 import os
 import socket
+import socketserver
+import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -354,6 +357,89 @@ def test_a_corrupt_blob_is_never_delivered_whole(registry, tmp_path):
     # A client resuming the cut download asks for the rest: the server hashes the blob first and refuses.
     rest = httpx.get(url, headers={"Range": f"bytes={len(data) - 10}-"})
     assert rest.status_code == 500 and "does not match its sha256" in rest.headers["x-error-message"]
+    # expertmix pull resumes the cut stream with a range, so the user reads the registry's own diagnosis.
+    env = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_HOME": str(tmp_path / "home")}
+    proc = cli("pull", "acme/rot", env=env, check=False)
+    assert proc.returncode == 1 and "does not match its sha256" in proc.stderr, proc.stderr
+    assert "talking to the registry" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "home").rglob("w.dat"))  # nothing half-downloaded is left in the cache
+
+
+class _CuttingProxy(socketserver.ThreadingTCPServer):
+    """A loopback proxy to the registry that cuts the first whole-file download after ``cut`` response bytes."""
+
+    daemon_threads = allow_reuse_address = True
+
+    def __init__(self, upstream: str, cut: int):
+        self.upstream, self.cut, self.cuts, self.ranges = urlparse(upstream), cut, 0, []
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+
+class _ProxyHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            request += chunk
+        head = request.split(b"\r\n\r\n")[0].decode().lower()
+        length = int(next((h.split(":")[1] for h in head.split("\r\n") if h.startswith("content-length:")), 0))
+        while len(request.split(b"\r\n\r\n", 1)[1]) < length:
+            request += self.request.recv(65536)
+        server = self.server
+        cut = "/resolve/" in head.split("\r\n")[0] and "range:" not in head and server.cuts == 0
+        if "range:" in head:
+            server.ranges.append(next(h for h in head.split("\r\n") if h.startswith("range:")))
+        with socket.create_connection((server.upstream.hostname, server.upstream.port)) as up:
+            up.sendall(request)
+            sent = 0
+            while data := up.recv(65536):
+                if cut and sent + len(data) > server.cut:
+                    self.request.sendall(data[: server.cut - sent])
+                    server.cuts += 1
+                    return  # the connection drops mid-body
+                self.request.sendall(data)
+                sent += len(data)
+
+
+def test_a_download_cut_mid_file_resumes_from_where_it_stopped(registry, tmp_path):
+    """A dropped connection costs no bytes already received: pull asks for the rest and the file arrives whole."""
+    new_repo(registry, "blip")
+    data = os.urandom(LIMIT - 1000)
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "w.dat").write_bytes(data)
+    HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
+        folder_path=tmp_path / "up", repo_id="acme/blip", commit_message="bits")
+    proxy = _CuttingProxy(registry.url, cut=300_000)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        env = {"EXPERTMIX_REGISTRY": f"http://127.0.0.1:{proxy.server_address[1]}",
+               "EXPERTMIX_HOME": str(tmp_path / "home")}
+        proc = cli("pull", "acme/blip", env=env)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.cuts == 1 and len(proxy.ranges) == 1 and proxy.ranges[0].endswith("-")
+    resumed_at = int(proxy.ranges[0].split("=")[1].rstrip("-"))
+    assert 0 < resumed_at < len(data)  # asked only for the bytes it lacked
+    assert (Path(proc.stdout.strip()) / "w.dat").read_bytes() == data
+
+
+def test_pulling_an_empty_repo_says_nothing_was_published_to_it(registry, tmp_path):
+    new_repo(registry, "empty")
+    env = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_HOME": str(tmp_path / "home")}
+    proc = cli("pull", "acme/empty", env=env, check=False)
+    assert proc.returncode == 1 and "acme/empty holds no files" in proc.stderr and "empty repo" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_a_token_the_registry_does_not_know_is_named_as_such(registry, tmp_path):
+    env = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_HOME": str(tmp_path / "home"),
+           "EXPERTMIX_TOKEN": "emx_not-a-real-token"}
+    proc = cli("search", "--domain", "de", env=env, check=False)
+    assert proc.returncode == 1 and "answered 401" in proc.stderr, proc.stderr
+    assert "the registry does not know this token" in proc.stderr and "set $EXPERTMIX_TOKEN" not in proc.stderr
 
 
 def test_an_unreachable_or_driverless_database_is_named_in_one_line_with_its_password_hidden(tmp_path):

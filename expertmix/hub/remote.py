@@ -33,6 +33,7 @@ from .store import ExpertEntry, FileEntry, expertmix_home, parse_ref
 
 TOKEN_ENV = "EXPERTMIX_TOKEN"
 DOWNLOAD_BUFFER = 1 << 20
+DOWNLOAD_RETRIES = 3  # resumed range requests after a cut connection, per file
 
 
 def disable_xet() -> None:
@@ -95,9 +96,11 @@ class RemoteRegistry:
             raise
 
     def _token_hint(self, status: object) -> str:
-        if status == 401:
-            return f" (set ${TOKEN_ENV} or pass --token)"
-        return ""
+        if status != 401:
+            return ""
+        if self.token:
+            return f" (the registry does not know this token: check ${TOKEN_ENV} or --token)"
+        return f" (set ${TOKEN_ENV} or pass --token)"
 
     def _get_json(self, what: str, path: str, **params) -> object:
         with self._errors(what):
@@ -187,6 +190,9 @@ class RemoteRegistry:
                 return snap
             files = [f for f in self.api.list_repo_tree(name, revision=commit, recursive=True)
                      if isinstance(f, RepoFile)]
+            if not files:  # e.g. a repo left by a publish the registry refused: created, never committed to
+                raise StoreError(f"pull {ref}: {name} holds no files at revision {commit[:12]} (an empty repo, "
+                                 f"nothing published to it); `expertmix list` shows the published experts")
             try:
                 with atomic_dir(snap) as tmp, tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True,
                                                    desc=f"pull {name}", disable=None) as bar:
@@ -199,6 +205,11 @@ class RemoteRegistry:
     def _download(self, name: str, commit: str, entry: RepoFile, dest: Path, bar: tqdm) -> None:
         """Stream one file to ``dest``, hashing as it arrives; refuse it unless hash and size match the tree.
 
+        A connection cut mid-file resumes with a ``Range`` request for the rest (up to ``DOWNLOAD_RETRIES``
+        times), so a network blip costs no bytes already received, and a blob the registry finds corrupt is
+        named by its answer rather than as a network failure (the registry cuts a whole-file stream whose bytes
+        do not match their hash, and checks the hash before answering a range).
+
         Hand-written rather than ``hf_hub_download``, and on the standard library's ``http.client`` rather
         than httpx: on a 2-core machine the stock download loop (httpx2, re-chunked into 10 MiB pieces)
         measured ~100 MB/s, httpx's streaming ~400, ``readinto`` a reused 1 MiB buffer ~600; hashing
@@ -209,23 +220,35 @@ class RemoteRegistry:
         dest.parent.mkdir(parents=True, exist_ok=True)
         url = urlsplit(hf_hub_url(name, entry.path, revision=commit, endpoint=self.url))
         conn_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = conn_class(url.hostname, url.port, timeout=self.timeout)
         size, buf = 0, memoryview(bytearray(DOWNLOAD_BUFFER))
-        try:
-            conn.request("GET", url.path + (f"?{url.query}" if url.query else ""),
-                         headers={**self._headers, "accept-encoding": "identity"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                msg = resp.getheader("X-Error-Message") or resp.read()[:300].decode("utf-8", "replace")
-                raise StoreError(f"download {name}/{entry.path}: registry {self.url} answered {resp.status}: {msg}")
-            with open(dest, "wb") as out:
-                while n := resp.readinto(buf):
-                    h.update(buf[:n])
-                    out.write(buf[:n])
-                    size += n
-                    bar.update(n)
-        finally:
-            conn.close()
+        with open(dest, "wb") as out:
+            for attempt in range(DOWNLOAD_RETRIES + 1):
+                headers = {**self._headers, "accept-encoding": "identity"}
+                if attempt:  # a retry asks for the rest (from byte 0 too: the registry checks the hash first)
+                    headers["range"] = f"bytes={size}-"
+                conn = conn_class(url.hostname, url.port, timeout=self.timeout)
+                try:
+                    conn.request("GET", url.path + (f"?{url.query}" if url.query else ""), headers=headers)
+                    resp = conn.getresponse()
+                    if resp.status != (206 if attempt else 200):
+                        msg = resp.getheader("X-Error-Message") or resp.read()[:300].decode("utf-8", "replace")
+                        raise StoreError(f"download {name}/{entry.path}: registry {self.url} answered "
+                                         f"{resp.status}: {msg}")
+                    while n := resp.readinto(buf):
+                        h.update(buf[:n])
+                        out.write(buf[:n])
+                        size += n
+                        bar.update(n)
+                    if size < entry.size:  # http.client reads a body cut short as a quiet end of file
+                        raise http.client.IncompleteRead(b"", entry.size - size)
+                    break
+                except (http.client.HTTPException, OSError) as exc:
+                    if attempt == DOWNLOAD_RETRIES or size >= entry.size:
+                        raise StoreError(f"download {name}/{entry.path}: the connection to {self.url} broke "
+                                         f"after {size} of {entry.size} bytes ({type(exc).__name__}), "
+                                         f"{attempt + 1} times; pull again") from exc
+                finally:
+                    conn.close()
         if size != entry.size or h.hexdigest() != expected:
             raise StoreError(f"pull {name}@{commit}: {entry.path} arrived with {size} bytes and hash "
                              f"{h.hexdigest()[:16]}, expected {entry.size} bytes and {expected[:16]}; pull again")
