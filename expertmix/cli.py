@@ -286,17 +286,28 @@ def token_create(namespace, database, label, init):
     click.echo(create_token(url, namespace, label, init=init))
 
 
+def _hex_prefix(value: str | None) -> str | None:
+    """A fingerprint prefix as the registries store it (lowercase hex); the same refusal for every registry."""
+    if value is None:
+        return None
+    if not value or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise click.BadParameter(f"{value!r} is not a hex fingerprint (or a prefix of one)",
+                                 param_hint="--base-fingerprint")
+    return value.lower()
+
+
 @main.command()
 @click.option("--domain", default=None)
 @click.option("--language", default=None)
 @click.option("--kind", type=click.Choice(["dense", "lora", "ia3"]), default=None)
-@click.option("--base-fingerprint", default=None, help="Base weights fingerprint (a prefix is enough).")
+@click.option("--base-fingerprint", default=None, callback=lambda _c, _p, v: _hex_prefix(v),
+              help="Base weights fingerprint (a prefix is enough).")
 @click.option("--like", "like", type=click.Path(path_type=Path, exists=True), default=None,
               help="Rank experts by similarity to the domain embedding of this data file or folder.")
 @click.option("--base", "seed_dir", type=click.Path(path_type=Path), default=None,
               help="With --like: the seed folder, to embed the data like experts embedded with 'seed'.")
 @click.option("--text-field", default=None, help="With --like: the JSONL field holding the text.")
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_registry_option
 @_token_option

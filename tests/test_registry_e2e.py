@@ -138,3 +138,35 @@ def test_private_experts_are_listed_only_with_their_namespace_token(registry, tr
     res = run(["publish", trained["code"], "--name", "acme/x", "--private"], env={"EXPERTMIX_REGISTRY": ""},
               ok=False)
     assert res.exit_code == 2 and "--private needs a registry server" in res.output
+
+
+def test_search_filters_mean_the_same_on_the_local_store_and_the_server(registry, trained, tmp_path):
+    """An uppercase fingerprint prefix finds the same experts in both; a non-hex one and --limit 0 are refused
+    by name for both (the server said 400 and the local store returned nothing, or everything)."""
+    server = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": registry.token("acme"),
+              "EXPERTMIX_HOME": str(tmp_path / "h")}
+    local = {"EXPERTMIX_REGISTRY": "", "EXPERTMIX_HOME": str(tmp_path / "local")}
+    for env in (server, local):
+        run(["publish", trained["math"], "--name", "acme/fp-math"], env=env)
+    fingerprint = json.loads(run(["show", "acme/fp-math"], env=local).stdout)["base_fingerprint"]
+    found = {}
+    for label, env in (("server", server), ("local", local)):
+        hits = json.loads(run(["search", "--base-fingerprint", fingerprint[:8].upper(), "--json"], env=env).stdout)
+        found[label] = {e["name"] for e in hits}
+        for bad, hint in ((["--base-fingerprint", "xyz"], "'xyz' is not a hex fingerprint"),
+                          (["--base-fingerprint", ""], "'' is not a hex fingerprint"),
+                          (["--limit", "0"], "0 is not in the range x>=1")):
+            res = run(["search", *bad], env=env, ok=False)
+            assert res.exit_code == 2 and hint in res.output, (label, res.output)
+    assert "acme/fp-math" in found["local"] and found["local"] <= found["server"]
+
+
+def test_a_local_name_cannot_be_both_an_expert_and_a_namespace(trained, home):
+    """'qa' and 'qa/refs' once shared folders in the local store and broke `list` for every expert."""
+    run(["publish", trained["math"], "--name", "qa"])
+    res = run(["publish", trained["code"], "--name", "qa/refs"], ok=False)
+    assert res.exit_code == 1 and "'qa' is already an expert there" in res.output
+    run(["publish", trained["code"], "--name", "team/code"])
+    res = run(["publish", trained["math"], "--name", "team"], ok=False)
+    assert res.exit_code == 1 and "it is the namespace of team/code" in res.output
+    assert {e["name"] for e in json.loads(run(["list", "--json"]).stdout)} == {"qa", "team/code"}

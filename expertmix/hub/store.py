@@ -99,6 +99,19 @@ class LocalStore:
     def _repo(self, name: str) -> Path:
         return self.root / "repos" / name
 
+    def _check_layout(self, name: str) -> None:
+        """Refuse a name whose folder would nest with another's: an expert ``X`` beside experts ``X/...``."""
+        org, _, rest = name.partition("/")
+        if rest and (self._repo(org) / "refs" / "main").is_file():
+            raise StoreError(f"cannot publish '{name}' to the local store {self.root}: '{org}' is already an expert "
+                             f"there, and a local name cannot be both an expert and a namespace; choose another "
+                             f"--name")
+        if not rest and (others := sorted(p.parent.parent.relative_to(self.root / "repos").as_posix()
+                                          for p in self._repo(org).glob("*/refs/main"))):
+            raise StoreError(f"cannot publish '{name}' to the local store {self.root}: it is the namespace of "
+                             f"{', '.join(others)}, and a local name cannot be both an expert and a namespace; "
+                             f"choose another --name (e.g. {name}/{name})")
+
     # -- writing -----------------------------------------------------------------------------------
     def _put_blob(self, src: Path) -> FileEntry:
         sha = sha256_file(src)
@@ -117,6 +130,7 @@ class LocalStore:
         name = validate_name(expert.card.expert.name if name is None else name)
         if tag:
             validate_tag(tag)
+        self._check_layout(name)
         files = []
         for p in expert.files:
             blob = self._put_blob(p)
@@ -230,7 +244,7 @@ class LocalStore:
                 continue
             if kind and e.kind != kind:
                 continue
-            if base_fingerprint and not e.base_fingerprint.startswith(base_fingerprint):
+            if base_fingerprint and not e.base_fingerprint.startswith(base_fingerprint.lower()):
                 continue
             score = None
             if like is not None:
