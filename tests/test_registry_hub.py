@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import BlobLfsInfo
 from registry_helpers import DATABASES, database, make_expert, plain_http_uploads, serve
 
@@ -89,6 +89,45 @@ def test_hub_client_creates_uploads_lists_and_downloads_by_commit_and_tag(regist
     with pytest.raises(RevisionNotFoundError):
         hf_hub_download("acme/math-hub", "config.json", revision="v9", endpoint=registry.url,
                         cache_dir=tmp_path / "c4", token=False)
+
+
+def test_hub_client_branches_take_commits_of_their_own_and_main_stays(registry, experts, tmp_path):
+    """create_branch / upload to it / read by it / delete_branch, as the Hub does (it was a bare 404)."""
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    api.create_repo("acme/branchy")
+    first = api.upload_folder(folder_path=experts["math"], repo_id="acme/branchy", commit_message="first")
+    api.create_branch("acme/branchy", branch="dev")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "NOTES.md").write_text("work in progress\n")
+    on_dev = api.upload_folder(folder_path=tmp_path / "extra", repo_id="acme/branchy", revision="dev",
+                               commit_message="wip")
+    assert api.model_info("acme/branchy").sha == first.oid  # main did not move
+    assert api.model_info("acme/branchy", revision="dev").sha == on_dev.oid
+    assert "NOTES.md" in api.list_repo_files("acme/branchy", revision="dev")
+    assert "NOTES.md" not in api.list_repo_files("acme/branchy")
+    got = hf_hub_download("acme/branchy", "NOTES.md", revision="dev", endpoint=registry.url,
+                          cache_dir=tmp_path / "c", token=False)
+    assert Path(got).read_text() == "work in progress\n"
+    refs = api.list_repo_refs("acme/branchy")
+    assert {b.name: b.target_commit for b in refs.branches} == {"main": first.oid, "dev": on_dev.oid}
+
+    api.create_branch("acme/branchy", branch="from-first", revision=first.oid[:12])
+    assert api.model_info("acme/branchy", revision="from-first").sha == first.oid
+    api.create_branch("acme/branchy", branch="dev", exist_ok=True)
+    for bad, status in (("dev", 409), (first.oid, 400)):
+        with pytest.raises(HfHubHTTPError) as err:
+            api.create_branch("acme/branchy", branch=bad)
+        assert err.value.response.status_code == status
+    with pytest.raises(HfHubHTTPError) as err:  # another namespace's token cannot branch acme's repo
+        HfApi(endpoint=registry.url, token=registry.token("other")).create_branch("acme/branchy", branch="x")
+    assert err.value.response.status_code == 403
+    api.delete_branch("acme/branchy", branch="dev")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("acme/branchy", revision="dev")
+    assert api.model_info("acme/branchy", revision=on_dev.oid).sha == on_dev.oid  # its commit stays readable
+    with pytest.raises(HfHubHTTPError) as err:
+        api.delete_branch("acme/branchy", branch="main")
+    assert err.value.response.status_code == 403
 
 
 def test_downloads_send_commit_sha256_etag_size_and_honour_range(registry, experts):

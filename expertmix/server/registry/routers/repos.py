@@ -17,7 +17,7 @@ from ..commits import initial_commit
 from ..deps import BaseUrl, CurrentPrincipal, DbSession, Settings
 from ..errors import HubError, repo_not_found
 from ..models import Commit, ExpertRecord, Ref, Repo
-from ..naming import check_path, check_repo_id, check_revision
+from ..naming import COMMIT_RE, check_path, check_repo_id, check_revision
 from ..repos import (
     DEFAULT_BRANCH,
     commit_files,
@@ -60,6 +60,12 @@ class RepoSettings(BaseModel):
 class CreateTag(BaseModel):
     tag: str
     message: str | None = None
+
+
+class CreateBranch(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    startingPoint: str | None = None  # noqa: N815 - the Hub's field name
+    emptyBranch: bool | None = None  # noqa: N815
 
 
 def _model_type(kind: str | None) -> None:
@@ -319,3 +325,43 @@ def delete_tag(namespace: str, name: str, tag: str, db: DbSession,
     db.commit()
     return {}
 
+
+@router.post("/api/models/{namespace}/{name}/branch/{branch}")
+def create_branch(namespace: str, name: str, branch: str, db: DbSession, principal: CurrentPrincipal,
+                  body: CreateBranch | None = None) -> dict:
+    """A new branch at ``startingPoint`` (default: the head of main); commits and ``--revision`` reads use it."""
+    check_repo_id(namespace, name)
+    require_writer(principal, namespace)
+    repo = visible_repo(db, namespace, name, principal)
+    branch = check_revision(branch)
+    if COMMIT_RE.match(branch):
+        raise HubError(400, f"branch name {branch!r} looks like a commit id; choose another")
+    if body is not None and body.emptyBranch:
+        raise HubError(400, "empty branches are not supported by this registry; start from a revision")
+    commit = resolve(db, repo, (body.startingPoint if body is not None else None) or DEFAULT_BRANCH)
+    existing = db.get(Ref, (repo.id, branch))
+    if existing is not None:
+        raise HubError(409, f"{branch!r} already exists in {repo.repo_id} (a {existing.kind})")
+    db.add(Ref(repo_id=repo.id, name=branch, kind="branch", commit_oid=commit.oid))
+    try:
+        db.commit()
+    except IntegrityError as exc:  # created meanwhile by another request
+        db.rollback()
+        raise HubError(409, f"{branch!r} already exists in {repo.repo_id}") from exc
+    return {}
+
+
+@router.delete("/api/models/{namespace}/{name}/branch/{branch}")
+def delete_branch(namespace: str, name: str, branch: str, db: DbSession, principal: CurrentPrincipal) -> dict:
+    """Drop a branch (its commits stay reachable by id and by the tags that name them); main stays."""
+    check_repo_id(namespace, name)
+    require_writer(principal, namespace)
+    repo = visible_repo(db, namespace, name, principal)
+    ref = db.get(Ref, (repo.id, check_revision(branch)))
+    if branch == DEFAULT_BRANCH:
+        raise HubError(403, f"{DEFAULT_BRANCH!r} is the default branch of {repo.repo_id} and cannot be deleted")
+    if ref is None or ref.kind != "branch":
+        raise HubError(404, f"no branch {branch!r} in {repo.repo_id}", "RevisionNotFound")
+    db.delete(ref)
+    db.commit()
+    return {}
