@@ -24,7 +24,14 @@ from ..errors import CardError, ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
 from ..hub.card import ExpertCard, read_card
 from .dpo import dpo_step
-from .policy import evaluate_policy, freeze_router, load_policy, load_reference, save_aligned
+from .policy import (
+    evaluate_policy,
+    freeze_router,
+    load_policy,
+    load_reference,
+    router_parameters,
+    save_aligned,
+)
 from .preferences import (
     PromptRecord,
     check_reward_fields,
@@ -170,8 +177,10 @@ def align(cfg: AlignConfig, log=print) -> dict:
     policy, tokenizer = load_policy(cfg.model, cfg.device)
     reference = load_reference(cfg.model, cfg.device)
     frozen = 0 if cfg.train_router else freeze_router(policy)
-    aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else \
-        getattr(policy.config, "router_aux_loss_coef", DEFAULT_AUX_LOSS_COEF)
+    aux_coef = None  # a dense model has no router and no load-balancing loss to weigh
+    if router_parameters(policy):
+        aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else \
+            getattr(policy.config, "router_aux_loss_coef", DEFAULT_AUX_LOSS_COEF)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     beta = cfg.kl_beta
@@ -196,9 +205,9 @@ def align(cfg: AlignConfig, log=print) -> dict:
             if cfg.method == "rloo":
                 loss, metrics = rloo_step(policy, reference, tokenizer, [r.prompt for r in batch],
                                           prompt_columns(batch), reward, cfg.k, beta, cfg.max_new_tokens,
-                                          cfg.temperature, aux_coef)
+                                          cfg.temperature, aux_coef or 0.0)
             else:
-                loss, metrics = dpo_step(policy, reference, tokenizer, batch, beta, aux_coef)
+                loss, metrics = dpo_step(policy, reference, tokenizer, batch, beta, aux_coef or 0.0)
             if not math.isfinite(loss.item()):
                 raise ExpertmixError(f"step {step}: the loss is {loss.item()}; lower --lr (now {cfg.lr})")
             loss.backward()

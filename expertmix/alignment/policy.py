@@ -209,9 +209,19 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, co
 
 
 def sequence_kl(policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor,
-                completion_mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence KL estimate ``sum_t log pi(y_t) - log pi_ref(y_t)`` over the completion (y ~ pi)."""
-    return ((policy_token_logps - ref_token_logps) * completion_mask).sum(-1)
+                completion_mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-sequence estimate of KL(pi || pi_ref) over the completion (y ~ pi), summed over its tokens.
+
+    ``k1``: ``log pi(y_t) - log pi_ref(y_t)``, the log ratio RLOO puts in the reward (unbiased, but one sample can
+    be negative). ``k3``: ``exp(-d) - 1 + d`` with ``d`` that log ratio: unbiased too and never negative, so a
+    measured KL reads as one (what the held-out evaluation reports).
+    """
+    d = policy_token_logps - ref_token_logps
+    if estimator == "k3":
+        d = torch.expm1(-d) + d
+    elif estimator != "k1":
+        raise ValueError(f"sequence_kl: estimator {estimator!r} is not k1 or k3")
+    return (d * completion_mask).sum(-1)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -230,7 +240,8 @@ def by_language(values: Sequence[float], languages: Sequence[str | None]) -> dic
 def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[str], columns: dict[str, list],
                     reward: RewardFn | None, samples_per_prompt: int = 4, max_new_tokens: int = 32,
                     temperature: float = 1.0, batch_size: int = 32, seed: int = 0) -> dict:
-    """Mean reward and KL to the reference of the policy's own samples, overall and per language.
+    """Mean reward and KL to the reference (the non-negative k3 estimate) of the policy's own samples, overall and
+    per language.
 
     Without a reward only the KL is measured (``reward`` is then None).
     """
@@ -244,7 +255,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[str], column
         ids, mask, cmask = pack_sequences(s.prompt_ids[sl], s.completion_ids[sl], tokenizer.pad_token_id)
         pol, _ = token_logps(policy, ids, mask, cmask, temperature)
         ref, _ = token_logps(reference, ids, mask, cmask, temperature)
-        kls.extend(sequence_kl(pol, ref, cmask.to(pol.device)).tolist())
+        kls.extend(sequence_kl(pol, ref, cmask.to(pol.device), estimator="k3").tolist())
     languages = s.repeat(columns["language"]) if "language" in columns else [None] * len(kls)
     per_kl = by_language(kls, languages)
     per_reward = by_language(rewards, languages) if rewards is not None else dict.fromkeys(per_kl)
