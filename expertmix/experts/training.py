@@ -6,8 +6,10 @@ for free; ``fit`` only turns token blocks and a budget into its arguments.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -23,7 +25,8 @@ except ImportError:  # not on Windows: work folders go unlocked there
     fcntl = None
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import require_context, require_float_weights
@@ -101,6 +104,54 @@ def warmup_steps(ratio: float, steps: int) -> int:
     return warmup if warmup < steps else 0
 
 
+class RunLoss(TrainerCallback, ExportableState):
+    """The mean training loss over the whole run, resumes included (the Trainer's own ``train_loss`` covers only
+    the steps since the last resume). Every checkpoint and the last step are also logging steps, so the loss sum
+    saved with a checkpoint covers every step before it."""
+
+    def __init__(self, loss_sum: float = 0.0, steps: int = 0):
+        self.loss_sum, self.steps = loss_sum, steps
+
+    def state(self) -> dict:
+        return {"args": {"loss_sum": self.loss_sum, "steps": self.steps}, "attributes": {}}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.global_step > self.steps:
+            self.loss_sum += float(logs["loss"]) * (state.global_step - self.steps)
+            self.steps = state.global_step
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / self.steps if self.steps else float("nan")
+
+
+class _TiedKeysFilter(logging.Filter):
+    """Drops the Trainer's "missing keys" warning on resume when the keys are tied duplicates (a tied output head):
+    they are not saved, and loading the tensor they share restores them (transformers 5 warns regardless)."""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self.tied = every - {n for n, _ in model.named_parameters()}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        try:
+            missing = set(ast.literal_eval(message[len(self.PREFIX):].rstrip(".")))
+        except (ValueError, SyntaxError):
+            return True
+        return not (missing and missing <= self.tied)
+
+
 def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: TrainSettings, work_dir: str | Path,
         resume: bool = False, callbacks: Sequence | None = None,
         trainer_class: Callable[..., Trainer] = Trainer) -> dict:
@@ -141,8 +192,21 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
                       eval_dataset=BlockDataset(valid_blocks) if valid_blocks is not None else None,
                       callbacks=list(callbacks or []))
     checkpoint = last_complete_checkpoint(work_dir) if resume else None
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    # Restored by hand: the Trainer's restore_callback_states_from_checkpoint would also restore its control flags
+    # as they stood mid-save (and so save again on the first resumed step).
+    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()) if checkpoint else {}
+    run_loss = RunLoss(**saved.get("stateful_callbacks", {}).get("RunLoss", {}).get("args", {}))
+    trainer.add_callback(run_loss)
+    tied_filter = _TiedKeysFilter(model)
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.addFilter(tied_filter)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer_log.removeFilter(tied_filter)
     metrics = dict(result.metrics)
+    if run_loss.steps:
+        metrics["train_loss"] = run_loss.mean
     metrics.update(steps=steps, tokens=steps * settings.batch_size * settings.grad_accum * seq_len,
                    resumed_from=Path(checkpoint).name if checkpoint else None)
     return metrics
