@@ -68,14 +68,23 @@ def _token_option(f):
                         help="Registry token (publishing, private experts); default: $EXPERTMIX_TOKEN.")(f)
 
 
+def _split_source(value: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` as (NAME, PATH); a value that is itself an existing path, or whose part before '=' holds a
+    '/', is a PATH (a Hive-style folder such as ``data/lang=de/part-0.jsonl``)."""
+    name, sep, path = value.partition("=")
+    if not sep or "/" in name or Path(value).exists():
+        return None, value
+    return name, path
+
+
 def _parse_data(values: tuple[str, ...], domain: str):
     from .experts.training import DataSource
 
     sources = []
     for v in values:
-        name, sep, path = v.partition("=")
-        if not sep:
-            name, path = (domain if len(values) == 1 else Path(v).stem.split(".")[0]), v
+        name, path = _split_source(v)
+        if name is None:
+            name = domain if len(values) == 1 else Path(v).stem.split(".")[0]
         if not name or not path:
             raise click.BadParameter(f"{v!r}: use PATH or NAME=PATH", param_hint="--data")
         sources.append(DataSource(name=name, path=Path(path)))
@@ -359,7 +368,8 @@ def prefs() -> None:
 @click.option("--k", type=click.IntRange(min=2), default=4, show_default=True,
               help="Completions sampled per prompt (a pair needs two).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Preference pairs JSONL.")
-@click.option("--language", "languages", multiple=True, help="Only prompts in this language (repeatable).")
+@click.option("--language", "languages", multiple=True,
+              help="Only prompts in this language ('language_code' or 'language' field; repeatable).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--min-margin", type=float, default=0.0, show_default=True,
@@ -402,7 +412,8 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--train-router/--freeze-router", default=True, show_default=True,
               help="Whether the mix's router trains too.")
-@click.option("--language", "languages", multiple=True, help="Train only on this language (repeatable).")
+@click.option("--language", "languages", multiple=True,
+              help="Train only on this language ('language_code' or 'language' field; repeatable).")
 @click.option("--eval-prompts", type=click.Path(path_type=Path), default=None,
               help="Held-out prompts: reward and KL per language before and after.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -458,7 +469,7 @@ def _named_sources(values: tuple[str, ...]):
     """``NAME=PATH`` (or a PATH whose file name starts with the name, e.g. code.valid.jsonl)."""
     if not values:
         return []
-    first = values[0].partition("=")[2] or values[0]
+    first = _split_source(values[0])[1]
     return _parse_data(values, Path(first).name.split(".")[0])
 
 
@@ -727,7 +738,8 @@ def quantize(mix, scheme, group_size, out, keep_float):
 @click.option("--bpb", is_flag=True, help="Bits per byte per language, domain and script instead of perplexity.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Compare with this model (e.g. the float mix): bits-per-byte change, KL per token, top-1 flips.")
-@click.option("--langs", default=None, help="Only these languages (comma list, the documents' 'language' field).")
+@click.option("--langs", default=None,
+              help="Only these languages (comma list; matches a document's 'language_code' or 'language' field).")
 @click.option("--variant", default=None, help="ONNX export of MIX: which graph (fp32, int8, int4).")
 @click.option("--reference-variant", default=None, help="ONNX export as --reference: which graph.")
 @click.option("--max-bytes", type=int, default=0, show_default=True, help="Bytes of text per language (0: all).")

@@ -223,3 +223,27 @@ def test_the_k3_kl_estimate_is_never_negative_and_agrees_with_the_exact_kl():
     assert abs(float(k1.mean()) - exact) < 0.05 * exact and abs(float(k3.mean()) - exact) < 0.05 * exact
     with pytest.raises(ValueError, match="k2"):
         sequence_kl(pol_lp, ref_lp, mask, estimator="k2")
+
+
+def test_the_script_reward_follows_a_rows_own_script_field_before_its_language():
+    """Serbian is written in Latin and Cyrillic: an Aya row saying Latn wants a Latin reply."""
+    from expertmix.alignment.rewards import script_reward
+
+    latin, cyrillic = "Tri plus cetiri je sedam", "Три плюс четири је седам"
+    assert script_reward(["q"] * 2, [latin, cyrillic], language=["srp"] * 2, script=["Latn"] * 2) == [1.0, 0.0]
+    assert script_reward(["q"] * 2, [latin, cyrillic], language=["srp"] * 2, script=["Cyrl"] * 2) == [0.0, 1.0]
+    assert script_reward(["q"], [cyrillic], language=["srp"], script=[None]) == [1.0]  # no field: the language's
+    assert script_reward(["q"], [cyrillic], language=["srp"]) == [1.0]
+
+
+def test_language_filters_match_a_rows_language_name_as_well_as_its_code(tmp_path):
+    from expertmix.alignment.preferences import filter_languages, read_prompts
+
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"inputs": "Wie geht's?", "language": "German", "language_code": "deu"}) + "\n"
+                 + json.dumps({"prompt": "How?", "language": "en"}) + "\n")
+    rows = read_prompts(p)
+    assert [r.language for r in filter_languages(rows, ["German"], p)] == ["deu"]
+    assert [r.language for r in filter_languages(rows, ["deu", "en"], p)] == ["deu", "en"]
+    with pytest.raises(DataError, match="found: deu, en"):
+        filter_languages(rows, ["fr"], p)

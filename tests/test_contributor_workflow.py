@@ -297,3 +297,24 @@ def test_an_aligned_expert_keeps_a_card_and_publishes_as_its_own_expert(dense_ex
     ids = torch.tensor([[1, 5, 9, 17]])
     assert torch.equal(AutoModelForCausalLM.from_pretrained(pulled)(ids).logits,
                        AutoModelForCausalLM.from_pretrained(out)(ids).logits)
+
+
+def test_train_reads_a_dataset_dicts_splits_and_a_hive_style_path(tmp_path, llama_seed, corpus):
+    """A DatasetDict trains on 'train' and validates on its own 'validation' split (it trained and validated on
+    'train' before); --data accepts a path holding '=' (lang=de/part-0.jsonl was split as NAME=PATH)."""
+    import datasets
+
+    rows = [json.loads(line) for line in corpus["prose"].read_text().splitlines()]
+    saved = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:40]),
+                          "validation": datasets.Dataset.from_list(rows[40:50])}).save_to_disk(str(saved))
+    res = run("train", "--base", llama_seed, "--data", saved, "--domain", "prose", "--out", tmp_path / "e",
+              "--max-steps", "1", "--seq-len", "32", "--batch-size", "2")
+    assert f"validation: the 'validation' split of {saved}" in res.output
+    assert read_card(tmp_path / "e").expert.data.documents == 40  # every train row trained on, none held out
+    hive = tmp_path / "lang=en" / "part-0.jsonl"
+    hive.parent.mkdir()
+    hive.write_text(corpus["prose"].read_text())
+    res = run("train", "--base", llama_seed, "--data", hive, "--domain", "prose", "--out", tmp_path / "h",
+              "--max-steps", "1", "--seq-len", "32", "--batch-size", "2")
+    assert read_card(tmp_path / "h").expert.data.sources == [str(hive)]

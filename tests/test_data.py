@@ -91,3 +91,53 @@ def test_pack_cuts_the_stream_into_blocks_and_pads_the_tail_on_request(tokenizer
     assert padded["labels"].tolist()[-1] == [7, -100, -100]
     with pytest.raises(DataError, match="one block of 10 tokens"):
         pack(docs, 10)
+
+
+def test_a_byte_order_mark_and_windows_line_endings_leave_no_trace_in_the_text(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "eins"}\r\n{"text": "zwei"}\r\n')
+    (tmp_path / "b.txt").write_bytes(bom + b"line one\r\nline two\r\n\r\nsecond\r\n")
+    assert [d.text for d in read_documents(tmp_path / "a.jsonl")] == ["eins", "zwei"]
+    assert [d.text for d in read_documents(tmp_path / "b.txt")] == ["line one\nline two", "second"]
+
+
+def test_rows_with_empty_text_are_skipped_and_a_file_of_them_is_named(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text('{"text": "kept"}\n{"text": ""}\n{"text": "   "}\n{"inputs": "q", "targets": ""}\n')
+    assert [(d.text, d.line) for d in read_documents(p)] == [("kept", 1)]
+    p.write_text('{"text": ""}\n' * 3)
+    with pytest.raises(DataError, match="e.jsonl: no documents .*every row's text is"):
+        read_documents(p)
+
+
+def test_a_data_folder_holding_a_format_that_is_not_read_is_refused_by_name(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ay"}\n')
+    (tmp_path / "b.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x.parquet").write_bytes(b"PAR1")  # hidden folders are not data
+    with pytest.raises(DataError, match=r"b.jsonl.gz: a format expertmix does not read \('.gz'\)"):
+        read_documents(tmp_path)
+    (tmp_path / "b.jsonl.gz").unlink()
+    assert [d.text for d in read_documents(tmp_path)] == ["ay"]
+
+
+def test_a_dataset_dict_is_read_by_split_training_reads_train_evaluation_the_held_out_one(tmp_path):
+    import datasets
+
+    def save(name, **splits):
+        datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+            str(tmp_path / name))
+        return tmp_path / name
+
+    both = save("both", train=["t1", "t2"], validation=["v1"])
+    assert [d.text for d in read_documents(both)] == ["t1", "t2"]
+    assert [d.text for d in read_documents(both, role="eval")] == ["v1"]
+    only_valid = save("only-valid", validation=["v1", "v2"])
+    assert [d.text for d in read_documents(only_valid, role="eval")] == ["v1", "v2"]
+    with pytest.raises(DataError, match="no split 'train' to train on \\(splits: validation\\)"):
+        read_documents(only_valid)
+    only_train = save("only-train", train=["t1"])
+    assert [d.text for d in read_documents(only_train, role="eval")] == ["t1"]  # the one split there is
+    two = save("two", train=["t1"], extra=["x"])
+    with pytest.raises(DataError, match="no split 'validation' or 'valid' or 'test' to evaluate on"):
+        read_documents(two, role="eval")

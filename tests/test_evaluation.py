@@ -104,6 +104,12 @@ def test_documents_score_aya_targets_given_inputs_and_cut_plain_text_by_bytes(tm
     assert len(en) == 1 and en[0].n_bytes == len(b"the cat sat\non the mat")  # cut at a line end
     assert [d.script for d in docs if d.language == "ru"] == [NON_LATIN]
     assert [d.language for d in prepare_documents([DataSource("web", text)], tokenizer, langs=["ru"])] == ["ru"]
+    # --langs matches an Aya row's language name as well as its code
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"inputs": "q", "targets": "Antwort", "language": "German", "language_code": "deu"})
+                     + "\n" + json.dumps({"text": "other", "language": "en"}) + "\n")
+    for langs in (["German"], ["deu"]):
+        assert [d.language for d in prepare_documents([DataSource("n", named)], tokenizer, langs=langs)] == ["deu"]
     # Without a script field, a language's script is the majority of all its documents' letters.
     ja = tmp_path / "ja.jsonl"
     ja.write_text(json.dumps({"text": "ls --all --long --human", "language": "ja"}) + "\n"

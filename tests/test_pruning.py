@@ -197,6 +197,10 @@ def test_prune_file_writes_kept_docs_and_complete_audit(reference, tmp_path):
 
     with pytest.raises(DataError, match="already exists"):
         prune_file(data, out, reference, "top:0.5", progress=False)
+    # A .txt output would read back as one document of JSON syntax: refused, nothing written.
+    with pytest.raises(DataError, match="give a .jsonl path"):
+        prune_file(data, tmp_path / "kept.txt", reference, "top:0.5", progress=False)
+    assert not (tmp_path / "kept.txt").exists() and not (tmp_path / "kept.scores.jsonl").exists()
 
 
 def test_prune_file_reports_missing_reference_model_as_one_error(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 
 from ..errors import DataError, ExpertmixError
-from ..experts.data import iter_jsonl_records
+from ..experts.data import iter_jsonl_records, language_names, row_language
 from ..fsutil import write_text_atomic
 from .policy import load_policy, sample_completions, score_samples
 from .rewards import BUILTIN_REWARDS, RewardFn, load_reward, score
@@ -34,6 +34,8 @@ class PromptRecord:
     language: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     line: int = field(default=0, compare=False)  # in the prompt file, for errors
+    # every name the row gives its language (Aya: "deu" and "German"), for --language filters
+    language_names: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class PreferencePair:
     rejected_score: float | None = None
     samples: list[dict] | None = None  # every sampled completion with its score
     fields: dict[str, Any] = field(default_factory=dict)
+    language_names: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_json(self) -> dict:
         row = {k: getattr(self, k) for k in PAIR_FIELDS}
@@ -69,11 +72,6 @@ def _string(row: dict, key: str, path: Path, line: int) -> str:
     return row[key]
 
 
-def _language(row: dict) -> str | None:
-    lang = row.get("language_code") or row.get("language")
-    return str(lang) if lang is not None else None
-
-
 def read_prompts(path: str | Path) -> list[PromptRecord]:
     """Prompts from JSONL: ``prompt`` rows, or Aya rows (``inputs``, ``language``/``language_code``).
 
@@ -91,7 +89,8 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
             raise DataError(f"{path} line {i}: no field 'prompt' or 'inputs' "
                             f"(fields: {', '.join(sorted(row))})")
         skip = {"prompt", "inputs", "targets", "language", "language_code", *PAIR_FIELDS}
-        out.append(PromptRecord(prompt, _language(row), {k: v for k, v in row.items() if k not in skip}, line=i))
+        out.append(PromptRecord(prompt, row_language(row), {k: v for k, v in row.items() if k not in skip}, line=i,
+                                language_names=language_names(row)))
     if not out:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return out
@@ -108,7 +107,8 @@ def filter_languages(rows: list, languages: Sequence[str] | None, source: str | 
     """The prompts or pairs in ``languages`` (all of them when none are named); none left is an error."""
     if not languages:
         return rows
-    kept = [r for r in rows if r.language in languages]
+    wanted = set(languages)
+    kept = [r for r in rows if r.language in wanted or r.language_names & wanted]
     if not kept:
         found = sorted({str(r.language) for r in rows})
         raise DataError(f"{source}: no rows in language(s) {', '.join(languages)} "
@@ -145,8 +145,8 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
     for i, row in _read_rows(path):
         texts = [_string(row, key, path, i) for key in ("prompt", "chosen", "rejected")]
         extra = {k: v for k, v in row.items() if k not in {*PAIR_FIELDS, "language_code"}}
-        out.append(PreferencePair(*texts, _language(row), row.get("chosen_score"), row.get("rejected_score"),
-                                  row.get("samples"), extra))
+        out.append(PreferencePair(*texts, row_language(row), row.get("chosen_score"), row.get("rejected_score"),
+                                  row.get("samples"), extra, language_names=language_names(row)))
     if not out:
         raise DataError(f"{path}: no preference pairs (the file is empty)")
     return out

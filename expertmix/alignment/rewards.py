@@ -44,6 +44,16 @@ _SCRIPT_LANGUAGES: dict[frozenset[str], tuple[str, ...]] = {
                            "ron", "romanian"),
 }
 LANGUAGE_SCRIPTS = {lang: scripts for scripts, langs in _SCRIPT_LANGUAGES.items() for lang in langs}
+# ISO 15924 codes, as the Aya dataset's ``script`` field gives them: a row's own script wins over its language's
+# usual one (Serbian and Uzbek are written in Latin as well as Cyrillic).
+SCRIPT_CODES: dict[str, frozenset[str]] = {
+    "latn": frozenset({"LATIN"}), "cyrl": frozenset({"CYRILLIC"}), "grek": frozenset({"GREEK"}),
+    "arab": frozenset({"ARABIC"}), "hebr": frozenset({"HEBREW"}), "deva": frozenset({"DEVANAGARI"}),
+    "thai": frozenset({"THAI"}), "hang": frozenset({"HANGUL"}), "kore": frozenset({"HANGUL", "CJK"}),
+    "hani": frozenset({"CJK"}), "hans": frozenset({"CJK"}), "hant": frozenset({"CJK"}), "jpan": JAPANESE,
+    "beng": frozenset({"BENGALI"}), "taml": frozenset({"TAMIL"}), "telu": frozenset({"TELUGU"}),
+    "geor": frozenset({"GEORGIAN"}), "armn": frozenset({"ARMENIAN"}), "ethi": frozenset({"ETHIOPIC"}),
+}
 
 
 def char_script(ch: str) -> str | None:
@@ -90,10 +100,12 @@ def _column(columns: dict[str, Any], name: str, n: int) -> list:
 
 
 def script_reward(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
-    """Share of the reply's letters in the script of the prompt's ``language`` (or of the prompt itself)."""
+    """Share of the reply's letters in the prompt's script: its ``script`` field (ISO 15924, e.g. ``Latn``) when it
+    has a known one, else the script of its ``language`` (or of the prompt itself)."""
     langs = _column(columns, "language", len(prompts))
-    return [script_fraction(c, language_scripts(lang, p))
-            for p, c, lang in zip(prompts, completions, langs, strict=True)]
+    scripts = _column(columns, "script", len(prompts))
+    return [script_fraction(c, SCRIPT_CODES.get(str(sc).strip().lower()) or language_scripts(lang, p))
+            for p, c, lang, sc in zip(prompts, completions, langs, scripts, strict=True)]
 
 
 def keyword_reward(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import require_model_weights
 from ..errors import DataError, ExpertmixError
 from ..experts.adapter import is_adapter_folder, load_adapter_expert
-from ..experts.data import IGNORE_INDEX, Document, read_documents, tokenize_documents
+from ..experts.data import IGNORE_INDEX, Document, language_names, read_documents, tokenize_documents
 from ..fsutil import save_figure, write_json_atomic
 
 LATIN, NON_LATIN = "Latin", "non-Latin"
@@ -149,7 +149,7 @@ def select_documents(docs: Sequence[Document], langs: Sequence[str] | None, max_
     out = []
     for d in docs:
         lang = d.language or default_language
-        if wanted is not None and lang not in wanted:
+        if wanted is not None and lang not in wanted and not language_names(d.record) & wanted:
             continue
         if max_bytes is not None:
             left = max_bytes - used.get(lang, 0)
@@ -180,7 +180,7 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
     letters: dict[str, list[int]] = {}  # language -> [Latin, other] letters of documents that declare no script
     undeclared: list[EvalDoc] = []
     for src in sources:
-        docs = read_documents(src.path, text_field)
+        docs = read_documents(src.path, text_field, role="eval")
         docs = select_documents(docs, langs, max_bytes, default_language=src.name)
         tokenized = tokenize_documents(docs, tokenizer, add_eos=False)
         for doc, tok in zip(docs, tokenized, strict=True):

@@ -51,7 +51,7 @@ def eval_blocks(sources: Sequence[DataSource], tokenizer, seq_len: int, max_bloc
     """
     out = {}
     for src in sources:
-        docs = tokenize_documents(read_documents(src.path, text_field, domain=src.name), tokenizer)
+        docs = tokenize_documents(read_documents(src.path, text_field, domain=src.name, role="eval"), tokenizer)
         blocks = pack(docs, seq_len, drop_last=False)
         n = blocks["input_ids"].shape[0]
         if max_blocks and n > max_blocks:

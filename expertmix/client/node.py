@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..errors import ExpertmixError
-from ..experts.data import pack, read_documents, tokenize_documents
+from ..experts.data import held_out_split, pack, read_documents, tokenize_documents
 from ..experts.training import Blocks, TrainSettings, fit, peft_wrap, split_valid, token_nll
 from ..fsutil import write_json_atomic
 from ..hub.fingerprint import fingerprint_tokenizer, fingerprint_weights, weight_files
@@ -126,8 +126,8 @@ class Node:
 
         fed, node = self.fed, self.node
         docs = read_documents(node.data, node.text_field or None)
-        if node.valid:
-            train_docs, valid_docs = docs, read_documents(node.valid, node.text_field or None)
+        if node.valid or held_out_split(node.data) is not None:  # --valid, else a DatasetDict's held-out split
+            train_docs, valid_docs = docs, read_documents(node.valid or node.data, node.text_field or None, role="eval")
         else:
             train_docs, valid_docs = split_valid(docs, fed.valid_fraction, fed.seed)
         train = pack(tokenize_documents(train_docs, self.tokenizer), fed.seq_len)

@@ -37,6 +37,24 @@ class Document:
         return f"{self.prompt}\n{self.text}" if self.prompt is not None else self.text
 
 
+LANGUAGE_FIELDS = ("language_code", "language")  # Aya rows carry both ("deu", "German"); the code comes first
+BOM = b"\xef\xbb\xbf"
+# Formats a folder may hold that expertmix does not read: refused by name rather than skipped in silence.
+UNREAD_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".parquet", ".csv", ".tsv", ".arrow"}
+EVAL_SPLITS = ("validation", "valid", "test")
+
+
+def row_language(row: dict) -> str | None:
+    """A row's language: its ``language_code``, else its ``language``."""
+    lang = next((row[k] for k in LANGUAGE_FIELDS if row.get(k) is not None), None)
+    return str(lang) if lang is not None else None
+
+
+def language_names(row: dict | None) -> frozenset[str]:
+    """Every name a row gives its language (``language_code`` and ``language``), for filters like ``--langs``."""
+    return frozenset(str(row[k]) for k in LANGUAGE_FIELDS if row and row.get(k) is not None)
+
+
 def _decode(raw: bytes, path: Path, line: int) -> str:
     try:
         return raw.decode("utf-8")
@@ -47,8 +65,7 @@ def _decode(raw: bytes, path: Path, line: int) -> str:
 
 def _record_to_document(rec: dict, path: Path, line: int, text_field: str | None) -> Document:
     """A JSON record as a Document: the named field, ``text``, or the Aya ``inputs``/``targets`` pair."""
-    lang = rec.get("language_code") or rec.get("language")
-    extra = {"language": str(lang) if lang is not None else None,
+    extra = {"language": row_language(rec),
              "script": rec.get("script"), "domain": rec.get("domain"), "source": str(path), "line": line}
     if text_field is None and AYA_INPUT in rec and AYA_TARGET in rec:
         inputs, targets = rec[AYA_INPUT], rec[AYA_TARGET]
@@ -71,7 +88,7 @@ def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of a JSONL file; bad lines are errors naming them."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            line = _decode(raw, path, i).strip()
+            line = _decode(raw.removeprefix(BOM) if i == 1 else raw, path, i).strip()
             if not line:
                 continue
             try:
@@ -83,17 +100,24 @@ def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             yield i, rec
 
 
+def _has_text(doc: Document) -> bool:
+    """Whether a document has anything to learn from (an empty ``text`` row is skipped, not trained on)."""
+    return bool(doc.text.strip())
+
+
 def read_jsonl(path: Path, text_field: str | None = None) -> Iterator[Document]:
     for i, rec in iter_jsonl_records(path):
-        yield _record_to_document(rec, path, i, text_field)
+        doc = _record_to_document(rec, path, i, text_field)
+        if _has_text(doc):
+            yield doc
 
 
 def read_text(path: Path, split: str = "paragraph") -> Iterator[Document]:
     """Plain text: one document per blank-line-separated paragraph, per line, or the whole file."""
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(BOM)
     for i, line in enumerate(raw.split(b"\n"), start=1):  # locate bad bytes by line
         _decode(line, path, i)
-    text = raw.decode("utf-8")
+    text = raw.decode("utf-8").replace("\r\n", "\n")  # Windows line endings: no stray carriage returns
     if split == "file":
         if text.strip():
             yield Document(text=text.strip(), source=str(path), line=1)
@@ -117,17 +141,53 @@ def read_text(path: Path, split: str = "paragraph") -> Iterator[Document]:
         yield Document(text="\n".join(para).strip(), source=str(path), line=first)
 
 
-def read_saved_dataset(path: Path, text_field: str | None = None, split: str = "train") -> Iterator[Document]:
-    """A folder written by ``datasets``' ``save_to_disk`` (Dataset or DatasetDict)."""
+def _dict_splits(path: Path) -> list[str] | None:
+    """The splits of a saved ``DatasetDict`` folder (None for other data)."""
+    if not (path / "dataset_dict.json").is_file():
+        return None
+    try:
+        return list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path / 'dataset_dict.json'}: not a datasets DatasetDict index ({exc})") from exc
+
+
+def held_out_split(path: str | Path) -> str | None:
+    """The held-out split (``validation``, ``valid`` or ``test``) of a saved ``DatasetDict`` folder, if it has one."""
+    splits = _dict_splits(Path(path)) if Path(path).is_dir() else None
+    return next((s for s in EVAL_SPLITS if s in splits), None) if splits else None
+
+
+def dataset_dict_split(path: Path, role: str = "train") -> str | None:
+    """The split of a saved ``DatasetDict`` folder that ``role`` reads (None for other data).
+
+    ``train`` reads ``train``; ``eval`` reads ``validation``, ``valid`` or ``test`` (the first there), or the only
+    split of a one-split dict. Anything else is an error naming the splits the folder has.
+    """
+    splits = _dict_splits(path)
+    if splits is None:
+        return None
+    wanted = ("train",) if role == "train" else EVAL_SPLITS
+    found = next((s for s in wanted if s in splits), None)
+    if found is None and role != "train" and len(splits) == 1:
+        found = splits[0]
+    if found is None:
+        raise DataError(f"{path}: no split {' or '.join(repr(s) for s in wanted)} to "
+                        f"{'train on' if role == 'train' else 'evaluate on'} (splits: {', '.join(splits)})")
+    return found
+
+
+def read_saved_dataset(path: Path, text_field: str | None = None, role: str = "train") -> Iterator[Document]:
+    """A folder written by ``datasets``' ``save_to_disk`` (Dataset or DatasetDict: the split ``role`` reads)."""
     import datasets
 
+    split = dataset_dict_split(path, role)
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{path}: no split '{split}' (splits: {', '.join(ds)})")
         ds = ds[split]
     for i, rec in enumerate(ds, start=1):
-        yield _record_to_document(rec, path, i, text_field)
+        doc = _record_to_document(rec, path, i, text_field)
+        if _has_text(doc):
+            yield doc
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -136,31 +196,44 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def read_documents(path: str | Path, text_field: str | None = None, text_split: str = "paragraph",
-                   domain: str | None = None) -> list[Document]:
-    """Read every document under ``path`` (a file or a folder of files); an empty result is an error."""
+                   domain: str | None = None, role: str = "train") -> list[Document]:
+    """Read every document under ``path`` (a file or a folder of files); an empty result is an error.
+
+    ``role`` (``train`` or ``eval``) picks a saved DatasetDict's split (see ``dataset_dict_split``). Rows whose text
+    is empty are skipped.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir() and _is_saved_dataset(path):
-        docs = list(read_saved_dataset(path, text_field))
+        docs = list(read_saved_dataset(path, text_field, role))
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+        if unread := [p for p in found if p.suffix.lower() in UNREAD_SUFFIXES]:
+            raise DataError(f"{unread[0]}: a format expertmix does not read ('{unread[0].suffix}'), in the data "
+                            f"folder {path}; convert it to .jsonl or move it out of the folder")
+        files = [p for p in found if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES]
         if not files:
             raise DataError(f"{path}: folder holds no .txt, .md or .jsonl files")
-        docs = [d for f in files for d in read_documents(f, text_field, text_split)]
-    elif path.suffix.lower() in JSONL_SUFFIXES:
-        docs = list(read_jsonl(path, text_field))
-    elif path.suffix.lower() in TEXT_SUFFIXES:
-        docs = list(read_text(path, text_split))
+        docs = [d for f in files for d in _read_file(f, text_field, text_split)]
     else:
-        raise DataError(f"{path}: unknown data format '{path.suffix}' (expected .txt, .md, .jsonl or a "
-                        f"datasets folder saved with save_to_disk)")
+        docs = _read_file(path, text_field, text_split)
     if not docs:
-        raise DataError(f"{path}: no documents (the file is empty)")
+        raise DataError(f"{path}: no documents (the file is empty, or every row's text is)")
     if domain is not None:
         for d in docs:
             d.domain = domain
     return docs
+
+
+def _read_file(path: Path, text_field: str | None, text_split: str) -> list[Document]:
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return list(read_jsonl(path, text_field))
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return list(read_text(path, text_split))
+    raise DataError(f"{path}: unknown data format '{path.suffix}' (expected .txt, .md, .jsonl or a "
+                    f"datasets folder saved with save_to_disk)")
 
 
 @dataclass

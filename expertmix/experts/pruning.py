@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, ExpertmixError
 from ..fsutil import atomic_path
-from .data import Document, read_documents
+from .data import JSONL_SUFFIXES, Document, read_documents
 
 Where = Literal["bottom", "middle", "top"]
 WHERES: tuple[str, ...] = get_args(Where)
@@ -203,6 +203,9 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
     out_path = Path(out_path)
     if out_path.exists():
         raise DataError(f"{out_path} already exists: choose another output path or remove it")
+    if out_path.suffix.lower() not in JSONL_SUFFIXES:  # read back as plain text, the rows would be one document
+        raise DataError(f"--out {out_path}: prune writes the kept rows as JSONL (whole, with their fields); give a "
+                        f".jsonl path")
     docs = read_documents(data_path, text_field=text_field)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32

@@ -35,7 +35,7 @@ from ..fsutil import atomic_dir, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
 from ..hub.fingerprint import architecture_of, fingerprint_tokenizer, fingerprint_weights
 from ..hub.repo import save_domain_embedding, validate_name
-from .data import Document, pack, read_documents, tokenize_documents
+from .data import Document, held_out_split, pack, read_documents, tokenize_documents
 
 Blocks = dict[str, torch.Tensor]
 
@@ -517,13 +517,19 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
             raise ExpertmixError(f"--data: source name '{src.name}' given twice")
         sources[src.name] = read_documents(src.path, cfg.text_field, domain=src.name)
     if cfg.valid is not None:
-        valid_docs = read_documents(cfg.valid, cfg.text_field)
+        valid_docs = read_documents(cfg.valid, cfg.text_field, role="eval")
         train_sources = sources
-    else:
+    else:  # a DatasetDict's own held-out split, else a share of the data held out
         train_sources, valid_docs = {}, []
-        for k, docs in sources.items():
+        for src in cfg.data:
+            docs = sources[src.name]
+            if (split := held_out_split(src.path)) is not None:
+                log(f"validation: the '{split}' split of {src.path}")
+                train_sources[src.name] = docs
+                valid_docs += read_documents(src.path, cfg.text_field, role="eval")
+                continue
             tr, va = split_valid(docs, cfg.valid_fraction, cfg.settings.seed)
-            train_sources[k], valid_docs = tr, valid_docs + va
+            train_sources[src.name], valid_docs = tr, valid_docs + va
 
     pruning_info = None
     if prune_spec is not None:
