@@ -195,6 +195,14 @@ def pull(ref, for_base, registry, token):
     path = open_registry(registry, token=token).pull(ref)
     if for_base is not None:
         check_compatible(model_signature(for_base), read_card(path).expert, f"the seed {for_base}")
+    if (path / "adapter_config.json").is_file():
+        from .experts.adapter import recorded_base
+
+        base = recorded_base(path)
+        if base and Path(base).is_absolute() and not Path(base).is_dir():
+            _log(f"this PEFT expert names its seed at {base}, which is not on this machine: load it on your copy "
+                 f"of the seed, PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(SEED), '{path}'), "
+                 f"or `expertmix eval {path} --seed SEED`")
     click.echo(str(path))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,16 @@ def test_lora_expert_on_qwen2_trains_publishes_and_loads_with_peft(tmp_path, qwe
     plain = base(ids).logits
     adapted = PeftModel.from_pretrained(base, pulled)(ids).logits
     assert not torch.allclose(plain, adapted)  # the adapter was trained, so it changes the output
+    # On a machine where the seed lives elsewhere, pull says how to load the adapter (its snapshot is immutable).
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/elsewhere/seed"}))
+    run("publish", moved, "--name", "code-elsewhere")
+    res = run("pull", "code-elsewhere")
+    assert Path(res.stdout.strip()).is_dir()  # stdout stays the folder alone, for scripts
+    assert "names its seed at /elsewhere/seed, which is not on this machine" in res.stderr
+    assert "--seed SEED" in res.stderr and "not on this machine" not in run("pull", "code").stderr
 
 
 def test_expert_from_another_seed_is_refused_by_field_name(dense_expert, tmp_path, tokenizer, qwen2_seed, home):

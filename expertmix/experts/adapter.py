@@ -19,12 +19,19 @@ def is_adapter_folder(folder: str | Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
 
 
+def recorded_base(folder: str | Path) -> str | None:
+    """The seed a PEFT adapter folder names (``base_model_name_or_path``); None for other folders."""
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(folder)).base_model_name_or_path if is_adapter_folder(folder) else None
+
+
 def load_adapter_expert(folder: str | Path, seed: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """The adapter merged into its seed (``seed``, else the adapter's recorded base), checked against its card."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     folder = Path(folder)
-    recorded = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    recorded = recorded_base(folder)
     seed_dir = Path(seed) if seed is not None else Path(recorded or "")
     if seed is None and not (seed_dir / "config.json").is_file():
         raise ExpertmixError(f"{folder}: its seed {recorded!r} (field 'base_model_name_or_path' of {ADAPTER_CONFIG}) "
