@@ -337,13 +337,19 @@ def test_a_killed_upload_leaves_nothing_visible_and_can_be_retried(registry, tmp
     assert open(got, "rb").read() == data
 
 
-def test_a_corrupt_blob_is_never_delivered_whole(registry, tmp_path):
-    new_repo(registry, "rot")
+def repo_with_one_file(registry, name: str, tmp_path) -> bytes:
+    """``acme/NAME`` holding ``w.dat``: almost the upload limit of random bytes (returned)."""
+    new_repo(registry, name)
     data = os.urandom(LIMIT - 1000)
     (tmp_path / "up").mkdir()
     (tmp_path / "up" / "w.dat").write_bytes(data)
     HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
-        folder_path=tmp_path / "up", repo_id="acme/rot", commit_message="bits")
+        folder_path=tmp_path / "up", repo_id=f"acme/{name}", commit_message="bits")
+    return data
+
+
+def test_a_corrupt_blob_is_never_delivered_whole(registry, tmp_path):
+    data = repo_with_one_file(registry, "rot", tmp_path)
     blob = blob_path(registry.blobs, hashlib.sha256(data).hexdigest())
     url = f"{registry.url}/acme/rot/resolve/main/w.dat"
     os.chmod(blob, 0o644)
@@ -405,12 +411,7 @@ class _ProxyHandler(socketserver.BaseRequestHandler):
 
 def test_a_download_cut_mid_file_resumes_from_where_it_stopped(registry, tmp_path):
     """A dropped connection costs no bytes already received: pull asks for the rest and the file arrives whole."""
-    new_repo(registry, "blip")
-    data = os.urandom(LIMIT - 1000)
-    (tmp_path / "up").mkdir()
-    (tmp_path / "up" / "w.dat").write_bytes(data)
-    HfApi(endpoint=registry.url, token=registry.token("acme")).upload_folder(
-        folder_path=tmp_path / "up", repo_id="acme/blip", commit_message="bits")
+    data = repo_with_one_file(registry, "blip", tmp_path)
     proxy = _CuttingProxy(registry.url, cut=300_000)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
