@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -58,6 +59,12 @@ def test_card_round_trips_through_markdown(dense_expert):
     card = read_card(dense_expert)
     again = parse_card(card.to_markdown())
     assert again.expert == card.expert and again.body == card.body and again.datasets == card.datasets
+    # The Hub's 'language' field holds ISO 639 codes only; a language named in words stays in the expert block.
+    card.expert.languages = ["de", "German", "zh-Hans"]
+    text = card.to_markdown()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["language"] == ["de", "zh-Hans"] and front["expert"]["languages"] == ["de", "German", "zh-Hans"]
+    assert parse_card(text).expert.languages == ["de", "German", "zh-Hans"]
 
 
 def test_dense_expert_publishes_pulls_and_loads_with_plain_transformers(dense_expert, home):

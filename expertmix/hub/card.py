@@ -6,6 +6,7 @@ strictly: a malformed card is refused with the file and the field named.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import CardError, IncompatibleExpertError
 from ..fsutil import write_text_atomic
 
+ISO_639 = re.compile(r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")  # "de", "deu", "zh-Hans", "pt_BR"
 CARD_FILE = "README.md"
 EMBEDDING_FILE = "domain_embedding.safetensors"
 ExpertKind = Literal["dense", "lora", "ia3"]
@@ -88,7 +90,8 @@ class ExpertCard(BaseModel):
         e = self.expert
         data = ModelCardData(
             license=self.license,
-            language=e.languages or None,
+            # the Hub's field holds ISO 639 codes; names ("German", from rows without a code) stay in expert.languages
+            language=[lang for lang in e.languages if ISO_639.match(lang)] or None,
             library_name="transformers" if e.kind == "dense" else "peft",
             base_model=e.base_model,
             tags=sorted({"expertmix", "expert", f"domain:{e.domain}", f"kind:{e.kind}", *self.tags}),
