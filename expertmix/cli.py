@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -42,14 +44,28 @@ def _log(msg: str) -> None:
     console.print(f"[dim]{msg}[/dim]", highlight=False)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 class _Group(click.Group):
-    """Turns expertmix's own errors into one clear line and exit code 1."""
+    """Turns expertmix's own errors into one clear line and exit code 1; SIGTERM (a scheduler's stop, ``kill``)
+    interrupts like Ctrl-C, so temporary folders are removed and checkpoints kept either way."""
 
     def invoke(self, ctx):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
             return super().invoke(ctx)
         except ExpertmixError as exc:
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt as exc:
+            for note in getattr(exc, "__notes__", ()):  # e.g. where the checkpoints are and how to resume
+                console.print(note, highlight=False)
+            raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group)

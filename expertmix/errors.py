@@ -21,3 +21,7 @@ class IncompatibleExpertError(ExpertmixError):
 
 class StoreError(ExpertmixError):
     """A registry or local-store problem: unknown name, revision or a broken repo."""
+
+
+class OutputExistsError(ExpertmixError, FileExistsError):
+    """An output folder exists already, or another process is writing it."""

@@ -7,10 +7,18 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: temporary folders go unlocked there
+    fcntl = None
 
 CHUNK = 1 << 20
 
@@ -51,23 +59,72 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def _lock(folder: Path) -> tuple[int, bool | None]:
+    """Try a non-blocking flock on ``folder``: ``(descriptor, True)`` held, ``(-1, False)`` held by another process,
+    ``(descriptor or -1, None)`` where the platform or filesystem has no locks."""
+    if fcntl is None:
+        return -1, None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1, False
+    except OSError:  # a filesystem without locks
+        return fd, None
+    return fd, True
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, exclusive: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
-    ``path`` must not exist yet: an existing folder is never replaced.
+    ``path`` must not exist yet: an existing folder is never replaced. The temporary folder is locked while its
+    process lives, so temporary folders for ``path`` left by a killed run are removed here, and (``exclusive``)
+    a second process writing ``path`` at the same time is refused at once rather than after all its work.
     """
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists")
+        raise OutputExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for other in path.parent.glob(f".{path.name}.*.tmp"):
+        if not other.is_dir():
+            continue
+        fd, held = _lock(other)
+        if held is False and exclusive:
+            raise OutputExistsError(f"{path} is being written by another expertmix process right now (its temporary "
+                                    f"folder {other} is in use); wait for it to end or choose another output")
+        if held:
+            shutil.rmtree(other, ignore_errors=True)  # left by a run that was killed
+        if fd >= 0:
+            os.close(fd)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd, _ = _lock(tmp)
     try:
         yield tmp
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            if not path.exists():
+                raise
+            raise OutputExistsError(f"{path} was written by another process meanwhile; this run's result was "
+                                    f"discarded") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if fd >= 0:
+            os.close(fd)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a folder so that it is gone at once: renamed aside first, then deleted. A process killed meanwhile
+    leaves a hidden ``.NAME.removed-*`` folder, never a half-deleted ``NAME`` that looks like work to resume."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex[:8]}")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:

@@ -336,3 +336,48 @@ def test_train_reads_a_dataset_dicts_splits_and_a_hive_style_path(tmp_path, llam
     res = run("train", "--base", llama_seed, "--data", hive, "--domain", "prose", "--out", tmp_path / "h",
               "--max-steps", "1", "--seq-len", "32", "--batch-size", "2")
     assert read_card(tmp_path / "h").expert.data.sources == [str(hive)]
+
+
+def test_a_stopped_run_says_how_to_resume_and_resume_refuses_what_would_mix_two_runs(tmp_path, llama_seed, corpus,
+                                                                                     home, monkeypatch):
+    """SIGTERM stops a run like Ctrl-C and says where its checkpoints are; --resume then refuses, by name, a changed
+    setting, rewritten data, a budget below the checkpoint and a work folder whose settings were lost; the same
+    file by another path is the same data."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(corpus["prose"], "prose.jsonl")
+    out = tmp_path / "stopped"
+    common = ["--base", str(llama_seed), "--domain", "prose", "--out", str(out), "--seq-len", "32",
+              "--batch-size", "2", "--save-steps", "2"]
+    work = out.with_name("stopped.partial")
+    proc = subprocess.Popen([sys.executable, "-m", "expertmix", "train", "--data", "prose.jsonl", *common,
+                             "--max-steps", "100000"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not list(work.glob("checkpoints/*/trainer_state.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert f"interrupted: the checkpoints in {work} are kept; rerun the same command with --resume" in err
+    done = max(int(p.name.split("-")[1]) for p in work.glob("checkpoints/checkpoint-*"))
+
+    absolute = str(tmp_path / "prose.jsonl")
+    refusals = [
+        (["--data", "prose.jsonl", "--lr", "1e-2", "--max-steps", "50"], "differs in: settings.learning_rate"),
+        (["--data", absolute, "--max-steps", "1"], f"has trained {done} steps, past this run's budget of 1"),
+    ]
+    for extra, message in refusals:
+        res = run("train", *common, *extra, "--resume", ok=False)
+        assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    with open("prose.jsonl", "a") as f:
+        f.write(json.dumps({"text": "a line added after the interruption"}) + "\n")
+    res = run("train", "--data", absolute, *common, "--max-steps", "50", "--resume", ok=False)
+    assert res.exit_code == 1 and "differs in: data_contents.prose" in res.output, res.output
+    shutil.copyfile(corpus["prose"], "prose.jsonl")
+    run("train", "--data", absolute, *common, "--max-steps", str(done + 1), "--resume")  # the same file, by path
+    assert read_card(out).expert.training["resumed_from"] == f"checkpoint-{done}" and not work.exists()
+
+    (work / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # a leftover without run.json
+    shutil.rmtree(out)
+    res = run("train", "--data", absolute, *common, "--max-steps", "4", "--resume", ok=False)
+    assert res.exit_code == 1 and "holds checkpoints but no run.json" in res.output

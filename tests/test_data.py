@@ -141,3 +141,24 @@ def test_a_dataset_dict_is_read_by_split_training_reads_train_evaluation_the_hel
     two = save("two", train=["t1"], extra=["x"])
     with pytest.raises(DataError, match="no split 'validation' or 'valid' or 'test' to evaluate on"):
         read_documents(two, role="eval")
+
+
+def test_an_output_folder_has_one_writer_and_a_killed_writers_leftovers_are_cleared(tmp_path):
+    from expertmix.errors import OutputExistsError
+    from expertmix.fsutil import atomic_dir
+
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.killed.tmp"  # left by a process killed mid-write: nobody holds it
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    with atomic_dir(out) as tmp:
+        assert not stale.exists()
+        (tmp / "a.txt").write_text("a")
+        with pytest.raises(OutputExistsError, match="being written by another expertmix process"):
+            with atomic_dir(out):
+                pass
+        assert tmp.is_dir()  # the refused writer did not touch the live one's folder
+    assert (out / "a.txt").read_text() == "a"
+    with pytest.raises(OutputExistsError, match="already exists"):
+        with atomic_dir(out):
+            pass

@@ -384,6 +384,6 @@ def test_an_extension_started_before_a_recipe_field_existed_resumes_with_the_fie
     older = json.loads(run_file.read_text())
     del older["recipe"]["row_old_weight"]  # as a version before the field wrote it
     run_file.write_text(json.dumps(older))
-    with pytest.raises(ExpertmixError, match=r"started with other settings \(differs in: recipe\)"):
+    with pytest.raises(ExpertmixError, match=r"other settings \(differs in: recipe.passes, recipe.row_old_weight\)"):
         ExtendConfig(recipe=parse_recipe("targeted"), resume=True, **kw).start_work_dir()
     ExtendConfig(recipe=parse_recipe("targeted:row_old_weight=1;passes=5"), resume=True, **kw).start_work_dir()

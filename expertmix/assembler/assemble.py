@@ -35,7 +35,7 @@ from ..experts.training import (
     resumable_job,
     uses_bf16,
 )
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, remove_tree
 from .distillation import TEACHER_KEY, DistillationTrainer, load_teachers
 from .manifest import DataRef, MixManifest, read_manifest
 from .upcycling import COPIED_FILES, ExpertSource, load_expert, seed_info, upcycle
@@ -270,5 +270,5 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
                              "teachers": {k: experts[t].info.name if t >= 0 else None for k, t in teacher_of.items()},
                              "mix": {k: v["actual_share"] for k, v in report.items()}})
     save_mix(model, init, manifest, cfg.out)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)  # gone at once: a kill now leaves nothing that looks resumable
     return cfg.out

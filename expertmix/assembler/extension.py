@@ -64,6 +64,7 @@ from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens
 from ..experts.training import DataSource, ResumableJob, TrainSettings, resumable_job, uses_bf16
+from ..fsutil import remove_tree
 from .assemble import (
     Blocks,
     budget_tokens,
@@ -643,5 +644,5 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
                              "tokens_read": tokens_read,
                              "mix": {k: v["actual_share"] for k, v in report.items()}})
     save_mix(model, init, manifest, cfg.out)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)  # gone at once: a kill now leaves nothing that looks resumable
     return cfg.out

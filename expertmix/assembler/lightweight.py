@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
 from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, resumable_job
-from ..fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
+from ..fsutil import atomic_dir, remove_tree, sha256_file, write_json_atomic, write_text_atomic
 from ..hub.card import check_compatible
 from .assemble import budget_tokens, mixture_blocks, read_sources, train_stage
 from .manifest import MIX_FILE, DataRef, SeedInfo, Standardisation, read_manifest
@@ -632,7 +631,7 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
                   "mix": {k: v["actual_share"] for k, v in report.items()}}])
     save_lightweight(model, manifest, tokenizer, cfg.out,
                      metrics={k: float(v) for k, v in metrics.items() if k == "train_loss"})
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)  # gone at once: a kill now leaves nothing that looks resumable
     return cfg.out
 
 

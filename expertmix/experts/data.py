@@ -5,6 +5,7 @@ Every reader yields :class:`Document` objects. Bad input fails early with the fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..fsutil import sha256_file
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -53,6 +55,19 @@ def row_language(row: dict) -> str | None:
 def language_names(row: dict | None) -> frozenset[str]:
     """Every name a row gives its language (``language_code`` and ``language``), for filters like ``--langs``."""
     return frozenset(str(row[k]) for k in LANGUAGE_FIELDS if row and row.get(k) is not None)
+
+
+def data_digest(path: str | Path) -> str | None:
+    """sha256 of a data file, or of a folder's files (names and contents); None where nothing is there."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _decode(raw: bytes, path: Path, line: int) -> str:

@@ -31,11 +31,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError
-from ..fsutil import atomic_dir, write_json_atomic
+from ..fsutil import atomic_dir, remove_tree, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
 from ..hub.fingerprint import architecture_of, fingerprint_tokenizer, fingerprint_weights
 from ..hub.repo import save_domain_embedding, validate_name
-from .data import Document, held_out_split, pack, read_documents, tokenize_documents
+from .data import Document, data_digest, held_out_split, pack, read_documents, tokenize_documents
 
 Blocks = dict[str, torch.Tensor]
 
@@ -195,6 +195,9 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
     # Restored by hand: the Trainer's restore_callback_states_from_checkpoint would also restore its control flags
     # as they stood mid-save (and so save again on the first resumed step).
     saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()) if checkpoint else {}
+    if saved.get("global_step", 0) > steps:
+        raise ExpertmixError(f"--resume: {checkpoint} has trained {saved['global_step']} steps, past this run's budget "
+                             f"of {steps}; give a budget of at least {saved['global_step']} steps")
     run_loss = RunLoss(**saved.get("stateful_callbacks", {}).get("RunLoss", {}).get("args", {}))
     trainer.add_callback(run_loss)
     tied_filter = _TiedKeysFilter(model)
@@ -315,10 +318,14 @@ class ResumableJob:
         run_file = work / "run.json"
         if run_file.is_file():
             previous = _with_defaults(json.loads(run_file.read_text()), self.fingerprint_defaults(), fingerprint)
+            previous.setdefault("data_contents", fingerprint.get("data_contents"))  # older records: not hashed
             if previous != fingerprint:
-                changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
                 raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
-                                     f"(differs in: {', '.join(changed)})")
+                                     f"(differs in: {', '.join(changed_settings(previous, fingerprint))})")
+        elif work.is_dir() and any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            raise ExpertmixError(f"--resume: {work} holds checkpoints but no run.json, so the settings they were made "
+                                 f"with cannot be checked (left by a run killed while it cleaned up); delete that "
+                                 f"folder to start over")
         work.mkdir(parents=True, exist_ok=True)
         _lock_work_dir(work)
         write_json_atomic(run_file, fingerprint)
@@ -377,6 +384,11 @@ def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
         made_here = not work.exists()
         try:
             return job(cfg, *args, **kwargs)
+        except KeyboardInterrupt as exc:
+            if any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+                exc.add_note(f"interrupted: the checkpoints in {work} are kept; rerun the same command with --resume "
+                             f"to continue from the last one")
+            raise
         except ExpertmixError:
             if made_here and work.resolve() in _HELD_WORK_DIRS and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
                 shutil.rmtree(work, ignore_errors=True)
@@ -416,14 +428,40 @@ class ExpertTrainConfig(ResumableJob):
 
 
 def run_fingerprint(cfg) -> dict:
-    """A job's settings as JSON, less ``resume`` and the budget: what a resumed run must keep."""
+    """A job's settings as JSON, less ``resume`` and the budget: what a resumed run must keep. Paths are absolute
+    (``data.jsonl`` and ``./data.jsonl`` are one file), and every data source's contents are hashed
+    (``data_contents``): a file rewritten between the interruption and ``--resume`` is a change of data."""
     d = asdict(cfg)
     d.pop("resume")
     settings = d.get("settings")
     if isinstance(settings, dict):
         for budget in ("max_steps", "max_tokens", "save_steps", "logging_steps", "progress"):
             settings.pop(budget, None)  # a resumed run may train longer or checkpoint differently
-    return json.loads(json.dumps(d, default=str))
+    out = json.loads(json.dumps(d, default=lambda v: str(v.resolve()) if isinstance(v, Path) else str(v)))
+    sources = [v for f in fields(cfg) for v in _as_list(getattr(cfg, f.name)) if isinstance(v, DataSource)]
+    if valid := getattr(cfg, "valid", None):
+        sources.append(DataSource("valid", Path(valid)))
+    if sources:
+        out["data_contents"] = {src.name: data_digest(src.path) for src in sources}
+    return out
+
+
+def _as_list(value: object) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def changed_settings(previous: dict, current: dict, prefix: str = "") -> list[str]:
+    """The settings that differ, named down to the nested field (``settings.learning_rate``)."""
+    out = []
+    for key in sorted(set(previous) | set(current)):
+        a, b = previous.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _class_defaults(value: object) -> object:
@@ -600,7 +638,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     write_expert_repo(out, train_model, tokenizer, ExpertCard(expert=info, datasets=[s.name for s in cfg.data]),
                       embedding, embedder.name, n_embedded, save_dtype,
                       extra_files=[scores] if scores.is_file() else ())
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)  # gone at once: a kill now leaves nothing that looks resumable
     return out
 
 

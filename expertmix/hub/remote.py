@@ -194,8 +194,9 @@ class RemoteRegistry:
                 raise StoreError(f"pull {ref}: {name} holds no files at revision {commit[:12]} (an empty repo, "
                                  f"nothing published to it); `expertmix list` shows the published experts")
             try:
-                with atomic_dir(snap) as tmp, tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True,
-                                                   desc=f"pull {name}", disable=None) as bar:
+                with atomic_dir(snap, exclusive=False) as tmp, \
+                        tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"pull {name}",
+                             disable=None) as bar:
                     for f in files:
                         self._download(name, commit, f, tmp / f.path, bar)
             except FileExistsError:  # another process made it first

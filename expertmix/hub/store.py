@@ -215,7 +215,7 @@ class LocalStore:
         if snap.is_dir():
             return snap
         try:
-            with atomic_dir(snap) as tmp:
+            with atomic_dir(snap, exclusive=False) as tmp:
                 for f in entry.files:
                     blob = self._blob(f.sha256)
                     if not blob.is_file() or sha256_file(blob) != f.sha256:
