@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError
+from .errors import ExpertmixError, OutputExistsError
 
 try:
     import fcntl
@@ -136,3 +136,48 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
 
     plt.close(fig)
     return path
+
+
+# Folders this process holds, each with the open descriptor of its locked ``.lock`` file (-1: held without a lock,
+# where the platform or filesystem has none).
+_HELD_FOLDERS: dict[Path, int] = {}
+LOCK_FILE = ".lock"
+
+
+def lock_folder(folder: Path) -> None:
+    """Hold ``folder`` exclusively until :func:`release_folder` (or the process's end): a second process working in
+    the same folder (a command started twice, a scheduler's retry while the first run lives) would overwrite the
+    first one's checkpoints. The lock is the kernel's, so a killed process leaves none behind."""
+    key = folder.resolve()
+    if key in _HELD_FOLDERS:
+        return
+    if fcntl is None:  # no flock on this platform
+        _HELD_FOLDERS[key] = -1
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise ExpertmixError(f"{folder} is in use by another expertmix process{f' (pid {holder})' if holder else ''}; "
+                             f"wait for it to end or stop it, then rerun") from None
+    except OSError:  # a filesystem without locks (some network mounts): go on unlocked
+        os.close(fd)
+        _HELD_FOLDERS[key] = -1
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_FOLDERS[key] = fd
+
+
+def holds_folder(folder: Path) -> bool:
+    """Whether this process holds ``folder`` (see :func:`lock_folder`)."""
+    return folder.resolve() in _HELD_FOLDERS
+
+
+def release_folder(folder: Path) -> None:
+    """Let go of ``folder`` if this process holds it."""
+    fd = _HELD_FOLDERS.pop(folder.resolve(), None)
+    if fd is not None and fd >= 0:
+        os.close(fd)

@@ -384,3 +384,84 @@ def test_node_local_steps_take_the_rates_of_the_central_schedule(tmp_path, llama
     fit(model, blocks, None, settings, tmp_path / "fit",
         callbacks=[LocalOptimizerState(model, lambda i: cfg.local_lr(2, i)), Seen()])
     assert Seen.rates == pytest.approx(central[4:8])  # round 2's slice of the federation's schedule
+
+
+def _federate_cli(tmp_path, seed, shards, *extra: str):
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+
+    args = ["federate", "--base", str(seed), "--domain", "prose", "--work-dir", str(tmp_path / "work"),
+            *[a for n, p in shards.items() for a in ("--node", f"{n}={p}")], "--rounds", "2", "--local-steps", "2",
+            "--batch-size", "4", "--seq-len", "32", "--registry", str(tmp_path / "store"), *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_a_federation_rerun_with_other_settings_is_refused_by_name_before_anything_starts(tmp_path, llama_seed,
+                                                                                           shards, home):
+    """It used to start a SuperLink and nodes, rewrite the app's config, then fail ~20 s later inside a traceback."""
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=2), cfg)
+    res = _federate_cli(tmp_path, llama_seed, shards, "--lr", "1e-2")
+    message = " ".join(res.output.split())
+    assert res.exit_code == 1 and "started with other settings (differs in:" in message, res.output
+    assert " lr" in message.split("differs in:")[1] and "Traceback" not in res.output
+    assert not (tmp_path / "work" / "app").exists() and not (tmp_path / "work" / "logs").exists()
+
+
+def test_a_second_coordinator_for_the_same_work_dir_is_refused_with_the_first_ones_pid(tmp_path, llama_seed,
+                                                                                        shards, home):
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from expertmix.fsutil import lock_folder; lock_folder(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(120)", str(work)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = _federate_cli(tmp_path, llama_seed, shards)
+        assert res.exit_code == 1 and f"in use by another expertmix process (pid {holder.pid})" in res.output
+        assert not (work / "flower").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_flower_processes_outlive_neither_a_killed_coordinator_nor_its_rerun(tmp_path):
+    """A coordinator killed with SIGKILL skips its cleanup: its processes get SIGTERM from the kernel, and any that
+    remain (carrying its FLWR_HOME) are stopped by the next run in that work folder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from expertmix.server.local_federation import stop_stale_processes
+
+    script = ("import sys, time; from pathlib import Path; from expertmix.server.local_federation import Processes; "
+              "p = Processes(Path(sys.argv[1]), {}).start('child', ['sleep', '300']); print(p.pid, flush=True); "
+              "time.sleep(300)")
+    coordinator = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "logs")], stdout=subprocess.PIPE,
+                                   text=True)
+    child = psutil.Process(int(coordinator.stdout.readline()))
+    coordinator.kill()
+    coordinator.wait()
+    psutil.wait_procs([child], timeout=10)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+    home, other = tmp_path / "flower", tmp_path / "other-flower"
+    stale = subprocess.Popen(["sleep", "300"], env={**os.environ, "FLWR_HOME": str(home)})
+    unrelated = subprocess.Popen(["sleep", "300"], env={**os.environ, "FLWR_HOME": str(other)})
+    try:
+        time.sleep(0.2)
+        assert stop_stale_processes(home, log=lambda _: None) == [stale.pid]
+        assert stale.wait(timeout=10) is not None and unrelated.poll() is None
+    finally:
+        for p in (stale, unrelated):
+            p.kill()
+            p.wait()

@@ -114,10 +114,14 @@ class FederationConfig(_Config):
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.work_dir) / "expert"
 
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings a resumed federation must share with the interrupted one, as JSON values."""
+        return json.loads(json.dumps({k: v for k, v in self.model_dump().items() if k not in RESUMABLE_CHANGES},
+                                     default=str))
+
     def resume_key(self) -> str:
-        """Hash of the settings a resumed federation must share with the interrupted one."""
-        d = {k: v for k, v in self.model_dump().items() if k not in RESUMABLE_CHANGES}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        """Hash of :meth:`resume_settings`."""
+        return hashlib.sha256(json.dumps(self.resume_settings(), sort_keys=True).encode()).hexdigest()
 
     @property
     def total_steps(self) -> int:

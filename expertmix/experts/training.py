@@ -11,18 +11,12 @@ import functools
 import json
 import logging
 import math
-import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: work folders go unlocked there
-    fcntl = None
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -31,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import require_context, require_float_weights
 from ..errors import ExpertmixError
-from ..fsutil import atomic_dir, remove_tree, write_json_atomic
+from ..fsutil import atomic_dir, holds_folder, lock_folder, release_folder, remove_tree, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
 from ..hub.fingerprint import architecture_of, fingerprint_tokenizer, fingerprint_weights
 from ..hub.repo import save_domain_embedding, validate_name
@@ -311,7 +305,7 @@ class ResumableJob:
         if out.exists():
             raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
         if work.is_dir():
-            _lock_work_dir(work)
+            lock_folder(work)
         if work.exists() and not self.resume:
             raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
                                  f"or delete that folder to start over")
@@ -327,53 +321,13 @@ class ResumableJob:
                                  f"with cannot be checked (left by a run killed while it cleaned up); delete that "
                                  f"folder to start over")
         work.mkdir(parents=True, exist_ok=True)
-        _lock_work_dir(work)
+        lock_folder(work)
         write_json_atomic(run_file, fingerprint)
-
-
-# Work folders this process holds, each with the open descriptor of its locked ``.lock`` file (-1: held without
-# a lock, where the platform or filesystem has none).
-_HELD_WORK_DIRS: dict[Path, int] = {}
-LOCK_FILE = ".lock"
-
-
-def _lock_work_dir(work: Path) -> None:
-    """Hold ``work`` exclusively until :func:`_release_work_dir` (or the process's end): a second process training
-    into the same folder (a command started twice, a scheduler's retry while the first run lives) would
-    overwrite the first one's checkpoints. The lock is the kernel's, so a killed process leaves none behind."""
-    key = work.resolve()
-    if key in _HELD_WORK_DIRS:
-        return
-    if fcntl is None:  # no flock on this platform
-        _HELD_WORK_DIRS[key] = -1
-        return
-    fd = os.open(work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        raise ExpertmixError(f"{work} is in use by another expertmix process{f' (pid {holder})' if holder else ''}; "
-                             f"wait for it to end or stop it, then rerun") from None
-    except OSError:  # a filesystem without locks (some network mounts): go on unlocked
-        os.close(fd)
-        _HELD_WORK_DIRS[key] = -1
-        return
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _HELD_WORK_DIRS[key] = fd
-
-
-def _release_work_dir(work: Path) -> None:
-    """Let go of ``work`` if this process holds it."""
-    fd = _HELD_WORK_DIRS.pop(work.resolve(), None)
-    if fd is not None and fd >= 0:
-        os.close(fd)
 
 
 def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
     """For a job whose first argument is a :class:`ResumableJob`: its ``OUT.partial`` folder is held for the call
-    (see :func:`_lock_work_dir`). When the job refuses its input (``ExpertmixError``) before any Trainer checkpoint
+    (see ``fsutil.lock_folder``). When the job refuses its input (``ExpertmixError``) before any Trainer checkpoint
     exists, the folder this call made is removed, so the corrected command starts afresh instead of being told to
     resume a run with other settings. Interruptions and other failures keep it for ``--resume``, as does every
     failure of a run that an earlier call started."""
@@ -390,11 +344,11 @@ def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
                              f"to continue from the last one")
             raise
         except ExpertmixError:
-            if made_here and work.resolve() in _HELD_WORK_DIRS and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            if made_here and holds_folder(work) and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
                 shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
-            _release_work_dir(work)
+            release_folder(work)
 
     return run
 

@@ -34,6 +34,7 @@ class FederationRecord:
     """What the coordinator knows after some rounds (the global state lives beside it)."""
 
     resume_key: str
+    settings: dict = field(default_factory=dict)  # what the key hashes, to name a change (empty in older records)
     rounds_done: int = 0
     checkpoint: str | None = None
     history: list[dict] = field(default_factory=list)
@@ -60,16 +61,26 @@ class FederationStore:
         Refuses a checkpoint made with other settings (only the number of rounds, timeouts and where the
         expert goes may change between a run and its resumption).
         """
-        path = self.root / STATE_FILE
-        if not path.is_file():
-            return FederationRecord(resume_key=cfg.resume_key()), None
-        data = json.loads(path.read_text())
-        record = FederationRecord(**data)
-        if record.resume_key != cfg.resume_key():
-            raise ExpertmixError(f"{path}: this work folder holds a federation started with other settings; "
-                                 f"use another work-dir, or delete {self.root} to start over")
+        record = self.check(cfg)
+        if record is None:
+            return FederationRecord(resume_key=cfg.resume_key(), settings=cfg.resume_settings()), None
         state = load_state(self.root / record.checkpoint) if record.checkpoint else None
         return record, state
+
+    def check(self, cfg: FederationConfig) -> FederationRecord | None:
+        """The saved record, when ``cfg`` may resume it (None before the first round); a federation started with
+        other settings is refused, naming them."""
+        path = self.root / STATE_FILE
+        if not path.is_file():
+            return None
+        record = FederationRecord(**json.loads(path.read_text()))
+        if record.resume_key != cfg.resume_key():
+            now = cfg.resume_settings()
+            changed = sorted(k for k in set(record.settings) | set(now) if record.settings.get(k) != now.get(k))
+            what = f" (differs in: {', '.join(changed)})" if record.settings else ""
+            raise ExpertmixError(f"{path}: this work folder holds a federation started with other settings{what}; "
+                                 f"rerun it with those, use another --work-dir, or delete {self.root} to start over")
+        return record
 
     def save_round(self, record: FederationRecord, state: dict[str, torch.Tensor],
                    momentum: dict[str, torch.Tensor] | None = None) -> None:

@@ -14,6 +14,8 @@ holds no code and every machine runs its own installed expertmix.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ import tomli_w
 from ..checkpoints import require_context, require_float_weights
 from ..client.settings import FederationConfig, NodeConfig
 from ..errors import ExpertmixError
-from ..fsutil import write_json_atomic, write_text_atomic
+from ..fsutil import lock_folder, release_folder, write_json_atomic, write_text_atomic
 from ..hub.repo import validate_name
 from .federation_state import FederationStore
 
@@ -103,6 +105,27 @@ def _tool(name: str) -> str:
     return found
 
 
+def _load_prctl():
+    """libc's ``prctl`` on Linux (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a started process: get SIGTERM when the coordinator dies, even by SIGKILL (which skips its cleanup), so no
+    SuperLink or SuperNode goes on alone. Processes are started from the coordinator's main thread, whose end is
+    the process's."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Processes:
     """Processes started for a federation, their logs, and a cleanup that also reaches their descendants."""
 
@@ -121,7 +144,8 @@ class Processes:
         log = open(self.log_dir / f"{name}.log", "ab")
         try:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**self.env, **(env or {})}, start_new_session=True)
+                                    env={**self.env, **(env or {})}, start_new_session=True,
+                                    preexec_fn=_die_with_parent if _PRCTL is not None else None)
         finally:
             log.close()
         self.procs[name] = proc
@@ -255,11 +279,25 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
         if not Path(n.data).exists():
             raise ExpertmixError(f"node {n.name}: data {n.data} does not exist")
     work = Path(cfg.work_dir).resolve()
-    if (done := FederationStore(work).result()) is not None:
+    work.mkdir(parents=True, exist_ok=True)
+    lock_folder(work)  # one coordinator per work folder: a second would run a second federation into it
+    try:
+        return _run_locked(fed, work, log, progress, on_started)
+    finally:
+        release_folder(work)
+
+
+def _run_locked(fed: LocalFederation, work: Path, log: Callable[[str], None], progress: bool,
+                on_started: Callable[[Processes], None] | None) -> dict:
+    cfg = fed.config
+    store = FederationStore(work)
+    if (done := store.result()) is not None:
         raise ExpertmixError(f"the federation in {work} has already finished (expert at {done['expert']}); "
                              f"choose another --work-dir")
+    store.check(cfg)  # other settings are refused here, before any process starts or any file is rewritten
     flwr_home, logs = work / "flower", work / "logs"
     flwr_home.mkdir(parents=True, exist_ok=True)
+    stop_stale_processes(flwr_home, log)
     app_dir = write_app(work / "app", cfg)
     port = free_port()
     write_text_atomic(flwr_home / "config.toml", tomli_w.dumps(
@@ -291,6 +329,35 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
             return result
         finally:
             procs.close()
+
+
+def stop_stale_processes(flwr_home: Path, log: Callable[[str], None] = print) -> list[int]:
+    """Stop Flower processes left by an earlier coordinator of this work folder that was killed (SIGKILL skips its
+    cleanup): they carry its ``FLWR_HOME`` and would go on running the old federation into the same folder.
+    Called with the folder locked, so no live coordinator owns them."""
+    stale = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get("FLWR_HOME") == str(flwr_home):
+                stale.append(p)
+        except psutil.Error:  # gone, or another user's
+            continue
+    if stale:
+        log(f"stopping {len(stale)} Flower process(es) left running by an earlier, killed run of this federation "
+            f"(pids {', '.join(str(p.pid) for p in stale)})")
+        for p in stale:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(stale, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in stale]
 
 
 def start_node(procs: Processes, node: LocalNode, port: int, work: Path, fed: LocalFederation) -> subprocess.Popen:
