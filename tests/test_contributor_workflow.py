@@ -281,12 +281,12 @@ def test_piped_list_prints_whole_names_and_a_narrow_terminal_folds_them(dense_ex
 def test_training_runs_unlocked_on_a_filesystem_without_locks(tmp_path, llama_seed, corpus, monkeypatch):
     import errno
 
-    from expertmix.experts import training
+    from expertmix import fsutil
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(training.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fsutil.fcntl, "flock", no_locks)  # the work folder's lock and the output's alike
     out = tmp_path / "unlocked"
     run("train", "--base", llama_seed, "--data", corpus["math"], "--domain", "math", "--out", out, *FAST)
     assert read_card(out).expert.training["steps"] == 6 and not out.with_name("unlocked.partial").exists()
