@@ -273,3 +273,29 @@ def test_keep_float_names_the_routed_experts_fused_weights_too(mixes, tmp_path, 
     ids = _ids(ref.config.text_config.vocab_size)
     for expert in (0, 1, 2):
         assert _relative_logit_error(ref, model, ids, expert) < 0.04
+
+
+def test_a_keep_float_entry_that_names_nothing_is_refused_and_a_second_writer_waits_for_none(mixes, tmp_path):
+    """A dotted path or a typo used to keep nothing float, silently; a second quantize to an --out being written
+    is refused before it loads anything."""
+    import subprocess
+    import sys
+
+    mix = mixes["llama_seed"]
+    for entry in ("mlp.experts.down_proj", "down_prj"):
+        res = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int8", "--out", str(tmp_path / "q"),
+                                        "--keep-float", f"lm_head,{entry}"])
+        message = " ".join(res.output.split())
+        assert res.exit_code == 1 and f"--keep-float {entry}: matches no module of this model" in message, message
+        assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.*"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from expertmix.fsutil import atomic_dir\n"
+                               "with atomic_dir(sys.argv[1]):\n    print('writing', flush=True); time.sleep(120)",
+                               str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "writing"
+        res = CliRunner().invoke(main, ["quantize", str(mix), "--scheme", "int8", "--out", str(tmp_path / "busy")])
+        assert res.exit_code == 1 and "is being written by another expertmix process" in res.output
+        assert "quantized" not in res.output  # refused before the work, not after it
+    finally:
+        holder.kill()
+        holder.wait()

@@ -114,10 +114,12 @@ def test_hub_client_branches_take_commits_of_their_own_and_main_stays(registry, 
     api.create_branch("acme/branchy", branch="from-first", revision=first.oid[:12])
     assert api.model_info("acme/branchy", revision="from-first").sha == first.oid
     api.create_branch("acme/branchy", branch="dev", exist_ok=True)
-    for bad, status in (("dev", 409), (first.oid, 400)):
+    # commit-id-like names (a branch would shadow the commits they name) and '/' are refused with a reason
+    for bad, status in (("dev", 409), (first.oid, 400), (first.oid[:7], 400), (first.oid.upper(), 400),
+                        ("feature/x", 400)):
         with pytest.raises(HfHubHTTPError) as err:
             api.create_branch("acme/branchy", branch=bad)
-        assert err.value.response.status_code == status
+        assert err.value.response.status_code == status and err.value.response.headers.get("x-error-message")
     with pytest.raises(HfHubHTTPError) as err:  # another namespace's token cannot branch acme's repo
         HfApi(endpoint=registry.url, token=registry.token("other")).create_branch("acme/branchy", branch="x")
     assert err.value.response.status_code == 403

@@ -160,6 +160,12 @@ def _progress_text(m: dict) -> str:
 def align(cfg: AlignConfig, log=print) -> dict:
     """Run DPO or RLOO on ``cfg.model``, write the aligned checkpoint to ``cfg.out``; returns the summary."""
     _check(cfg)
+    with atomic_dir(cfg.out) as tmp:  # claimed first: a second run to the same --out is refused before any work
+        return _align_into(cfg, tmp, log)
+
+
+def _align_into(cfg: AlignConfig, tmp: Path, log) -> dict:
+    """``align``'s work, written into ``tmp`` (the output folder to be)."""
     torch.manual_seed(cfg.seed)
     reward = load_reward(cfg.reward, cfg.device) if cfg.reward is not None else None
     if cfg.method == "rloo":
@@ -196,7 +202,7 @@ def align(cfg: AlignConfig, log=print) -> dict:
     history: list[dict] = []
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with atomic_dir(cfg.out) as tmp, open(tmp / "align_log.jsonl", "w", encoding="utf-8") as logf, \
+    with open(tmp / "align_log.jsonl", "w", encoding="utf-8") as logf, \
             Progress(*columns, disable=not cfg.progress, transient=True) as bar:
         task = bar.add_task(cfg.method, total=cfg.steps, info="")
         policy.train()

@@ -369,25 +369,26 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     from . import modeling_nexus  # noqa: F401  (registers the Nexus model with the Auto classes)
 
-    model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()
-    if (tied := keeps_tied_head_float(model, spec)) != spec:
-        log(f"the output head is tied to the input embeddings, which stay float: keeping it float too "
-            f"(--keep-float {','.join(tied.skip)})")
-        spec = tied
-    float_weights = {name: _float_weight(m, spec) for name, m in quantizable_modules(model, spec)}
-    if spec.scheme == "int4" and float_weights:
-        shortest = min(w.shape[-1] for weights in float_weights.values() for w in weights.values())
-        if spec.group_size > shortest:  # every row would be zero-padded to a whole group: int4 bigger than int8
-            raise ExpertmixError(f"--group-size {spec.group_size} is longer than the shortest rows to quantize "
-                                 f"({shortest} inputs): each row would be padded to a whole group; use at most "
-                                 f"{shortest}")
-    quantize_model(model, spec)
-    stats = _relative_errors(model, float_weights)
-    del float_weights
-    log(f"quantized {stats['tensors']:.0f} weight tensors to {spec.scheme}"
-        + (f" (groups of {spec.group_size})" if spec.scheme == "int4" else "")
-        + f"; mean relative weight error {stats['mean_relative_error']:.2e}")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # claimed first: a second run to the same --out is refused before any work
+        model = AutoModelForCausalLM.from_pretrained(mix, dtype=torch.float32).eval()
+        if (tied := keeps_tied_head_float(model, spec)) != spec:
+            log(f"the output head is tied to the input embeddings, which stay float: keeping it float too "
+                f"(--keep-float {','.join(tied.skip)})")
+            spec = tied
+        check_skip(model, spec)
+        float_weights = {name: _float_weight(m, spec) for name, m in quantizable_modules(model, spec)}
+        if spec.scheme == "int4" and float_weights:
+            shortest = min(w.shape[-1] for weights in float_weights.values() for w in weights.values())
+            if spec.group_size > shortest:  # every row padded to a whole group: int4 bigger than int8
+                raise ExpertmixError(f"--group-size {spec.group_size} is longer than the shortest rows to quantize "
+                                     f"({shortest} inputs): each row would be padded to a whole group; use at most "
+                                     f"{shortest}")
+        quantize_model(model, spec)
+        stats = _relative_errors(model, float_weights)
+        del float_weights
+        log(f"quantized {stats['tensors']:.0f} weight tensors to {spec.scheme}"
+            + (f" (groups of {spec.group_size})" if spec.scheme == "int4" else "")
+            + f"; mean relative weight error {stats['mean_relative_error']:.2e}")
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(mix).save_pretrained(tmp)
         for name in COPIED_FILES:
@@ -399,6 +400,19 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
             append_history(tmp, {"stage": "quantize", **record})
     return QuantizeReport(out=out, spec=spec, tensors=int(stats["tensors"]), source_bytes=weights_bytes(mix),
                           quantized_bytes=weights_bytes(out), stats=stats)
+
+
+def check_skip(model: nn.Module, spec: QuantSpec) -> None:
+    """Refuse a ``--keep-float`` entry that names nothing in ``model`` (a typo, a dotted path): it would keep
+    nothing float, silently. The defaults are exempt: they name parts that only some models have."""
+    parts = {part for name, _ in model.named_modules() for part in name.split(".") if part}
+    if any(_is_fused_experts(m) for m in model.modules()):
+        parts |= set(EXPERT_WEIGHTS)
+    unknown = [entry for entry in spec.skip if entry not in parts and entry not in DEFAULT_SKIP]
+    if unknown:
+        some = ", ".join(sorted(p for p in parts if not p.isdigit())[:12])
+        raise ExpertmixError(f"--keep-float {', '.join(unknown)}: matches no module of this model; entries are whole "
+                             f"module-name parts (not dotted paths), e.g. {some}")
 
 
 def _float_weight(m: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:

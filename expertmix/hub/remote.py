@@ -48,6 +48,14 @@ def _server_message(exc: HfHubHTTPError) -> str:
     return msg or str(exc).strip().splitlines()[0]
 
 
+def _text(body: bytes) -> str:
+    """An error body as one readable line (binary content is not printed)."""
+    text = body.decode("utf-8", "replace")
+    if "\ufffd" in text or any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return f"({len(body)} bytes of binary content)"
+    return " ".join(text.split())
+
+
 class RemoteRegistry:
     """An expert registry reached at ``url``; ``token`` (or ``$EXPERTMIX_TOKEN``) is needed to publish."""
 
@@ -217,7 +225,11 @@ class RemoteRegistry:
         while streaming also spares a second read of every file.
         """
         expected = entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
-        h = hashlib.sha256() if entry.lfs is not None else hashlib.sha1(b"blob %d\x00" % entry.size)
+
+        def hasher():
+            return hashlib.sha256() if entry.lfs is not None else hashlib.sha1(b"blob %d\x00" % entry.size)
+
+        h = hasher()
         dest.parent.mkdir(parents=True, exist_ok=True)
         url = urlsplit(hf_hub_url(name, entry.path, revision=commit, endpoint=self.url))
         conn_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
@@ -231,8 +243,13 @@ class RemoteRegistry:
                 try:
                     conn.request("GET", url.path + (f"?{url.query}" if url.query else ""), headers=headers)
                     resp = conn.getresponse()
-                    if resp.status != (206 if attempt else 200):
-                        msg = resp.getheader("X-Error-Message") or resp.read()[:300].decode("utf-8", "replace")
+                    if attempt and resp.status == 200:  # the range was ignored (a proxy): the whole file again
+                        out.seek(0)
+                        out.truncate()
+                        bar.update(-size)
+                        h, size = hasher(), 0
+                    elif resp.status != (206 if attempt else 200):
+                        msg = resp.getheader("X-Error-Message") or _text(resp.read(300))
                         raise StoreError(f"download {name}/{entry.path}: registry {self.url} answered "
                                          f"{resp.status}: {msg}")
                     while n := resp.readinto(buf):

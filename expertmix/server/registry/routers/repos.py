@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -17,7 +18,7 @@ from ..commits import initial_commit
 from ..deps import BaseUrl, CurrentPrincipal, DbSession, Settings
 from ..errors import HubError, repo_not_found
 from ..models import Commit, ExpertRecord, Ref, Repo
-from ..naming import COMMIT_RE, check_path, check_repo_id, check_revision
+from ..naming import check_path, check_repo_id, check_revision
 from ..repos import (
     DEFAULT_BRANCH,
     commit_files,
@@ -33,6 +34,7 @@ from ..repos import (
 from ..settings import RegistrySettings
 
 router = APIRouter()
+HEX_REVISION_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
 
 
 class CreateRepo(BaseModel):
@@ -326,16 +328,18 @@ def delete_tag(namespace: str, name: str, tag: str, db: DbSession,
     return {}
 
 
-@router.post("/api/models/{namespace}/{name}/branch/{branch}")
+@router.post("/api/models/{namespace}/{name}/branch/{branch:path}")
 def create_branch(namespace: str, name: str, branch: str, db: DbSession, principal: CurrentPrincipal,
                   body: CreateBranch | None = None) -> dict:
     """A new branch at ``startingPoint`` (default: the head of main); commits and ``--revision`` reads use it."""
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
+    if "/" in branch:
+        raise HubError(400, f"invalid branch name {branch!r}: this registry's branch names hold no '/'")
     branch = check_revision(branch)
-    if COMMIT_RE.match(branch):
-        raise HubError(400, f"branch name {branch!r} looks like a commit id; choose another")
+    if HEX_REVISION_RE.match(branch):  # revisions resolve branches first: it would shadow the commits it names
+        raise HubError(400, f"branch name {branch!r} looks like a commit id (or a prefix of one); choose another")
     if body is not None and body.emptyBranch:
         raise HubError(400, "empty branches are not supported by this registry; start from a revision")
     commit = resolve(db, repo, (body.startingPoint if body is not None else None) or DEFAULT_BRANCH)
@@ -351,7 +355,7 @@ def create_branch(namespace: str, name: str, branch: str, db: DbSession, princip
     return {}
 
 
-@router.delete("/api/models/{namespace}/{name}/branch/{branch}")
+@router.delete("/api/models/{namespace}/{name}/branch/{branch:path}")
 def delete_branch(namespace: str, name: str, branch: str, db: DbSession, principal: CurrentPrincipal) -> dict:
     """Drop a branch (its commits stay reachable by id and by the tags that name them); main stays."""
     check_repo_id(namespace, name)
