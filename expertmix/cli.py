@@ -323,8 +323,8 @@ def _hex_prefix(value: str | None) -> str | None:
     """A fingerprint prefix as the registries store it (lowercase hex); the same refusal for every registry."""
     if value is None:
         return None
-    if not value or any(c not in "0123456789abcdef" for c in value.lower()):
-        raise click.BadParameter(f"{value!r} is not a hex fingerprint (or a prefix of one)",
+    if not value or len(value) > 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise click.BadParameter(f"{value!r} is not a hex fingerprint (or a prefix of one; at most 64 digits)",
                                  param_hint="--base-fingerprint")
     return value.lower()
 

@@ -95,7 +95,7 @@ def test_pack_cuts_the_stream_into_blocks_and_pads_the_tail_on_request(tokenizer
 
 def test_a_byte_order_mark_and_windows_line_endings_leave_no_trace_in_the_text(tmp_path):
     bom = b"\xef\xbb\xbf"
-    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "eins"}\r\n{"text": "zwei"}\r\n')
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "eins"}\r\n' + bom + b'{"text": "zwei"}\r\n')  # cat a b
     (tmp_path / "b.txt").write_bytes(bom + b"line one\r\nline two\r\n\r\nsecond\r\n")
     assert [d.text for d in read_documents(tmp_path / "a.jsonl")] == ["eins", "zwei"]
     assert [d.text for d in read_documents(tmp_path / "b.txt")] == ["line one\nline two", "second"]
@@ -103,7 +103,8 @@ def test_a_byte_order_mark_and_windows_line_endings_leave_no_trace_in_the_text(t
 
 def test_rows_with_empty_text_are_skipped_and_a_file_of_them_is_named(tmp_path):
     p = tmp_path / "e.jsonl"
-    p.write_text('{"text": "kept"}\n{"text": ""}\n{"text": "   "}\n{"inputs": "q", "targets": ""}\n')
+    p.write_text('{"text": "kept"}\n{"text": ""}\n{"text": "   "}\n{"inputs": "q", "targets": ""}\n'
+                 '{"text": null}\n{"inputs": "q", "targets": null}\n')
     assert [(d.text, d.line) for d in read_documents(p)] == [("kept", 1)]
     p.write_text('{"text": ""}\n' * 3)
     with pytest.raises(DataError, match="e.jsonl: no documents .*every row's text is"):
@@ -118,6 +119,10 @@ def test_a_data_folder_holding_a_format_that_is_not_read_is_refused_by_name(tmp_
     with pytest.raises(DataError, match=r"b.jsonl.gz: a format expertmix does not read \('.gz'\)"):
         read_documents(tmp_path)
     (tmp_path / "b.jsonl.gz").unlink()
+    (tmp_path / "c.json").write_text('[{"text": "a JSON array, not JSONL"}]')
+    with pytest.raises(DataError, match=r"c.json: a format expertmix does not read \('.json'\)"):
+        read_documents(tmp_path)
+    (tmp_path / "c.json").unlink()
     assert [d.text for d in read_documents(tmp_path)] == ["ay"]
 
 

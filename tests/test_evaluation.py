@@ -108,7 +108,7 @@ def test_documents_score_aya_targets_given_inputs_and_cut_plain_text_by_bytes(tm
     named = tmp_path / "named.jsonl"
     named.write_text(json.dumps({"inputs": "q", "targets": "Antwort", "language": "German", "language_code": "deu"})
                      + "\n" + json.dumps({"text": "other", "language": "en"}) + "\n")
-    for langs in (["German"], ["deu"]):
+    for langs in (["German"], ["deu"], ["german"], ["DEU"]):  # by name or code, in any case
         assert [d.language for d in prepare_documents([DataSource("n", named)], tokenizer, langs=langs)] == ["deu"]
     # Without a script field, a language's script is the majority of all its documents' letters.
     ja = tmp_path / "ja.jsonl"

@@ -155,6 +155,7 @@ def test_search_filters_mean_the_same_on_the_local_store_and_the_server(registry
         found[label] = {e["name"] for e in hits}
         for bad, hint in ((["--base-fingerprint", "xyz"], "'xyz' is not a hex fingerprint"),
                           (["--base-fingerprint", ""], "'' is not a hex fingerprint"),
+                          (["--base-fingerprint", "a" * 65], "at most 64 digits"),
                           (["--limit", "0"], "0 is not in the range x>=1")):
             res = run(["search", *bad], env=env, ok=False)
             assert res.exit_code == 2 and hint in res.output, (label, res.output)
@@ -166,7 +167,12 @@ def test_a_local_name_cannot_be_both_an_expert_and_a_namespace(trained, home):
     run(["publish", trained["math"], "--name", "qa"])
     res = run(["publish", trained["code"], "--name", "qa/refs"], ok=False)
     assert res.exit_code == 1 and "'qa' is already an expert there" in res.output
+    res = run(["publish", trained["code"], "--name", "QA/refs"], ok=False)  # one folder on macOS and Windows
+    assert res.exit_code == 1 and "'qa' is already an expert there" in res.output
     run(["publish", trained["code"], "--name", "team/code"])
-    res = run(["publish", trained["math"], "--name", "team"], ok=False)
-    assert res.exit_code == 1 and "it is the namespace of team/code" in res.output
+    for name in ("team", "Team"):
+        res = run(["publish", trained["math"], "--name", name], ok=False)
+        assert res.exit_code == 1 and "it is the namespace of team/code" in res.output
+    res = run(["publish", trained["math"], "--name", "Team/Code"], ok=False)
+    assert res.exit_code == 1 and "differ only in case" in " ".join(res.output.split())
     assert {e["name"] for e in json.loads(run(["list", "--json"]).stdout)} == {"qa", "team/code"}

@@ -480,6 +480,14 @@ def test_token_create_refuses_a_database_that_is_not_a_registry_unless_told_to_m
     proc = cli("token", "create", "--namespace", "org", "--database", f"sqlite:///{other}", env=env, check=False)
     assert proc.returncode == 1 and "is not an expertmix registry (no blobs, " in proc.stderr, proc.stderr
     assert {r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")} == {"notes"}
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    proc = cli("token", "create", "--namespace", "org", "--database", f"sqlite:///{empty}", env=env, check=False)
+    assert proc.returncode == 1 and "is not an expertmix registry" in proc.stderr
+    assert empty.stat().st_size == 0  # a refused database is left exactly as it was
+    before = other.read_bytes()
+    cli("token", "create", "--namespace", "org", "--database", f"sqlite:///{other}", env=env, check=False)
+    assert other.read_bytes() == before and not other.with_name("other.db-wal").exists()
 
     fresh = f"sqlite:///{tmp_path / 'new.db'}"
     token = cli("token", "create", "--namespace", "org", "--database", fresh, "--init", env=env).stdout.strip()

@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 
 from ..errors import DataError, ExpertmixError
-from ..experts.data import iter_jsonl_records, language_names, row_language
+from ..experts.data import iter_jsonl_records, language_key, language_names, row_language
 from ..fsutil import write_text_atomic
 from .policy import load_policy, sample_completions, score_samples
 from .rewards import BUILTIN_REWARDS, RewardFn, load_reward, score
@@ -107,8 +107,8 @@ def filter_languages(rows: list, languages: Sequence[str] | None, source: str | 
     """The prompts or pairs in ``languages`` (all of them when none are named); none left is an error."""
     if not languages:
         return rows
-    wanted = set(languages)
-    kept = [r for r in rows if r.language in wanted or r.language_names & wanted]
+    wanted = {language_key(lang) for lang in languages}
+    kept = [r for r in rows if language_key(r.language) in wanted or r.language_names & wanted]
     if not kept:
         found = sorted({str(r.language) for r in rows})
         raise DataError(f"{source}: no rows in language(s) {', '.join(languages)} "

@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from ..checkpoints import require_model_weights
 from ..errors import DataError, ExpertmixError
 from ..experts.adapter import is_adapter_folder, load_adapter_expert
-from ..experts.data import IGNORE_INDEX, Document, language_names, read_documents, tokenize_documents
+from ..experts.data import (
+    IGNORE_INDEX,
+    Document,
+    language_key,
+    language_names,
+    read_documents,
+    tokenize_documents,
+)
 from ..fsutil import save_figure, write_json_atomic
 
 LATIN, NON_LATIN = "Latin", "non-Latin"
@@ -144,12 +151,12 @@ def _cut(text: str, max_bytes: int) -> str:
 def select_documents(docs: Sequence[Document], langs: Sequence[str] | None, max_bytes: int | None,
                      default_language: str) -> list[Document]:
     """Documents of the wanted languages, at most ``max_bytes`` bytes of scored text per language."""
-    wanted = {lang.strip() for lang in langs} if langs else None
+    wanted = {language_key(lang) for lang in langs} if langs else None
     used: dict[str, int] = {}
     out = []
     for d in docs:
         lang = d.language or default_language
-        if wanted is not None and lang not in wanted and not language_names(d.record) & wanted:
+        if wanted is not None and language_key(lang) not in wanted and not language_names(d.record) & wanted:
             continue
         if max_bytes is not None:
             left = max_bytes - used.get(lang, 0)

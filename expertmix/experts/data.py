@@ -42,7 +42,8 @@ class Document:
 LANGUAGE_FIELDS = ("language_code", "language")  # Aya rows carry both ("deu", "German"); the code comes first
 BOM = b"\xef\xbb\xbf"
 # Formats a folder may hold that expertmix does not read: refused by name rather than skipped in silence.
-UNREAD_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".parquet", ".csv", ".tsv", ".arrow"}
+UNREAD_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".tgz", ".parquet", ".csv", ".tsv", ".arrow",
+                   ".feather", ".json", ".lines", ".pkl", ".pickle", ".npy", ".npz"}
 EVAL_SPLITS = ("validation", "valid", "test")
 
 
@@ -53,8 +54,14 @@ def row_language(row: dict) -> str | None:
 
 
 def language_names(row: dict | None) -> frozenset[str]:
-    """Every name a row gives its language (``language_code`` and ``language``), for filters like ``--langs``."""
-    return frozenset(str(row[k]) for k in LANGUAGE_FIELDS if row and row.get(k) is not None)
+    """Every name a row gives its language (``language_code`` and ``language``), casefolded, for filters like
+    ``--langs`` (compare with :func:`language_key`)."""
+    return frozenset(language_key(row[k]) for k in LANGUAGE_FIELDS if row and row.get(k) is not None)
+
+
+def language_key(name: object) -> str:
+    """A language name or code as filters compare it: ``German``, ``german`` and ``GERMAN`` are one."""
+    return str(name).strip().casefold()
 
 
 def data_digest(path: str | Path) -> str | None:
@@ -84,6 +91,8 @@ def _record_to_document(rec: dict, path: Path, line: int, text_field: str | None
              "script": rec.get("script"), "domain": rec.get("domain"), "source": str(path), "line": line}
     if text_field is None and AYA_INPUT in rec and AYA_TARGET in rec:
         inputs, targets = rec[AYA_INPUT], rec[AYA_TARGET]
+        if targets is None:  # a missing target (pandas and datasets write null): an empty row, skipped
+            targets = ""
         for key, val in ((AYA_INPUT, inputs), (AYA_TARGET, targets)):
             if not isinstance(val, str):
                 raise DataError(f"{path} line {line}: field '{key}' must be a string, got {type(val).__name__}")
@@ -93,7 +102,7 @@ def _record_to_document(rec: dict, path: Path, line: int, text_field: str | None
         fields = ", ".join(sorted(rec)) or "none"
         raise DataError(f"{path} line {line}: no field '{text_key}' (fields: {fields}); "
                         f"name the text field with --text-field")
-    val = rec[text_key]
+    val = "" if rec[text_key] is None else rec[text_key]  # null text (pandas and datasets write it): skipped
     if not isinstance(val, str):
         raise DataError(f"{path} line {line}: field '{text_key}' must be a string, got {type(val).__name__}")
     return Document(text=val, record=rec, **extra)
@@ -103,7 +112,7 @@ def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of a JSONL file; bad lines are errors naming them."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            line = _decode(raw.removeprefix(BOM) if i == 1 else raw, path, i).strip()
+            line = _decode(raw.removeprefix(BOM), path, i).strip()  # a BOM on any line: files joined with cat
             if not line:
                 continue
             try:

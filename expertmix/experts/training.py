@@ -301,11 +301,12 @@ class ResumableJob:
     def start_work_dir(self) -> None:
         """Create (or, with ``resume``, reuse) the job's ``OUT.partial`` folder; a resumed job must keep its
         settings (those added since it started may be missing from its record while they keep their defaults)."""
-        work, out, fingerprint = self.work_dir, Path(self.out), self.fingerprint()
+        work, out = self.work_dir, Path(self.out)
         if out.exists():
             raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
         if work.is_dir():
-            lock_folder(work)
+            lock_folder(work)  # before the data is hashed: a second run is refused at once
+        fingerprint = self.fingerprint()
         if work.exists() and not self.resume:
             raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
                                  f"or delete that folder to start over")

@@ -100,17 +100,27 @@ class LocalStore:
         return self.root / "repos" / name
 
     def _check_layout(self, name: str) -> None:
-        """Refuse a name whose folder would nest with another's: an expert ``X`` beside experts ``X/...``."""
-        org, _, rest = name.partition("/")
-        if rest and (self._repo(org) / "refs" / "main").is_file():
-            raise StoreError(f"cannot publish '{name}' to the local store {self.root}: '{org}' is already an expert "
-                             f"there, and a local name cannot be both an expert and a namespace; choose another "
-                             f"--name")
-        if not rest and (others := sorted(p.parent.parent.relative_to(self.root / "repos").as_posix()
-                                          for p in self._repo(org).glob("*/refs/main"))):
-            raise StoreError(f"cannot publish '{name}' to the local store {self.root}: it is the namespace of "
-                             f"{', '.join(others)}, and a local name cannot be both an expert and a namespace; "
-                             f"choose another --name (e.g. {name}/{name})")
+        """Refuse a name whose folder would nest with another's (an expert ``X`` beside experts ``X/...``) or that
+        differs from another only in case (one folder on macOS and Windows), whatever the case of either."""
+        repos = self.root / "repos"
+        names = [p.parent.parent.relative_to(repos).as_posix() for p in repos.glob("**/refs/main")] \
+            if repos.is_dir() else []
+        key, org = name.casefold(), name.partition("/")[0].casefold()
+        for other in names:
+            if other == name:
+                continue
+            if other.casefold() == key:
+                raise StoreError(f"cannot publish '{name}' to the local store {self.root}: '{other}' is already there, "
+                                 f"and names that differ only in case share one folder on some systems; publish to "
+                                 f"'{other}' or choose another --name")
+            if "/" in name and other.casefold() == org:
+                raise StoreError(f"cannot publish '{name}' to the local store {self.root}: '{other}' is already an "
+                                 f"expert there, and a local name cannot be both an expert and a namespace; choose "
+                                 f"another --name")
+            if "/" not in name and other.partition("/")[0].casefold() == key and "/" in other:
+                raise StoreError(f"cannot publish '{name}' to the local store {self.root}: it is the namespace of "
+                                 f"{other}, and a local name cannot be both an expert and a namespace; choose "
+                                 f"another --name (e.g. {name}/{name})")
 
     # -- writing -----------------------------------------------------------------------------------
     def _put_blob(self, src: Path) -> FileEntry:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
+from urllib.request import pathname2url
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
@@ -52,6 +55,22 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of a SQLite file, read without writing to it (the engine's WAL pragma would convert it)."""
+    try:
+        with closing(sqlite3.connect(f"file:{pathname2url(str(path.resolve()))}?mode=ro", uri=True)) as con:
+            return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"the database {path} is not an expertmix registry ({exc}): check --database") from exc
+
+
+def _require_registry(tables: set[str], where: str) -> None:
+    missing = sorted(set(Base.metadata.tables) - tables)
+    if missing:
+        raise StoreError(f"the database {where} is not an expertmix registry (no {', '.join(missing)} tables): check "
+                         f"--database (--init makes it a new registry)")
+
+
 def init_db(url: str, create: bool = True) -> sessionmaker[Session]:
     """Create the tables if missing and return a session factory.
 
@@ -59,17 +78,15 @@ def init_db(url: str, create: bool = True) -> sessionmaker[Session]:
     SQLite path, the wrong PostgreSQL database) is refused rather than made into a new, empty registry.
     """
     sqlite_file = _sqlite_file(url)
-    if not create and sqlite_file is not None and not sqlite_file.is_file():
-        raise StoreError(f"no registry database at {sqlite_file}: check --database (`expertmix serve` creates the "
-                         f"database on its first start; --init creates a new one here)")
+    if not create and sqlite_file is not None:
+        if not sqlite_file.is_file():
+            raise StoreError(f"no registry database at {sqlite_file}: check --database (`expertmix serve` creates the "
+                             f"database on its first start; --init creates a new one here)")
+        _require_registry(_sqlite_tables(sqlite_file), str(sqlite_file))  # read-only: a refused file stays as it was
     engine = make_engine(url)
     try:
-        if not create:
-            missing = sorted(set(Base.metadata.tables) - set(inspect(engine).get_table_names()))
-            if missing:
-                raise StoreError(f"the database {engine.url.render_as_string(hide_password=True)} is not an "
-                                 f"expertmix registry (no {', '.join(missing)} tables): check --database "
-                                 f"(--init makes it a new registry)")
+        if not create and sqlite_file is None:
+            _require_registry(set(inspect(engine).get_table_names()), engine.url.render_as_string(hide_password=True))
         Base.metadata.create_all(engine)
     except DBAPIError as exc:  # unreachable server, wrong password, unwritable file: one line, password hidden
         reason = str(exc.orig or exc).strip().splitlines()[0]
