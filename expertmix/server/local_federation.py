@@ -187,23 +187,28 @@ class Processes:
                 targets.append(psutil.Process(proc.pid))
             except psutil.NoSuchProcess:
                 continue
-        for p in targets:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(targets, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        terminate(targets, grace)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def terminate(processes: list[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM each process, then SIGKILL whatever is left after ``grace`` seconds."""
+    for p in processes:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 @contextmanager
@@ -345,18 +350,7 @@ def stop_stale_processes(flwr_home: Path, log: Callable[[str], None] = print) ->
     if stale:
         log(f"stopping {len(stale)} Flower process(es) left running by an earlier, killed run of this federation "
             f"(pids {', '.join(str(p.pid) for p in stale)})")
-        for p in stale:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(stale, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        terminate(stale)
     return [p.pid for p in stale]
 
 
