@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2MoeForCausalLM, TrainerCallback
 
 import expertmix.assembler.assemble as assemble_module
 from expertmix.assembler.assemble import AssembleConfig, assemble, mixture_blocks, teachers_of_sources
@@ -371,3 +371,16 @@ def test_assemble_without_a_source_named_after_an_expert_trains_on_labels_and_sa
     said = " ".join(result.output.split())  # the console wraps long lines
     assert "no data source is named after an expert's domain (sources: x; domains: a, b)" in said
     assert read_manifest(tmp_path / "mix").history[-1]["teachers"] == {"x": None}
+
+
+def test_experts_pulled_from_a_registry_are_named_by_their_registry_name(published, llama_seed, corpus, tmp_path):
+    """An expert published under another --name than its card's is that name in the mix (it kept the card's, so two
+    repos of one folder collided as 'given more than once')."""
+    root, store, _ = published
+    _cli("publish", root / "code", "--name", "team/code-v2", "--registry", store)
+    _cli("assemble", "--seed", llama_seed, "--experts", "code", "team/code-v2", "--registry", store,
+         "--data", f"code={corpus['code']}", "--out", tmp_path / "mix", "--max-steps", "1", "--batch-size", "2",
+         "--seq-len", "32", "--distill", "none")  # one domain, two experts: no one teacher for it
+    manifest = read_manifest(tmp_path / "mix")
+    assert [(e.name, e.repo) for e in manifest.experts] == [("code", "code"), ("team/code-v2", "team/code-v2")]
+    assert AutoConfig.from_pretrained(tmp_path / "mix").expert_names == ["code", "team/code-v2"]

@@ -387,3 +387,20 @@ def test_an_extension_started_before_a_recipe_field_existed_resumes_with_the_fie
     with pytest.raises(ExpertmixError, match=r"other settings \(differs in: recipe.passes, recipe.row_old_weight\)"):
         ExtendConfig(recipe=parse_recipe("targeted"), resume=True, **kw).start_work_dir()
     ExtendConfig(recipe=parse_recipe("targeted:row_old_weight=1;passes=5"), resume=True, **kw).start_work_dir()
+
+
+def test_an_extended_mix_records_the_new_domains_data_so_the_next_extension_replays_it(base_mixes, corpus, tmp_path,
+                                                                                       llama_seed):
+    """Each extension adds its --data to mix.json's data: a second extension replays the first one's domain too
+    (it replayed only the domains the mix was assembled on)."""
+    first = _extend(base_mixes, corpus, "nexus", "targeted", tmp_path / "ext")
+    manifest = read_manifest(first)
+    assert [(d.name, d.path) for d in manifest.data] == [("math", str(corpus["math"])), ("code", str(corpus["code"])),
+                                                         ("prose", str(corpus["prose"].resolve()))]
+    assert manifest.history[-1]["data"] == {d.name: d.path for d in manifest.data}
+    extra = make_expert(llama_seed, tmp_path / "extra", "extra", seed=7)
+    second = extend(ExtendConfig(mix=first, expert=str(extra), data=[DataSource("extra", corpus["math"])],
+                                 out=tmp_path / "ext2", recipe=parse_recipe("targeted"), recipe_name="targeted",
+                                 seq_len=32, settings=TrainSettings(max_steps=2, batch_size=2, progress=False)),
+                    log=lambda _: None)
+    assert set(read_manifest(second).history[-1]["tokens_read"]) == {"extra", "math", "code", "prose"}

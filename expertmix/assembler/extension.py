@@ -76,7 +76,7 @@ from .assemble import (
 )
 from .configuration_nexus import NexusConfig
 from .distillation import DistillationTrainer, load_teachers
-from .manifest import MixManifest, read_manifest
+from .manifest import DataRef, MixManifest, read_manifest
 from .modeling_nexus import NexusForCausalLM
 from .upcycling import (
     WEIGHTS_FILE,
@@ -561,6 +561,11 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(mix_dir)
     needed = budget_tokens(cfg.settings, cfg.seq_len)
     replay = replay_sources(cfg, manifest)
+    if cfg.replay is not None:  # an explicit --replay whose names match no old domain replays none of them
+        domains = {e.domain for e in manifest.experts} | {d.name for d in manifest.data}
+        if unknown := sorted(s.name for s in cfg.replay if s.name not in domains):
+            log(f"warning: --replay {', '.join(unknown)} names no domain of the mix "
+                f"({', '.join(sorted(domains))}); replay data is best named after the old domains it stands for")
     # Everything the extension learns from (token-row frequencies, placement, finetuning) comes from the
     # documents read here, so a token budget bounds all of it: each source is read up to its share of the budget.
     n_sources = len(cfg.data) + len(replay)
@@ -625,9 +630,12 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         # the budget bounded the tokens read above; the passes repeat them
         steps = settings.steps_for(blocks["input_ids"].shape[0], cfg.seq_len) * recipe.passes
         settings = replace(settings, max_steps=steps, max_tokens=None)
+    n_blocks = blocks["input_ids"].shape[0]
+    epochs = (settings.max_steps or 0) * settings.batch_size * settings.grad_accum / max(n_blocks, 1)
     log(f"finetuning {', '.join(recipe.train)} ({trainable / 1e6:.2f}M parameters, old experts frozen) on "
-        f"{blocks['input_ids'].shape[0]} blocks: {recipe.new_share:.0%} new domain, the rest replay"
-        + (f"; {recipe.passes} passes, {settings.max_steps} steps" if recipe.passes > 1 else ""))
+        f"{n_blocks} blocks: {recipe.new_share:.0%} new domain, the rest replay"
+        + (f"; {recipe.passes} x the step budget: {settings.max_steps} steps, {epochs:.1f} passes over the blocks"
+           if recipe.passes > 1 else ""))
     metrics = train_stage(model, blocks, settings, work, cfg.resume, trainer_class=trainer_class)
     for h in handles:
         h.remove()
@@ -638,7 +646,11 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         inputs = [b.router.domain_embeddings[n_old].float().tolist() for b in model.moe_blocks()]
         entry.router_input = inputs if recipe.placement == "fit-layers" else inputs[0]
     manifest.experts.append(entry)
+    # The mix's data now holds the new domain too (and any --replay given), so the next extend replays it.
+    used = {s.name: DataRef(name=s.name, path=str(Path(s.path).resolve())) for s in [*replay, *cfg.data]}
+    manifest.data = [*(d for d in manifest.data if d.name not in used), *used.values()]
     manifest.history.append({"stage": "extend", "expert": expert.info.name, "recipe": cfg.recipe_name,
+                             "data": {k: d.path for k, d in used.items()},
                              **asdict(recipe), "lambda": recipe.lam(n_old), "placement_fit": placement,
                              "settings": asdict(settings), "metrics": metrics, "seq_len": cfg.seq_len,
                              "tokens_read": tokens_read,

@@ -64,7 +64,8 @@ def load_expert(ref: str, registry: str | None = None) -> ExpertSource:
     path = Path(ref)
     if path.is_dir():
         folder = validate_expert_folder(path)
-        dense = folder.card.expert.kind == "dense"
+        info = folder.card.expert
+        dense = info.kind == "dense"
         files = {p.name: sha256_file(p) for p in weight_files(path)} if dense else {}
         repo, revision = str(path.resolve()), None
     else:
@@ -75,7 +76,9 @@ def load_expert(ref: str, registry: str | None = None) -> ExpertSource:
         listed = {f.path: f.sha256 for f in entry.files}
         files = {p.name: listed.get(p.relative_to(folder.path).as_posix()) or sha256_file(p)
                  for p in weight_files(folder.path)} if folder.card.expert.kind == "dense" else {}
-    return ExpertSource(ref=ref, folder=folder.path, info=folder.card.expert, repo=repo, revision=revision,
+        # named as the registry names it (``publish --name`` may differ from the card): two repos, two experts
+        info = folder.card.expert.model_copy(update={"name": entry.name})
+    return ExpertSource(ref=ref, folder=folder.path, info=info, repo=repo, revision=revision,
                         weights_sha256=files, embedding=load_domain_embedding(folder.path).float())
 
 
