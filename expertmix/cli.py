@@ -531,9 +531,10 @@ def _settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run
               help="Router training data, one source per domain: NAME=PATH (repeatable; mixed by --mix).")
 @click.option("--mix", default=None, help="Token shares of the sources, e.g. code=0.25,de=0.75 (default: equal).")
 @click.option("--router", type=click.Choice(["nexus", "linear", "merge"]), default="nexus", show_default=True,
-              help="nexus: adaptive router; linear: BTX-style gate; merge: dense weight average.")
+              help="nexus: adaptive router; linear: BTX-style gate; merge: dense weight average (it has no router: "
+                   "every weight trains).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
-@click.option("--train-all", is_flag=True, help="Train every weight, not only the router.")
+@click.option("--train-all", is_flag=True, help="Train every weight, not only the router (a merge always does).")
 @click.option("--aux-loss", type=float, default=0.05, show_default=True, help="Load-balancing loss coefficient.")
 @click.option("--distill", type=click.Choice(["experts", "none"]), default="experts", show_default=True,
               help="--kind nexus. experts: each --data source named after an expert's domain learns that dense "
@@ -606,8 +607,8 @@ def assemble(seed_dir, experts, more_experts, data, mix, router, out, train_all,
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output mix folder (must not exist).")
 @click.option("--recipe", default="targeted", show_default=True,
               help="targeted: measured best here; isolated: only the new expert trains; paper: Gritsch et al. "
-                   "(merge 1/(n+1), finetune all); paper-keep: the paper without the merge. "
-                   "NAME:key=value;... changes fields of a recipe.")
+                   "(merge 1/(n+1), finetune all but the old experts, which stay frozen); paper-keep: the paper "
+                   "without the merge. NAME:key=value;... changes fields of a recipe.")
 @click.option("--merge", type=click.Choice(["all", "none", "token-rows"]), default=None,
               help="Override the recipe: which non-FFN weights take in the new expert's.")
 @click.option("--merge-lambda", type=float, default=None, help="Override lambda (default 1/(n+1)).")

@@ -152,6 +152,10 @@ def test_eval_prints_perplexity_and_routing_and_saves_a_heatmap(cli_mix, corpus,
     for row in report["routing"].values():
         assert abs(sum(row.values()) - 1) < 1e-5
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert width >= 540 and height >= 360  # two experts: room for the title and the labels (4.5 x 3 in at 120 dpi)
     table = _cli("eval", cli_mix, f"--data=math={corpus['math']}", "--seq-len", "32", "--max-blocks", "2")
     assert "math" in table and "%" in table
 

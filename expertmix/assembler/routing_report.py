@@ -138,7 +138,8 @@ def save_heatmap(report: EvalReport, path: str | Path, title: str = "tokens rout
     if report.routing is None:
         raise ValueError("this model has no router (a dense merge or model): there is no routing matrix to draw")
     m = report.routing.numpy()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 1.0 + 0.6 * m.shape[0]))
+    # at least 4.5 x 3 inches: a two-expert matrix otherwise cuts its title and overlaps its labels
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.9 * m.shape[1]), max(3.0, 1.0 + 0.6 * m.shape[0])))
     im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(m.shape[1]), report.experts, rotation=30, ha="right")
     ax.set_yticks(range(m.shape[0]), report.domains)
