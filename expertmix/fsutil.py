@@ -59,20 +59,29 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def _flock(fd: int) -> bool | None:
+    """A non-blocking exclusive flock on ``fd``: True held, False held by another process, None where the
+    filesystem has no locks (some network mounts)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
 def _lock(folder: Path) -> tuple[int, bool | None]:
     """Try a non-blocking flock on ``folder``: ``(descriptor, True)`` held, ``(-1, False)`` held by another process,
     ``(descriptor or -1, None)`` where the platform or filesystem has no locks."""
     if fcntl is None:
         return -1, None
     fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    held = _flock(fd)
+    if held is False:
         os.close(fd)
         return -1, False
-    except OSError:  # a filesystem without locks
-        return fd, None
-    return fd, True
+    return fd, held
 
 
 @contextmanager
@@ -155,14 +164,13 @@ def lock_folder(folder: Path) -> None:
         _HELD_FOLDERS[key] = -1
         return
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    held = _flock(fd)
+    if held is False:
         holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
         raise ExpertmixError(f"{folder} is in use by another expertmix process{f' (pid {holder})' if holder else ''}; "
-                             f"wait for it to end or stop it, then rerun") from None
-    except OSError:  # a filesystem without locks (some network mounts): go on unlocked
+                             f"wait for it to end or stop it, then rerun")
+    if held is None:  # a filesystem without locks: go on unlocked
         os.close(fd)
         _HELD_FOLDERS[key] = -1
         return

@@ -306,10 +306,10 @@ class ResumableJob:
             raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
         if work.is_dir():
             lock_folder(work)  # before the data is hashed: a second run is refused at once
-        fingerprint = self.fingerprint()
         if work.exists() and not self.resume:
             raise ExpertmixError(f"an interrupted run exists in {work}; rerun with --resume to continue it, "
                                  f"or delete that folder to start over")
+        fingerprint = self.fingerprint()
         run_file = work / "run.json"
         if run_file.is_file():
             previous = _with_defaults(json.loads(run_file.read_text()), self.fingerprint_defaults(), fingerprint)
@@ -317,13 +317,18 @@ class ResumableJob:
             if previous != fingerprint:
                 raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
                                      f"(differs in: {', '.join(changed_settings(previous, fingerprint))})")
-        elif work.is_dir() and any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        elif work.is_dir() and has_checkpoints(work):
             raise ExpertmixError(f"--resume: {work} holds checkpoints but no run.json, so the settings they were made "
                                  f"with cannot be checked (left by a run killed while it cleaned up); delete that "
                                  f"folder to start over")
         work.mkdir(parents=True, exist_ok=True)
         lock_folder(work)
         write_json_atomic(run_file, fingerprint)
+
+
+def has_checkpoints(work: Path) -> bool:
+    """Whether a work folder holds any Trainer checkpoint (whole or not)."""
+    return any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*"))
 
 
 def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
@@ -340,12 +345,12 @@ def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
         try:
             return job(cfg, *args, **kwargs)
         except KeyboardInterrupt as exc:
-            if any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            if has_checkpoints(work):
                 exc.add_note(f"interrupted: the checkpoints in {work} are kept; rerun the same command with --resume "
                              f"to continue from the last one")
             raise
         except ExpertmixError:
-            if made_here and holds_folder(work) and not any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            if made_here and holds_folder(work) and not has_checkpoints(work):
                 shutil.rmtree(work, ignore_errors=True)
             raise
         finally:

@@ -23,6 +23,7 @@ import torch
 from ..client.settings import FederationConfig
 from ..client.weights import load_state, save_state
 from ..errors import ExpertmixError
+from ..experts.training import changed_settings
 from ..fsutil import write_json_atomic
 
 STATE_FILE, RESULT_FILE, CHECKPOINTS = "state.json", "result.json", "checkpoints"
@@ -76,8 +77,7 @@ class FederationStore:
         record = FederationRecord(**json.loads(path.read_text()))
         if record.resume_key != cfg.resume_key():
             now = cfg.resume_settings()
-            changed = sorted(k for k in set(record.settings) | set(now) if record.settings.get(k) != now.get(k))
-            what = f" (differs in: {', '.join(changed)})" if record.settings else ""
+            what = f" (differs in: {', '.join(changed_settings(record.settings, now))})" if record.settings else ""
             raise ExpertmixError(f"{path}: this work folder holds a federation started with other settings{what}; "
                                  f"rerun it with those, use another --work-dir, or delete {self.root} to start over")
         return record
