@@ -136,6 +136,30 @@ def test_score_documents_truncates_to_max_tokens_and_marks_too_short_docs_inf(lo
     assert s_short == math.inf
 
 
+def test_instruction_rows_are_scored_on_their_targets_given_their_inputs(loaded):
+    """An Aya row's score is the perplexity of what training learns (targets), with the inputs as context; a
+    prompt longer than the window keeps its end."""
+    model, tok = loaded
+    r = random.Random(3)
+    easy_answer = EASY.strip()
+    hard_prompt, easy_prompt = hard_doc(r) * 2, EASY * 2
+    rows = [Document(text=easy_answer, prompt=hard_prompt), Document(text=easy_answer, prompt=easy_prompt),
+            Document(text=hard_doc(r), prompt=easy_prompt)]
+    scores = score_documents(rows, model, tok, progress=False)
+    for d, got in zip(rows, scores, strict=True):
+        context = tok(d.prompt + "\n", add_special_tokens=False)["input_ids"]
+        target = tok(d.text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context + target])
+        labels = torch.tensor([[-100] * len(context) + target])
+        with torch.no_grad():
+            expected = model(input_ids=ids, labels=labels).loss.exp().item()
+        assert got == pytest.approx(expected, rel=1e-4)
+    assert scores[1] < scores[2]  # one prompt: the easy answer ranks easy
+    # a prompt longer than the window: its last half-window is context, the targets are still scored
+    (windowed,) = score_documents(rows[:1], model, tok, max_tokens=16, progress=False)
+    assert math.isfinite(windowed)
+
+
 @pytest.mark.parametrize("where,group", [("bottom", "easy"), ("middle", "medium"), ("top", "hard")])
 def test_prune_documents_keeps_the_requested_end_of_the_perplexity_distribution(loaded, where, group):
     model, tok = loaded

@@ -1,8 +1,10 @@
 """Perplexity pruning (Marion et al. 2023, "When Less is More"): keep one band of a reference LM's scores.
 
 Every document is scored by a reference causal LM's perplexity over its first ``max_tokens`` tokens; the
-bottom (easiest), middle or top (hardest) fraction is kept. Documents too short to score (fewer than two
-tokens) get perplexity +inf and are never kept; the fraction applies to the documents that could be scored.
+bottom (easiest), middle or top (hardest) fraction is kept. An instruction row (Aya ``inputs``/``targets``) is
+scored on its targets given its inputs, the tokens training learns from. Documents too short to score (fewer
+than two tokens) get perplexity +inf and are never kept; the fraction applies to the documents that could be
+scored.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, ExpertmixError
 from ..fsutil import atomic_path
-from .data import JSONL_SUFFIXES, Document, read_documents
+from .data import IGNORE_INDEX, JSONL_SUFFIXES, Document, read_documents, tokenize_documents
 
 Where = Literal["bottom", "middle", "top"]
 WHERES: tuple[str, ...] = get_args(Where)
@@ -67,13 +69,35 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def scoring_windows(docs: Sequence[Document], tokenizer: Any, max_tokens: int) -> list[tuple[list[int], int]]:
+    """Each document's tokens to score and the position of its first scored token.
+
+    Plain text: its first ``max_tokens`` tokens, scored from the second. An instruction row: its inputs as
+    context and its targets scored, tokenized as training tokenizes them; inputs longer than half the window
+    keep their end, so the window always holds targets.
+    """
+    out: list[tuple[list[int], int]] = [([], 0)] * len(docs)
+    plain = [i for i, d in enumerate(docs) if d.prompt is None]
+    if plain:
+        encoded = tokenizer([docs[i].text for i in plain], truncation=True, max_length=max_tokens)["input_ids"]
+        for i, ids in zip(plain, encoded, strict=True):
+            out[i] = (list(ids), 1)
+    rows = [i for i, d in enumerate(docs) if d.prompt is not None]
+    for i, tok in zip(rows, tokenize_documents([docs[i] for i in rows], tokenizer, add_eos=False), strict=True):
+        n_context = sum(1 for label in tok.labels if label == IGNORE_INDEX)
+        start = max(0, n_context - max_tokens // 2)
+        out[i] = (tok.input_ids[start:start + max_tokens], max(n_context - start, 1))
+    return out
+
+
 @torch.no_grad()
 def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_tokens: int = 512,
                     batch_size: int = 8, progress: bool = True) -> list[float]:
-    """Each document's perplexity under ``model``: exp of mean token NLL over its first ``max_tokens`` tokens.
+    """Each document's perplexity under ``model``: exp of mean token NLL over its first ``max_tokens`` tokens
+    (an instruction row's: over its targets, see :func:`scoring_windows`).
 
-    Documents are batched by similar length with right padding and an attention mask; a document of fewer
-    than two tokens cannot be scored and gets +inf.
+    Documents are batched by similar length with right padding and an attention mask; a document with no
+    token to score (plain text of fewer than two tokens, a row without targets) gets +inf.
     """
     # Hand-written rather than `evaluate`'s perplexity metric: that one loads its own model by hub id,
     # and we score with the caller's (already loaded, possibly local) reference model.
@@ -84,9 +108,10 @@ def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_to
     scores = [math.inf] * len(docs)
     if not docs:
         return scores
-    encoded = tokenizer([d.full_text for d in docs], truncation=True, max_length=max_tokens)["input_ids"]
+    windows = scoring_windows(docs, tokenizer, max_tokens)
     # Longest first so memory problems show at once; similar lengths share a batch to waste little padding.
-    order = sorted((i for i, ids in enumerate(encoded) if len(ids) >= 2), key=lambda i: -len(encoded[i]))
+    order = sorted((i for i, (ids, first) in enumerate(windows) if len(ids) > first),
+                   key=lambda i: -len(windows[i][0]))
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -95,16 +120,19 @@ def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_to
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            seqs = [torch.tensor(encoded[i], dtype=torch.long) for i in idx]
+            seqs = [torch.tensor(windows[i][0], dtype=torch.long) for i in idx]
             # The padding value never reaches the loss (masked), so no pad token is required of the tokenizer.
             ids = pad_sequence(seqs, batch_first=True, padding_value=0).to(device)
             ones = [torch.ones_like(s) for s in seqs]
             mask = pad_sequence(ones, batch_first=True, padding_value=0).to(device)
+            scored = mask.clone()  # tokens whose NLL counts: not padding, not an instruction's inputs
+            for row, i in enumerate(idx):
+                scored[row, :windows[i][1]] = 0
             # A batch without padding needs no mask (same result); attention may use its plain causal kernel.
             logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask).logits[:, :-1]
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1),
                                   reduction="none").view(ids.size(0), -1)
-            target_mask = mask[:, 1:].float()
+            target_mask = scored[:, 1:].float()
             mean_nll = (nll * target_mask).sum(1) / target_mask.sum(1)
             for i, v in zip(idx, mean_nll.tolist(), strict=True):
                 scores[i] = math.exp(v)
