@@ -110,6 +110,13 @@ def test_documents_score_aya_targets_given_inputs_and_cut_plain_text_by_bytes(tm
                      + "\n" + json.dumps({"text": "other", "language": "en"}) + "\n")
     for langs in (["German"], ["deu"], ["german"], ["DEU"]):  # by name or code, in any case
         assert [d.language for d in prepare_documents([DataSource("n", named)], tokenizer, langs=langs)] == ["deu"]
+    # a row that names its language without a code groups under the code other rows (any source) give that name
+    name_only = tmp_path / "name-only.jsonl"
+    name_only.write_text(json.dumps({"text": "noch ein Text", "language": "german"}) + "\n"
+                         + json.dumps({"text": "texte", "language": "French"}) + "\n")
+    both = prepare_documents([DataSource("n", named), DataSource("o", name_only)], tokenizer)
+    assert [d.language for d in both] == ["deu", "en", "deu", "French"]
+    assert [d.language for d in prepare_documents([DataSource("o", name_only)], tokenizer)] == ["german", "French"]
     # Without a script field, a language's script is the majority of all its documents' letters.
     ja = tmp_path / "ja.jsonl"
     ja.write_text(json.dumps({"text": "ls --all --long --human", "language": "ja"}) + "\n"

@@ -177,6 +177,7 @@ def test_extension_passes_repeat_the_budgets_data_without_reading_more(base_mixe
                                           steps=2)).history[-1] for n in (1, 3))
     assert thrice["tokens_read"] == once["tokens_read"] and thrice["mix"] == once["mix"]
     assert (once["metrics"]["steps"], thrice["metrics"]["steps"]) == (2, 6) and thrice["passes"] == 3
+    assert thrice["budget"] == {"max_steps": 2, "max_tokens": None} and thrice["settings"]["max_steps"] == 6
 
 
 def test_a_small_budget_spans_min_documents_with_windows_of_long_ones(tokenizer, tmp_path):

@@ -19,7 +19,7 @@ import math
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ from ..experts.adapter import is_adapter_folder, load_adapter_expert
 from ..experts.data import (
     IGNORE_INDEX,
     Document,
+    language_codes,
     language_key,
     language_names,
     read_documents,
@@ -179,6 +180,7 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
     """Read named sources (``DataSource``: name, path), keep ``langs``, tokenize into scored documents.
 
     A document without a ``language`` field counts under its source's name; without a ``domain`` field, too.
+    A row that names its language but gives no code counts under the code other rows give that name.
     """
     start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if start is None:
@@ -186,8 +188,11 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
     out: list[EvalDoc] = []
     letters: dict[str, list[int]] = {}  # language -> [Latin, other] letters of documents that declare no script
     undeclared: list[EvalDoc] = []
-    for src in sources:
-        docs = read_documents(src.path, text_field, role="eval")
+    read = [(src, read_documents(src.path, text_field, role="eval")) for src in sources]
+    codes = language_codes(d.record for _, docs in read for d in docs)
+    for src, docs in read:
+        docs = [d if d.language is None or language_key(d.language) not in codes
+                else replace(d, language=codes[language_key(d.language)]) for d in docs]
         docs = select_documents(docs, langs, max_bytes, default_language=src.name)
         tokenized = tokenize_documents(docs, tokenizer, add_eos=False)
         for doc, tok in zip(docs, tokenized, strict=True):

@@ -653,6 +653,8 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
                              "data": {k: d.path for k, d in used.items()},
                              **asdict(recipe), "lambda": recipe.lam(n_old), "placement_fit": placement,
                              "settings": asdict(settings), "metrics": metrics, "seq_len": cfg.seq_len,
+                             # the user's budget; settings hold the steps the passes derived from it
+                             "budget": {"max_steps": cfg.settings.max_steps, "max_tokens": cfg.settings.max_tokens},
                              "tokens_read": tokens_read,
                              "mix": {k: v["actual_share"] for k, v in report.items()}})
     save_mix(model, init, manifest, cfg.out)

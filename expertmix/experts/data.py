@@ -59,6 +59,16 @@ def language_names(row: dict | None) -> frozenset[str]:
     return frozenset(language_key(row[k]) for k in LANGUAGE_FIELDS if row and row.get(k) is not None)
 
 
+def language_codes(rows: Iterable[dict | None]) -> dict[str, str]:
+    """Language name -> code (casefolded name keys), learnt from the rows that give both (an Aya row: ``German``
+    and ``deu``), so that rows giving only the name can be grouped with those giving the code."""
+    codes: dict[str, str] = {}
+    for row in rows:
+        if row and row.get("language") is not None and row.get("language_code") is not None:
+            codes.setdefault(language_key(row["language"]), str(row["language_code"]))
+    return codes
+
+
 def language_key(name: object) -> str:
     """A language name or code as filters compare it: ``German``, ``german`` and ``GERMAN`` are one."""
     return str(name).strip().casefold()
