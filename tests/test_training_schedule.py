@@ -3,6 +3,7 @@ to 30% of the peak rate)."""
 
 from __future__ import annotations
 
+import ast
 import math
 
 import pytest
@@ -59,7 +60,7 @@ class _Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_train_loss_after_a_resume_is_the_mean_over_the_whole_run(llama_seed, corpus, tmp_path, caplog):
+def test_train_loss_after_a_resume_is_the_mean_over_the_whole_run(llama_seed, corpus, tmp_path, caplog, capsys):
     """The Trainer's train_loss covers only the steps since the resume; the recorded one covers them all, and equals
     the loss of the same run left uninterrupted."""
     blocks = pack(tokenize_documents(read_documents(corpus["prose"]), AutoTokenizer.from_pretrained(llama_seed)), 32)
@@ -69,9 +70,13 @@ def test_train_loss_after_a_resume_is_the_mean_over_the_whole_run(llama_seed, co
     with pytest.raises(KeyboardInterrupt):
         fit(AutoModelForCausalLM.from_pretrained(llama_seed), blocks, None, settings, tmp_path / "cut",
             callbacks=[_Interrupt(5)])
+    capsys.readouterr()
     resumed = fit(AutoModelForCausalLM.from_pretrained(llama_seed), blocks, None, settings, tmp_path / "cut",
                   resume=True)
     assert resumed["resumed_from"] == "checkpoint-3"
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    # the console's closing line (the Trainer's printer) and the trainer's log history say the same
+    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines() if "'train_loss'" in line]
+    assert [float(p["train_loss"]) for p in printed] == [pytest.approx(whole["train_loss"], rel=1e-4)]
     # the tied head is not in the checkpoint by design: no "missing keys" alarm on resume
     assert not [r for r in caplog.records if "missing keys" in r.getMessage()]

@@ -118,6 +118,8 @@ class RunLoss(TrainerCallback, ExportableState):
         if logs and "loss" in logs and state.global_step > self.steps:
             self.loss_sum += float(logs["loss"]) * (state.global_step - self.steps)
             self.steps = state.global_step
+        if logs and "train_loss" in logs and self.steps:  # the run's closing metrics, as printed and in log_history
+            logs["train_loss"] = self.mean
 
     @property
     def mean(self) -> float:
@@ -182,9 +184,6 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         disable_tqdm=not settings.progress,
         dataloader_drop_last=False,
     )
-    trainer = trainer_class(model=model, args=args, train_dataset=BlockDataset(train_blocks),
-                      eval_dataset=BlockDataset(valid_blocks) if valid_blocks is not None else None,
-                      callbacks=list(callbacks or []))
     checkpoint = last_complete_checkpoint(work_dir) if resume else None
     # Restored by hand: the Trainer's restore_callback_states_from_checkpoint would also restore its control flags
     # as they stood mid-save (and so save again on the first resumed step).
@@ -193,7 +192,10 @@ def fit(model, train_blocks: Blocks, valid_blocks: Blocks | None, settings: Trai
         raise ExpertmixError(f"--resume: {checkpoint} has trained {saved['global_step']} steps, past this run's budget "
                              f"of {steps}; give a budget of at least {saved['global_step']} steps")
     run_loss = RunLoss(**saved.get("stateful_callbacks", {}).get("RunLoss", {}).get("args", {}))
-    trainer.add_callback(run_loss)
+    # Given to the constructor, it runs before the progress bar's callback, which then prints its train_loss.
+    trainer = trainer_class(model=model, args=args, train_dataset=BlockDataset(train_blocks),
+                            eval_dataset=BlockDataset(valid_blocks) if valid_blocks is not None else None,
+                            callbacks=[*(callbacks or []), run_loss])
     tied_filter = _TiedKeysFilter(model)
     trainer_log = logging.getLogger("transformers.trainer")
     trainer_log.addFilter(tied_filter)
