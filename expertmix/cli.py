@@ -441,10 +441,13 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
 @click.option("--eval-prompts", type=click.Path(path_type=Path), default=None,
               help="Held-out prompts: reward and KL per language before and after.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-steps", type=click.IntRange(min=0), default=25, show_default=True,
+              help="Checkpoint every N steps in OUT.partial (0: never).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Aligned checkpoint folder (must not exist).")
 def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_size, max_new_tokens,
-          train_router, languages, eval_prompts, seed, out):
+          train_router, languages, eval_prompts, seed, save_steps, resume, out):
     """Align a mix or causal LM with DPO or RLOO; logs reward, KL and per-language reward every step."""
     from .alignment.align import AlignConfig
     from .alignment.align import align as run_align
@@ -456,7 +459,8 @@ def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_
     cfg = AlignConfig(model=model, out=out, method=method, prompts=prompts, prefs=prefs_file, reward=reward,
                       k=k, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, train_router=train_router,
-                      languages=list(languages) or None, eval_prompts=eval_prompts, seed=seed)
+                      languages=list(languages) or None, eval_prompts=eval_prompts, seed=seed,
+                      save_steps=save_steps, resume=resume)
     s = run_align(cfg, log=_log)
     first, last = s["first_steps"], s["last_steps"]
     table = _table("metric", f"first {s['steps_averaged']} steps", f"last {s['steps_averaged']} steps",

@@ -216,3 +216,55 @@ def test_quickstart_alignment_stage_scores_arithmetic_and_resumes(llama_seed, tm
     prompt = json.loads((tmp_path / "align" / "eval.jsonl").read_text().splitlines()[0])
     assert prompt["prompt"].endswith("=") and isinstance(prompt["answer"], int)
     assert align_quickstart_stage(llama_seed, tmp_path, steps=2, log=lambda m: None) == s  # reused, not rerun
+
+
+def test_cli_align_interrupted_then_resumed_ends_as_the_uninterrupted_run(llama_seed, prompt_file, tmp_path,
+                                                                          monkeypatch):
+    """A run stopped after its step-2 checkpoint and rerun with --resume gives the same weights, per-step log and
+    held-out numbers as a run never stopped: the checkpoint carries the optimizer and the random state."""
+    import expertmix.alignment.align as align_module
+
+    reward_file = tmp_path / "rewards.py"  # varies with every sample, so each step has advantages and moves weights
+    reward_file.write_text("def spread(prompts, completions, **columns):\n"
+                           "    return [sum(map(ord, c)) % 13 / 13 for c in completions]\n")
+    args = ["align", str(llama_seed), "--method", "rloo", "--prompts", str(prompt_file), "--reward",
+            f"{reward_file}:spread", "--k", "2", "--steps", "4", "--batch-size", "2", "--max-new-tokens", "4",
+            "--eval-prompts", str(prompt_file), "--lr", "1e-3", "--save-steps", "2"]
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(main, [*args, "--out", str(whole)]).exit_code == 0
+
+    real_step, calls = align_module.rloo_step, []
+
+    def stop_at_step_three(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(align_module, "rloo_step", stop_at_step_three)
+    stopped = CliRunner().invoke(main, [*args, "--out", str(cut)])
+    monkeypatch.setattr(align_module, "rloo_step", real_step)
+    partial = tmp_path / "cut.partial"
+    assert stopped.exit_code == 1 and "Aborted" in stopped.output
+    assert "rerun the same command with --resume" in " ".join(stopped.output.split())
+    assert not cut.exists() and (partial / "checkpoint-2").is_dir()
+
+    again = CliRunner().invoke(main, [*args, "--out", str(cut)])
+    assert again.exit_code == 1 and "rerun with --resume" in again.output
+    changed = CliRunner().invoke(main, [*args, "--lr", "1e-4", "--resume", "--out", str(cut)])
+    assert changed.exit_code == 1 and "differs in: lr" in " ".join(changed.output.split())
+    resumed = CliRunner().invoke(main, [*args, "--resume", "--out", str(cut)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output and "step 2 of 4" in resumed.output
+    assert not partial.exists()
+
+    a = AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(cut).state_dict()
+    seed = AutoModelForCausalLM.from_pretrained(llama_seed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], seed[k]) for k in a)
+    log = [json.loads(line) for line in (whole / "align_log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in log)
+    assert (cut / "align_log.jsonl").read_text() == (whole / "align_log.jsonl").read_text()
+    summaries = [json.loads((d / "alignment.json").read_text())["summary"] for d in (whole, cut)]
+    assert summaries[0] == summaries[1] and summaries[0]["eval_before"] is not None

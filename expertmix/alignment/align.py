@@ -2,7 +2,9 @@
 
 The output folder holds the aligned model (same class and dtype as the input, its tokenizer, ``mix.json``
 and other side files of the input), ``align_log.jsonl`` (one line of metrics per step) and ``alignment.json``
-(settings and summary). It appears only when the run completes.
+(settings and summary). It appears only when the run completes; until then the run works in ``OUT.partial``,
+checkpointed every ``save_steps`` steps (trained weights, optimizer, random state, log), and ``--resume``
+continues it as if it had not stopped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,11 +20,14 @@ from typing import Literal, TypeVar
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
 
 from ..assembler.manifest import MIX_FILE, append_history
 from ..checkpoints import require_float_weights
 from ..errors import CardError, ExpertmixError
-from ..fsutil import atomic_dir, write_json_atomic
+from ..experts.data import data_digest
+from ..experts.training import ResumableJob, resumable_job
+from ..fsutil import atomic_dir, remove_tree, write_json_atomic, write_text_atomic
 from ..hub.card import ExpertCard, read_card
 from .dpo import dpo_step
 from .policy import (
@@ -49,8 +55,12 @@ DEFAULT_AUX_LOSS_COEF = 0.05  # DESIGN.md's load-balancing coefficient, for mode
 T = TypeVar("T")
 
 
+CHECKPOINT = "checkpoint-"  # a step's checkpoint folder in OUT.partial: checkpoint-STEP, as the Trainer names its
+LOG_FILE = "align_log.jsonl"
+
+
 @dataclass
-class AlignConfig:
+class AlignConfig(ResumableJob):
     """Settings of one alignment run (the CLI's options)."""
 
     model: Path
@@ -76,11 +86,27 @@ class AlignConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    save_steps: int = 25  # checkpoint every this many steps (0: never)
+    resume: bool = False  # continue the interrupted run in OUT.partial
     extra: dict = field(default_factory=dict)  # recorded in alignment.json as is
 
     @property
     def kl_beta(self) -> float:
         return DEFAULT_BETA[self.method] if self.beta is None else self.beta
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must keep: every setting but the step budget, checkpointing and the device; the
+        prompt, pair and reward files by their contents (a file rewritten before ``--resume`` is other data)."""
+        out = {k: v for k, v in _settings(self).items() if k not in ("steps", "save_steps", "resume", "device")}
+        for key in ("model", "out", "prompts", "prefs", "eval_prompts"):
+            if out.get(key) is not None:
+                out[key] = str(Path(out[key]).resolve())
+        files = {"prompts": self.prompts, "prefs": self.prefs, "eval_prompts": self.eval_prompts}
+        reward_file, _, function = str(self.reward).rpartition(":") if isinstance(self.reward, str) else ("", "", "")
+        if reward_file.endswith(".py") and function:
+            files["reward"] = Path(reward_file)
+        out["data_contents"] = {k: data_digest(v) for k, v in files.items() if v is not None}
+        return json.loads(json.dumps(out, default=str))
 
 
 def _cycle(items: Sequence[T], batch_size: int, seed: int) -> Iterator[list[T]]:
@@ -93,8 +119,6 @@ def _cycle(items: Sequence[T], batch_size: int, seed: int) -> Iterator[list[T]]:
 
 
 def _check(cfg: AlignConfig) -> None:
-    if Path(cfg.out).exists():
-        raise ExpertmixError(f"output folder {cfg.out} already exists; choose another --out or remove it")
     if cfg.method not in DEFAULT_BETA:
         raise ExpertmixError(f"unknown method {cfg.method!r}: use dpo or rloo")
     require_float_weights(cfg.model, "align")
@@ -107,6 +131,8 @@ def _check(cfg: AlignConfig) -> None:
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ExpertmixError(f"--steps, --batch-size and --lr must be positive (got {cfg.steps}, "
                              f"{cfg.batch_size}, {cfg.lr})")
+    if cfg.save_steps < 0:
+        raise ExpertmixError(f"--save-steps must be 0 (no checkpoints) or more, got {cfg.save_steps}")
 
 
 def _evaluate(policy, reference, tokenizer, records: list[PromptRecord], reward, cfg: AlignConfig) -> dict:
@@ -144,9 +170,61 @@ def _settings(cfg: AlignConfig) -> dict:
         v = getattr(cfg, f.name)
         if f.name == "reward" and v is not None and not isinstance(v, str):
             v = getattr(v, "__name__", type(v).__name__)
-        if f.name != "progress":
+        if f.name not in ("progress", "resume"):
             out[f.name] = str(v) if isinstance(v, Path) else v
     return out
+
+
+def _trained(policy) -> dict[str, torch.Tensor]:
+    """The policy's trainable tensors by name: what alignment changes, all a checkpoint needs of the model."""
+    return {n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def save_align_checkpoint(work: Path, step: int, policy, optimizer, before: dict | None) -> None:
+    """Write ``work/checkpoint-STEP`` whole (a temporary folder renamed into place), then drop older ones."""
+    tmp = work / f".{CHECKPOINT}{step}.tmp"
+    remove_tree(tmp)
+    tmp.mkdir()
+    save_file(_trained(policy), str(tmp / "trained.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "state.pt")
+    write_json_atomic(tmp / "progress.json", {"step": step, "eval_before": before})
+    tmp.rename(work / f"{CHECKPOINT}{step}")
+    for old in work.glob(f"{CHECKPOINT}*"):
+        if old.name != f"{CHECKPOINT}{step}":
+            remove_tree(old)
+
+
+def last_align_checkpoint(work: Path) -> Path | None:
+    """The newest whole checkpoint in ``work`` (folders appear by rename, whole), or None."""
+    steps = [(int(d.name.removeprefix(CHECKPOINT)), d) for d in work.glob(f"{CHECKPOINT}*")
+             if d.name.removeprefix(CHECKPOINT).isdigit() and (d / "progress.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def load_align_checkpoint(checkpoint: Path, policy, optimizer, device: str) -> tuple[int, dict | None]:
+    """Restore the policy's trained tensors, the optimizer and the random state; returns (step, eval_before)."""
+    missing = set(_trained(policy)) - set(trained := load_file(str(checkpoint / "trained.safetensors"), device))
+    if missing or set(trained) - set(_trained(policy)):
+        raise ExpertmixError(f"--resume: {checkpoint} trains other parameters than this run "
+                             f"(e.g. {sorted(missing or set(trained) - set(_trained(policy)))[0]})")
+    policy.load_state_dict(trained, strict=False)
+    state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    return progress["step"], progress["eval_before"]
+
+
+def _logged_steps(log_file: Path, upto: int) -> list[dict]:
+    """The per-step metrics logged up to step ``upto`` (a run stopped after its checkpoint logged more)."""
+    if not log_file.is_file():
+        return []
+    rows = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
 
 
 def _progress_text(m: dict) -> str:
@@ -157,15 +235,18 @@ def _progress_text(m: dict) -> str:
     return "  ".join(parts)
 
 
+@resumable_job
 def align(cfg: AlignConfig, log=print) -> dict:
     """Run DPO or RLOO on ``cfg.model``, write the aligned checkpoint to ``cfg.out``; returns the summary."""
     _check(cfg)
-    with atomic_dir(cfg.out) as tmp:  # claimed first: a second run to the same --out is refused before any work
-        return _align_into(cfg, tmp, log)
+    cfg.start_work_dir()  # held first: a second run to the same --out is refused before any work
+    summary = _align_in(cfg, cfg.work_dir, log)
+    remove_tree(cfg.work_dir)
+    return summary
 
 
-def _align_into(cfg: AlignConfig, tmp: Path, log) -> dict:
-    """``align``'s work, written into ``tmp`` (the output folder to be)."""
+def _align_in(cfg: AlignConfig, work: Path, log) -> dict:
+    """``align``'s work: steps and checkpoints in ``work``, then the output folder written whole."""
     torch.manual_seed(cfg.seed)
     reward = load_reward(cfg.reward, cfg.device) if cfg.reward is not None else None
     if cfg.method == "rloo":
@@ -195,18 +276,30 @@ def _align_into(cfg: AlignConfig, tmp: Path, log) -> dict:
         f"{f', router frozen ({frozen} parameters)' if frozen else ''}), {len(train_rows)} "
         f"{'prompts' if cfg.method == 'rloo' else 'pairs'}, beta {beta}, lr {cfg.lr}, {cfg.steps} steps")
 
-    before = _evaluate(policy, reference, tokenizer, eval_rows, reward, cfg) if eval_rows else None
+    checkpoint = last_align_checkpoint(work) if cfg.resume else None
+    if checkpoint is not None:
+        done, before = load_align_checkpoint(checkpoint, policy, optimizer, cfg.device)
+        if done > cfg.steps:
+            raise ExpertmixError(f"--resume: {checkpoint} has trained {done} steps, past this run's --steps "
+                                 f"{cfg.steps}; give at least {done}")
+        log(f"resuming from {checkpoint} (step {done} of {cfg.steps})")
+    else:
+        done = 0
+        before = _evaluate(policy, reference, tokenizer, eval_rows, reward, cfg) if eval_rows else None
     if before is not None:
         log(f"held-out reward before: {before['reward']:.4f}")
     batches = _cycle(train_rows, cfg.batch_size, cfg.seed)
-    history: list[dict] = []
+    for _ in range(done):  # the batches the checkpoint's steps drew
+        next(batches)
+    history = _logged_steps(work / LOG_FILE, done)
+    write_text_atomic(work / LOG_FILE, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in history))
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with open(tmp / "align_log.jsonl", "w", encoding="utf-8") as logf, \
+    with open(work / LOG_FILE, "a", encoding="utf-8") as logf, \
             Progress(*columns, disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task(cfg.method, total=cfg.steps, info="")
+        task = bar.add_task(cfg.method, total=cfg.steps, completed=done, info="")
         policy.train()
-        for step in range(1, cfg.steps + 1):
+        for step in range(done + 1, cfg.steps + 1):
             batch = next(batches)
             if cfg.method == "rloo":
                 loss, metrics = rloo_step(policy, reference, tokenizer, [r.prompt for r in batch],
@@ -226,11 +319,15 @@ def _align_into(cfg: AlignConfig, tmp: Path, log) -> dict:
             history.append(metrics)
             logf.write(json.dumps(metrics, ensure_ascii=False) + "\n")
             logf.flush()
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
+                save_align_checkpoint(work, step, policy, optimizer, before)
             bar.update(task, advance=1, info=_progress_text(metrics))
-        policy.eval()
-        after = _evaluate(policy, reference, tokenizer, eval_rows, reward, cfg) if eval_rows else None
-        if after is not None:
-            log(f"held-out reward after: {after['reward']:.4f} (KL {after['kl']:.3f})")
+    policy.eval()
+    after = _evaluate(policy, reference, tokenizer, eval_rows, reward, cfg) if eval_rows else None
+    if after is not None:
+        log(f"held-out reward after: {after['reward']:.4f} (KL {after['kl']:.3f})")
+    with atomic_dir(cfg.out) as tmp:
+        shutil.copy2(work / LOG_FILE, tmp / LOG_FILE)
         save_aligned(policy, tokenizer, cfg.model, tmp)
         summary = {"method": cfg.method, "beta": beta, "aux_loss_coef": aux_coef, "router_frozen": frozen > 0,
                    "train_rows": len(train_rows), **_summary(history),
@@ -302,4 +399,4 @@ def align_quickstart_stage(model: Path, workdir: Path, steps: int, lr: float = 3
     write_prompts(data / "eval.jsonl", arithmetic_prompts(n_eval, seed=12))
     return align(AlignConfig(model=Path(model), out=out, method="rloo", prompts=data / "prompts.jsonl",
                              eval_prompts=data / "eval.jsonl", reward="arithmetic", k=4, lr=lr, steps=steps,
-                             batch_size=8, max_new_tokens=6), log=log)
+                             batch_size=8, max_new_tokens=6, resume=True), log=log)  # rerunning resumes

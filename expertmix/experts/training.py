@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -32,6 +32,7 @@ from ..hub.repo import save_domain_embedding, validate_name
 from .data import Document, data_digest, held_out_split, pack, read_documents, tokenize_documents
 
 Blocks = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -333,7 +334,7 @@ def has_checkpoints(work: Path) -> bool:
     return any(work.rglob(f"{PREFIX_CHECKPOINT_DIR}-*"))
 
 
-def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
+def resumable_job(job: Callable[..., T]) -> Callable[..., T]:
     """For a job whose first argument is a :class:`ResumableJob`: its ``OUT.partial`` folder is held for the call
     (see ``fsutil.lock_folder``). When the job refuses its input (``ExpertmixError``) before any Trainer checkpoint
     exists, the folder this call made is removed, so the corrected command starts afresh instead of being told to
@@ -341,7 +342,7 @@ def resumable_job(job: Callable[..., Path]) -> Callable[..., Path]:
     failure of a run that an earlier call started."""
 
     @functools.wraps(job)
-    def run(cfg: ResumableJob, *args, **kwargs) -> Path:
+    def run(cfg: ResumableJob, *args, **kwargs) -> T:
         work = cfg.work_dir
         made_here = not work.exists()
         try:
