@@ -54,7 +54,8 @@ def test_tags_do_not_move_and_a_bad_tag_publishes_nothing(tmp_path, llama_seed):
     assert store.publish(folder, tag="v1").revision == first.revision  # the same content: a no-op
     (folder / "notes.md").write_text("changed")
     for tag, expected in (("v1", "tag 'v1' already names revision"), ("a/b", "invalid tag 'a/b'"),
-                          ("main", "invalid tag 'main'")):
+                          ("main", "invalid tag 'main'"), (first.revision[:12], "looks like a revision id"),
+                          ("DEADBEEF", "looks like a revision id")):
         with pytest.raises(StoreError, match=expected):
             store.publish(folder, tag=tag)
         assert store.show("org/toy").revision == first.revision  # main did not move

@@ -7,12 +7,13 @@ EXPERTMIX_TEST_POSTGRES_URL is set) on a free loopback port; the tests talk to i
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import BlobLfsInfo
 from registry_helpers import DATABASES, database, make_expert, plain_http_uploads, serve
@@ -120,6 +121,11 @@ def test_hub_client_branches_take_commits_of_their_own_and_main_stays(registry, 
         with pytest.raises(HfHubHTTPError) as err:
             api.create_branch("acme/branchy", branch=bad)
         assert err.value.response.status_code == status and err.value.response.headers.get("x-error-message")
+    for bad in (first.oid, first.oid[:7], "deadbeef", "rel/1"):  # tags alike: one named like a commit would hide it
+        with pytest.raises(HfHubHTTPError) as err:
+            api.create_tag("acme/branchy", tag=bad, revision=on_dev.oid)
+        assert err.value.response.status_code == 400, bad
+    assert api.model_info("acme/branchy", revision=first.oid[:7]).sha == first.oid
     with pytest.raises(HfHubHTTPError) as err:  # another namespace's token cannot branch acme's repo
         HfApi(endpoint=registry.url, token=registry.token("other")).create_branch("acme/branchy", branch="x")
     assert err.value.response.status_code == 403
@@ -130,6 +136,41 @@ def test_hub_client_branches_take_commits_of_their_own_and_main_stays(registry, 
     with pytest.raises(HfHubHTTPError) as err:
         api.delete_branch("acme/branchy", branch="main")
     assert err.value.response.status_code == 403
+
+
+def test_concurrent_commits_without_a_parent_all_land_and_a_stale_parent_is_412(registry):
+    """The stock client sends no parentCommit: like the Hub, the server applies each commit on the head it finds
+    (it used to refuse most concurrent uploads with 409). A commit that names a parent no longer at the head is
+    refused."""
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    api.create_repo("acme/busy")
+    start = api.model_info("acme/busy").sha
+
+    def upload(i: int) -> str:
+        return api.upload_file(path_or_fileobj=f"file {i}\n".encode(), path_in_repo=f"f{i}.txt",
+                               repo_id="acme/busy").oid
+
+    with ThreadPoolExecutor(8) as pool:
+        oids = list(pool.map(upload, range(8)))
+    assert sorted(api.list_repo_files("acme/busy")) == sorted(f"f{i}.txt" for i in range(8))
+    assert len(set(oids)) == 8 and len(api.list_repo_commits("acme/busy")) == 9
+    with pytest.raises(HfHubHTTPError) as err:
+        api.upload_file(path_or_fileobj=b"late\n", path_in_repo="late.txt", repo_id="acme/busy", parent_commit=start)
+    assert err.value.response.status_code == 412
+
+
+def test_hub_client_deletes_files_and_folders_marked_by_a_trailing_slash(registry, tmp_path):
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    api.create_repo("acme/pruned")
+    for rel in ("keep.txt", "gone.txt", "sub dir/a.txt", "sub dir/deep/b.txt", "other/c.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    api.upload_folder(folder_path=tmp_path, repo_id="acme/pruned")
+    api.create_commit("acme/pruned", [CommitOperationDelete("sub dir/"), CommitOperationDelete("gone.txt")],
+                      commit_message="prune")
+    assert sorted(api.list_repo_files("acme/pruned")) == ["keep.txt", "other/c.txt"]
+    api.delete_folder("other", repo_id="acme/pruned")
+    assert api.list_repo_files("acme/pruned") == ["keep.txt"]
 
 
 def test_downloads_send_commit_sha256_etag_size_and_honour_range(registry, experts):
@@ -158,6 +199,9 @@ def test_downloads_send_commit_sha256_etag_size_and_honour_range(registry, exper
         assert resume.content == data[-5:]
         past = http.get(url, headers={"Range": f"bytes={len(data)}-"})
         assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(data)}"
+        for ignored in ("items=0-1", "bytes=5-2", "bytes=abc", "bytes=0-1,5-9"):  # RFC 9110: the whole file
+            whole = http.get(url, headers={"Range": ignored})
+            assert whole.status_code == 200 and whole.content == data, ignored
         missing = http.head(f"{registry.url}/acme/ranges/resolve/main/nope.json")
         assert missing.status_code == 404 and missing.headers["x-error-code"] == "EntryNotFound"
         assert missing.headers["x-repo-commit"] == commit
@@ -209,6 +253,17 @@ def test_expert_endpoints_search_fields_similarity_and_card_json(registry, exper
     shown = remote.show("lab/math")
     assert shown.card.expert == math.card.expert
     assert {e.name for e in remote.list()} >= {"lab/math", "lab/code"}
+
+    # the stock client: list_models filters by tags and searches by substring; card_data is the README's metadata
+    api = HfApi(endpoint=registry.url)
+    assert {m.id for m in api.list_models(filter="domain:code", author="lab")} == {"lab/code"}
+    assert {m.id for m in api.list_models(filter=["kind:dense", "expertmix"], author="lab")} == {"lab/code",
+                                                                                                 "lab/math"}
+    assert {m.id for m in api.list_models(search="ma", author="lab")} == {"lab/math"}
+    assert list(api.list_models(search="%")) == [] and list(api.list_models(search="_")) == []
+    data = api.model_info("lab/code").card_data
+    assert data.library_name == "transformers" and "domain:code" in data.tags and data.language == ["en", "de"]
+    assert data.expert["domain"] == "code" and data.base_model_relation == "finetune"
 
 
 def test_blobs_on_an_fsspec_url(tmp_path, experts):

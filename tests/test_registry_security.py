@@ -7,10 +7,12 @@ appears in the blob folder.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import http.client
 import json
 import os
+import pickle
 import socket
 import socketserver
 import threading
@@ -192,6 +194,10 @@ def test_oversize_uploads_are_refused_with_nothing_stored(registry, tmp_path):
         r = httpx.post(f"{registry.url}/api/models/acme/big/preupload/main", content=body,
                        headers={"content-type": "application/json", **auth(registry.token("acme"))})
         assert r.status_code == 413
+    # only the commit route itself reads past the JSON limit: a path that merely holds '/commit/' does not
+    for path in ("/api/models/commit/x/tag/main", "/api/models/acme/big/branch/commit/x"):
+        r = httpx.post(registry.url + path, content=huge_json, headers={"content-type": "application/json"})
+        assert r.status_code == 413, (path, r.text)
     assert head(registry, "acme/big") == start
     assert not stored(registry, big) and not stored(registry, big[:10])
 
@@ -276,6 +282,11 @@ def test_pickles_are_refused_weights_must_be_safetensors(registry, tmp_path):
         assert commit(registry, "acme/pickles", ndjson(HEADER, inline(name))).status_code == 400, name
     pickled = b"\x80\x04\x95" + os.urandom(600)
     assert _put_status(registry, "acme/pickles", pickled) == 400
+    # protocols 0 and 1 have no header; their opcodes give them away, whatever the file's name
+    for protocol in (0, 1):
+        old_style = pickle.dumps({"w": [collections.OrderedDict(a=i) for i in range(60)]}, protocol=protocol)
+        assert commit(registry, "acme/pickles", ndjson(HEADER, inline("state.dat", old_style))).status_code == 400
+        assert _put_status(registry, "acme/pickles", old_style + b" " * 600) == 400
     torch.save({"w": torch.zeros(3)}, tmp_path / "t.zip")
     assert _put_status(registry, "acme/pickles", (tmp_path / "t.zip").read_bytes()) == 400
     assert not stored(registry, pickled)
@@ -294,6 +305,29 @@ def test_pickles_are_refused_weights_must_be_safetensors(registry, tmp_path):
     assert _put_status(registry, "acme/pickles", good) == 200
     r = commit(registry, "acme/pickles", ndjson(HEADER, lfs("model.safetensors", good)))
     assert r.status_code == 200 and r.json()["commitOid"] != start
+
+
+def test_a_private_blob_cannot_be_committed_elsewhere_by_its_sha256(registry):
+    """Blobs are stored once for all repos; another namespace that knows a private file's sha256 (a mix records its
+    experts') must upload the bytes to use them, and the batch answer does not reveal that they are stored."""
+    api = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    api.create_repo("acme/secret", private=True)
+    secret = os.urandom(4096)
+    api.upload_file(path_or_fileobj=secret, path_in_repo="weights.dat", repo_id="acme/secret")
+    HfApi(endpoint=registry.url, token=registry.token("other")).create_repo("other/steal")
+    oid = {"oid": hashlib.sha256(secret).hexdigest(), "size": len(secret)}
+    asked = lfs_batch(registry, "other/steal", [oid], token="other")
+    assert asked.status_code == 200 and "upload" in asked.json()["objects"][0]["actions"]  # as for unknown bytes
+    verify = httpx.post(f"{registry.url}/api/lfs/verify/other/steal", json=oid, headers=auth(registry.token("other")))
+    assert verify.status_code == 404
+    r = commit(registry, "other/steal", ndjson(HEADER, lfs("stolen.dat", secret)), token="other")
+    assert r.status_code == 400 and "was not uploaded" in r.headers["x-error-message"]
+    assert httpx.get(f"{registry.url}/other/steal/resolve/main/stolen.dat").status_code == 404
+    # the owner reuses its own blob without uploading again; a writer holding the bytes uploads them and may commit
+    assert "actions" not in lfs_batch(registry, "acme/secret", [oid]).json()["objects"][0]
+    href = lfs_batch(registry, "other/steal", [oid], token="other").json()["objects"][0]["actions"]["upload"]["href"]
+    assert httpx.put(href, content=secret).status_code == 200
+    assert commit(registry, "other/steal", ndjson(HEADER, lfs("mine.dat", secret)), token="other").status_code == 200
 
 
 def test_a_commit_is_atomic_all_files_or_none(registry):

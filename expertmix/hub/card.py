@@ -86,9 +86,11 @@ class ExpertCard(BaseModel):
     def base_model_relation(self) -> str:
         return "finetune" if self.expert.kind == "dense" else "adapter"
 
-    def to_markdown(self) -> str:
+    def card_data(self) -> ModelCardData:
+        """The front matter: the Hub's standard keys and the ``expert:`` block (the registry serves it as
+        ``cardData``)."""
         e = self.expert
-        data = ModelCardData(
+        return ModelCardData(
             license=self.license,
             # the Hub's field holds ISO 639 codes; names ("German", from rows without a code) stay in expert.languages
             language=[lang for lang in e.languages if ISO_639.match(lang)] or None,
@@ -99,8 +101,10 @@ class ExpertCard(BaseModel):
             base_model_relation=self.base_model_relation,
             expert=e.model_dump(mode="json"),
         )
-        body = self.body or default_body(e)
-        return f"---\n{data.to_yaml()}\n---\n\n{body.rstrip()}\n"
+
+    def to_markdown(self) -> str:
+        body = self.body or default_body(self.expert)
+        return f"---\n{self.card_data().to_yaml()}\n---\n\n{body.rstrip()}\n"
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CARD_FILE

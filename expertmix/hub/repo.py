@@ -20,6 +20,9 @@ FORBIDDEN_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".jobli
 
 
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Refs resolve before commit ids, so a tag or branch named like a commit id (or a 7+ digit prefix of one) would
+# hide the revision it names: such names are refused.
+COMMIT_LIKE_RE = re.compile(r"^[0-9a-fA-F]{7,}$")
 
 
 def is_tag(tag: str) -> bool:
@@ -31,6 +34,9 @@ def validate_tag(tag: str) -> str:
     """A tag a user chose: refused before anything is published, naming what a tag may hold."""
     if not is_tag(tag) or tag == "main":
         raise StoreError(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-' (no '/'), and not 'main'")
+    if COMMIT_LIKE_RE.match(tag):
+        raise StoreError(f"invalid tag {tag!r}: it looks like a revision id (or a prefix of one), which it would "
+                         f"hide; choose a name with a letter beyond a-f, e.g. v1")
     return tag
 
 

@@ -23,7 +23,7 @@ from .errors import HubError, entry_not_found, revision_not_found
 from .index import TreeFile, build_expert_record
 from .models import Blob, Commit, CommitFile, Ref, Repo
 from .naming import COMMIT_RE, check_path
-from .repos import DEFAULT_BRANCH, commit_files, get_ref, git_blob_oid, lfs_pointer
+from .repos import DEFAULT_BRANCH, commit_files, get_ref, git_blob_oid, lfs_pointer, may_use_blob
 from .storage import BlobStorage, check_sha, read_range
 
 OPERATION_KEYS = ("file", "lfsFile", "deletedFile", "deletedFolder")
@@ -80,7 +80,10 @@ def parse_payload(body: bytes, max_file_bytes: int) -> CommitRequest:
             continue
         if key not in OPERATION_KEYS:
             raise _bad(n, f"unknown key {key!r} (expected one of {', '.join(OPERATION_KEYS)})")
-        path = check_path(value.get("path"), f"line {n} path")
+        path = value.get("path")
+        if key == "deletedFolder" and isinstance(path, str):  # the client marks a folder by a trailing '/'
+            path = path.rstrip("/")
+        path = check_path(path, f"line {n} path")
         if key == "file":
             encoding, content = value.get("encoding", "base64"), value.get("content")
             if not isinstance(content, str):
@@ -140,7 +143,7 @@ def _record_blob(db: Session, sha: str, size: int) -> None:
 
 
 def _apply(tree: dict[str, TreeFile], op: Operation, db: Session, storage: BlobStorage, repo_id: str,
-           head: str | None, pending: dict[str, bytes]) -> None:
+           head: str | None, pending: dict[str, bytes], writer: str) -> None:
     if op.key == "file":
         data = op.content or b""
         check_bytes(op.path, data)
@@ -149,7 +152,7 @@ def _apply(tree: dict[str, TreeFile], op: Operation, db: Session, storage: BlobS
         tree[op.path] = TreeFile(sha, len(data), git_blob_oid(data), lfs=False)
     elif op.key == "lfsFile":
         blob = db.get(Blob, op.oid)
-        if blob is None or not storage.exists(op.oid):
+        if blob is None or not storage.exists(op.oid) or not may_use_blob(db, op.oid, writer):
             raise HubError(400, f"{op.path}: blob {op.oid} was not uploaded (or failed verification); "
                                 f"upload it through the LFS batch endpoint before committing")
         if op.size is not None and op.size != blob.size:
@@ -200,9 +203,31 @@ def initial_commit(db: Session, repo: Repo, author: str) -> Commit:
     return commit
 
 
+COMMIT_ATTEMPTS = 8
+
+
+class _BranchMoved(Exception):
+    """Another commit moved the branch between reading its head and moving it."""
+
+
 def apply_commit(db: Session, storage: BlobStorage, repo: Repo, branch: str, req: CommitRequest,
                  author: str) -> Commit:
-    """Build the new tree from the branch head and the operations, check it, write it in one transaction."""
+    """Build the new tree from the branch head and the operations, check it, write it in one transaction.
+
+    A payload without ``parentCommit`` applies to the head as it is when it lands, as on the Hub: when a
+    concurrent commit moves the branch first, the operations are applied again on the new head. With a
+    ``parentCommit``, that head is no longer its parent: 412.
+    """
+    for _ in range(COMMIT_ATTEMPTS):
+        try:
+            return _commit_once(db, storage, repo, branch, req, author)
+        except _BranchMoved:
+            db.rollback()
+    raise HubError(409, f"branch {branch!r} of {repo.repo_id} kept moving under concurrent commits; retry")
+
+
+def _commit_once(db: Session, storage: BlobStorage, repo: Repo, branch: str, req: CommitRequest,
+                 author: str) -> Commit:
     ref = get_ref(db, repo, branch)
     if ref is None:
         has_branch = db.scalar(select(Ref).where(Ref.repo_id == repo.id, Ref.kind == "branch").limit(1))
@@ -222,7 +247,7 @@ def apply_commit(db: Session, storage: BlobStorage, repo: Repo, branch: str, req
     before = dict(tree)
     pending: dict[str, bytes] = {}
     for op in req.operations:
-        _apply(tree, op, db, storage, repo.repo_id, head_oid, pending)
+        _apply(tree, op, db, storage, repo.repo_id, head_oid, pending, author)
     _check_layout(tree)
     if head is not None and tree == before:
         return head  # nothing changed: no empty commit
@@ -253,11 +278,10 @@ def apply_commit(db: Session, storage: BlobStorage, repo: Repo, branch: str, req
             moved = db.execute(update(Ref).where(Ref.repo_id == repo.id, Ref.name == branch,
                                                  Ref.commit_oid == head_oid).values(commit_oid=oid))
             if moved.rowcount != 1:
-                raise HubError(409, f"branch {branch!r} of {repo.repo_id} moved during the commit; retry")
+                raise _BranchMoved
         db.commit()
-    except IntegrityError as exc:
-        db.rollback()
-        raise HubError(409, f"branch {branch!r} of {repo.repo_id} moved during the commit; retry") from exc
+    except IntegrityError as exc:  # the branch was created by a concurrent first commit
+        raise _BranchMoved from exc
     except HubError:
         db.rollback()
         raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickletools
+import re
 import struct
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -15,9 +17,40 @@ Reader = Callable[[int, int], bytes]  # (start, length) -> bytes
 MAX_SAFETENSORS_HEADER = 100 << 20
 
 
+HEAD_BYTES = 512  # how much of a file the content checks read
+_IMPORTS = {"GLOBAL", "STACK_GLOBAL", "INST"}  # opcodes that import (and so can run) code when unpickled
+_MEMO = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "MARK"}
+
+
+_IMPORTED = re.compile(r"^[A-Za-z_][\w.]* [A-Za-z_][\w.]*$")  # GLOBAL/INST's "module name"
+
+
+def _is_headerless_pickle(head: bytes) -> bool:
+    """Protocol 0 and 1 pickles carry no header: bytes that parse as pickle opcodes, to their STOP (or over most of
+    a cut head), memoize, and import code by a ``module name`` pair. Text rarely gets far: most letters are no
+    opcode, or take arguments it lacks, and its lines are no ``module name``."""
+    seen: set[str] = set()
+    end = 0
+    try:
+        for op, arg, pos in pickletools.genops(head):
+            if op.name in ("GLOBAL", "INST") and not _IMPORTED.match(str(arg)):
+                return False
+            seen.add(op.name)
+            end = pos
+            if op.name == "STOP":
+                break
+        else:
+            return False
+    except ValueError as exc:  # not a pickle, or a head cut mid-opcode
+        if len(head) < HEAD_BYTES or end < HEAD_BYTES // 2 or "unknown" in str(exc):
+            return False
+    return bool(seen & _IMPORTS) and bool(seen & _MEMO)
+
+
 def refuse_pickle(path: str, head: bytes) -> None:
-    """Refuse bytes that are a pickle or a torch zip archive (which holds one), whatever the file is named."""
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+    """Refuse bytes that are a pickle (any protocol) or a torch zip archive (which holds one), whatever the file is
+    named."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 or _is_headerless_pickle(head[:HEAD_BYTES]):
         raise HubError(400, f"{path}: content is a Python pickle; weights must be safetensors")
     if head.startswith(b"PK\x03\x04") and b".pkl" in head[:512]:
         raise HubError(400, f"{path}: content is a torch.save archive (a pickle); use safetensors")
@@ -59,7 +92,7 @@ def check_safetensors(path: str, read: Reader, size: int) -> None:
 
 def check_content(path: str, read: Reader, size: int) -> None:
     """All content checks for one committed file, reading through ``read``."""
-    refuse_pickle(path, read(0, 512))
+    refuse_pickle(path, read(0, HEAD_BYTES))
     if PurePosixPath(path).suffix.lower() == ".safetensors":
         check_safetensors(path, read, size)
 

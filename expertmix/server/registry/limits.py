@@ -6,13 +6,16 @@ other route gets at most ``JSON_BODY_LIMIT`` bytes, whether the body declares it
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
 JSON_BODY_LIMIT = 8 << 20
-OWN_LIMITS = ("/api/lfs/upload/",)
-OWN_LIMIT_SUFFIX = "/commit/"
+# The LFS upload and the commit route, exactly: a path that only contains '/commit/' (a repo named 'commit') is
+# not one of them.
+OWN_LIMITS = re.compile(r"^/api/lfs/upload/[^/]+$|^/api/models/[^/]+/[^/]+/commit/[^/]+$")
 
 
 class BodyLimitMiddleware:
@@ -24,7 +27,7 @@ class BodyLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path.startswith(OWN_LIMITS) or OWN_LIMIT_SUFFIX in path:
+        if scope["type"] != "http" or OWN_LIMITS.match(path):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")

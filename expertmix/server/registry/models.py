@@ -99,6 +99,15 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class BlobHolder(Base):
+    """A namespace that uploaded a blob, so proved it holds the bytes: it may reference the blob in its commits
+    even where no repo it can read holds it (another namespace's private repo, a deleted repo)."""
+
+    __tablename__ = "blob_holders"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(96), primary_key=True)
+
+
 class UploadGrant(Base):
     """A pre-signed LFS upload URL: the URL's secret (hashed here) allows one blob of one size."""
 
@@ -137,3 +146,4 @@ class ExpertLanguage(Base):
 
 
 Index("ix_expert_languages_language", ExpertLanguage.language)
+Index("ix_commit_files_sha256", CommitFile.sha256)

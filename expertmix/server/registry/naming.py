@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote
 
 from ...errors import StoreError
-from ...hub.repo import FORBIDDEN_SUFFIXES, validate_name
+from ...hub.repo import COMMIT_LIKE_RE, FORBIDDEN_SUFFIXES, validate_name
 from .errors import HubError
 
 RESERVED_NAMESPACES = {"api", "datasets", "spaces", "kernels", "buckets", "models", "new", "settings"}
@@ -44,6 +44,17 @@ def check_revision(revision: str) -> str:
     if not REVISION_RE.match(revision) or ".." in revision:
         raise HubError(400, f"invalid revision {revision!r}: use a branch, a tag or a commit id")
     return revision
+
+
+def check_ref_name(name: str, kind: str) -> str:
+    """A new branch or tag name: a revision without '/' that does not look like a commit id (refs resolve first,
+    so it would hide the commits it names)."""
+    if "/" in name:
+        raise HubError(400, f"invalid {kind} name {name!r}: this registry's {kind} names hold no '/'")
+    check_revision(name)
+    if COMMIT_LIKE_RE.match(name):
+        raise HubError(400, f"{kind} name {name!r} looks like a commit id (or a prefix of one); choose another")
+    return name
 
 
 def check_path(path: object, field: str = "path") -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from .auth import Principal, can_read
 from .errors import HubError, repo_not_found, revision_not_found
-from .models import Commit, CommitFile, Ref, Repo
+from .models import BlobHolder, Commit, CommitFile, Ref, Repo
 from .naming import COMMIT_RE, check_repo_id, check_revision
 
 DEFAULT_BRANCH = "main"
@@ -55,6 +55,19 @@ def writable_repo(db: Session, namespace: str, name: str) -> Repo:
         raise HubError(404, f"Repository {repo_id} not found: create it first (huggingface_hub create_repo)",
                        "RepoNotFound")
     return repo
+
+
+def may_use_blob(db: Session, sha256: str, namespace: str) -> bool:
+    """Whether ``namespace`` may reference a stored blob in a commit: it uploaded the blob, or a repo it can read
+    holds it. Blobs are stored once for every repo, so without this a private file's sha256 (a mix records its
+    experts') would let anyone commit it to a public repo and download it."""
+    if db.get(BlobHolder, (sha256, namespace)) is not None:
+        return True
+    readable = (select(CommitFile.id).join(Commit, CommitFile.commit_oid == Commit.oid)
+                .join(Repo, Commit.repo_id == Repo.id)
+                .where(CommitFile.sha256 == sha256, or_(Repo.private.is_(False), Repo.namespace == namespace))
+                .limit(1))
+    return db.scalar(readable) is not None
 
 
 def get_ref(db: Session, repo: Repo, name: str) -> Ref | None:

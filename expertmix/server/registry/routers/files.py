@@ -41,22 +41,26 @@ def _unsatisfiable(message: str, size: int) -> HubError:
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The inclusive byte range a ``Range`` header asks for; None for the whole file; 416 if unsatisfiable."""
+    """The inclusive byte range a ``Range`` header asks for; None for the whole file; 416 if unsatisfiable.
+
+    As RFC 9110 has it, a header in another unit, a malformed one, one whose last byte comes before its first, and
+    several ranges at once are ignored (the whole file, 200); only a range that starts past the end is refused.
+    """
     if not header:
         return None
     m = RANGE_RE.match(header.strip())
     if m is None:
-        if header.strip().startswith("bytes=") and "," in header:
-            return None  # several ranges: allowed to answer with the whole file
-        raise _unsatisfiable(f"malformed Range header {header!r}", size)
+        return None
     first, last = m.groups()
-    if first == "" and last == "":
-        raise _unsatisfiable(f"malformed Range header {header!r}", size)
+    if first == "" and last == "" or first and last and int(last) < int(first):
+        return None
     if first == "":
+        if int(last) == 0:
+            raise _unsatisfiable(f"range {header!r} asks for no bytes of the file ({size} bytes)", size)
         start, end = max(size - int(last), 0), size - 1
     else:
         start, end = int(first), (min(int(last), size - 1) if last else size - 1)
-    if start >= size or start > end:
+    if start >= size:
         raise _unsatisfiable(f"range {header!r} is outside the file ({size} bytes)", size)
     return start, end
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -13,12 +12,13 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ....hub.card import ExpertCard
 from ..auth import Principal, can_read, require_writer
 from ..commits import initial_commit
 from ..deps import BaseUrl, CurrentPrincipal, DbSession, Settings
 from ..errors import HubError, repo_not_found
 from ..models import Commit, ExpertRecord, Ref, Repo
-from ..naming import check_path, check_repo_id, check_revision
+from ..naming import check_path, check_ref_name, check_repo_id, check_revision
 from ..repos import (
     DEFAULT_BRANCH,
     commit_files,
@@ -34,7 +34,6 @@ from ..repos import (
 from ..settings import RegistrySettings
 
 router = APIRouter()
-HEX_REVISION_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
 
 
 class CreateRepo(BaseModel):
@@ -159,14 +158,9 @@ def model_info(db: Session, repo: Repo, commit: Commit | None) -> dict[str, Any]
     }
     record = db.get(ExpertRecord, commit.oid) if commit else None
     if record is not None:
-        card = json.loads(record.card_json)
-        e = card["expert"]
-        info.update(library_name="transformers" if e["kind"] == "dense" else "peft",
-                    tags=sorted({"expertmix", "expert", f"domain:{e['domain']}", f"kind:{e['kind']}",
-                                 *card.get("tags", [])}),
-                    cardData={"license": card.get("license"), "language": e.get("languages") or None,
-                              "base_model": e["base_model"], "expert": e},
-                    expert=e)
+        card = ExpertCard.model_validate(json.loads(record.card_json))
+        data = card.card_data().to_dict()  # the front matter as the README has it, as the Hub serves it
+        info.update(library_name=data["library_name"], tags=data["tags"], cardData=data, expert=data["expert"])
     return info
 
 
@@ -177,15 +171,19 @@ def list_models(request: Request, db: DbSession,
     stmt = select(Repo).order_by(Repo.namespace, Repo.name)
     if q.get("author"):
         stmt = stmt.where(Repo.namespace == q["author"])
-    if q.get("search"):
-        stmt = stmt.where(or_(Repo.name.contains(q["search"]), Repo.namespace.contains(q["search"])))
+    if q.get("search"):  # a substring: '%' and '_' are themselves, not SQL wildcards
+        stmt = stmt.where(or_(Repo.name.contains(q["search"], autoescape=True),
+                              Repo.namespace.contains(q["search"], autoescape=True)))
+    wanted_tags = set(q.getlist("filter"))  # the Hub's filter: repos carrying every one of these tags
     out = []
     for repo in db.scalars(stmt):
         if not can_read(principal, repo.namespace, repo.private):
             continue
         ref = db.get(Ref, (repo.id, DEFAULT_BRANCH))
         commit = db.get(Commit, ref.commit_oid) if ref else None
-        out.append(model_info(db, repo, commit))
+        info = model_info(db, repo, commit)
+        if wanted_tags <= set(info["tags"]):
+            out.append(info)
     try:
         limit = int(q.get("limit") or 0)
     except ValueError as exc:
@@ -306,11 +304,15 @@ def create_tag(namespace: str, name: str, revision: str, body: CreateTag, db: Db
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
     commit = resolve(db, repo, revision)
-    tag = check_revision(body.tag)
+    tag = check_ref_name(body.tag, "tag")
     if db.get(Ref, (repo.id, tag)) is not None:
         raise HubError(409, f"{tag!r} already exists in {repo.repo_id}")
     db.add(Ref(repo_id=repo.id, name=tag, kind="tag", commit_oid=commit.oid))
-    db.commit()
+    try:
+        db.commit()
+    except IntegrityError as exc:  # created meanwhile by another request
+        db.rollback()
+        raise HubError(409, f"{tag!r} already exists in {repo.repo_id}") from exc
     return {"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": commit.oid}
 
 
@@ -335,11 +337,7 @@ def create_branch(namespace: str, name: str, branch: str, db: DbSession, princip
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
-    if "/" in branch:
-        raise HubError(400, f"invalid branch name {branch!r}: this registry's branch names hold no '/'")
-    branch = check_revision(branch)
-    if HEX_REVISION_RE.match(branch):  # revisions resolve branches first: it would shadow the commits it names
-        raise HubError(400, f"branch name {branch!r} looks like a commit id (or a prefix of one); choose another")
+    branch = check_ref_name(branch, "branch")
     if body is not None and body.emptyBranch:
         raise HubError(400, "empty branches are not supported by this registry; start from a revision")
     commit = resolve(db, repo, (body.startingPoint if body is not None else None) or DEFAULT_BRANCH)

@@ -28,9 +28,9 @@ from ..content import refuse_pickle
 from ..deps import BaseUrl, CurrentPrincipal, DbSession, RegistryState, Settings, State, Storage
 from ..errors import HubError
 from ..index import parse_expert_card
-from ..models import Blob, Commit, CommitFile, UploadGrant
+from ..models import Blob, BlobHolder, Commit, CommitFile, UploadGrant
 from ..naming import check_path, check_repo_id, check_revision
-from ..repos import commit_files, get_ref, writable_repo
+from ..repos import commit_files, get_ref, may_use_blob, writable_repo
 from ..storage import BlobMismatch, BlobTooLarge, check_sha
 
 router = APIRouter()
@@ -168,9 +168,12 @@ def lfs_batch(namespace: str, name: str, body: LfsBatch, db: DbSession,
             raise HubError(413, f"objects[{n}]: {obj.size} bytes is over the upload limit of "
                                 f"{settings.max_upload_bytes} bytes")
         blob = db.get(Blob, obj.oid)
-        if blob is not None and blob.size == obj.size and storage.exists(obj.oid):
+        if blob is not None and blob.size == obj.size and storage.exists(obj.oid) \
+                and may_use_blob(db, obj.oid, namespace):
             objects.append({"oid": obj.oid, "size": obj.size})  # already here: nothing to upload
             continue
+        # Otherwise the bytes are asked for, whether or not they are stored: a writer proves it holds them, and
+        # the answer does not tell whether another namespace's private file exists.
         secret = secrets.token_urlsafe(32)
         expires = _now() + timedelta(seconds=settings.upload_ttl_s)
         db.add(UploadGrant(grant_hash=hashlib.sha256(secret.encode()).hexdigest(), namespace=namespace,
@@ -192,14 +195,20 @@ def _find_grant(state: RegistryState, secret: str) -> UploadGrant:
 
 
 def _record_upload(state: RegistryState, grant: UploadGrant) -> None:
+    """The blob is verified and stored: record it and its uploader (each may exist already, or arrive
+    concurrently from another upload of the same bytes), and spend the grant."""
     with state.sessions() as db:
-        if db.get(Blob, grant.sha256) is None:
-            db.add(Blob(sha256=grant.sha256, size=grant.size))
+        for row, key in ((Blob(sha256=grant.sha256, size=grant.size), grant.sha256),
+                         (BlobHolder(sha256=grant.sha256, namespace=grant.namespace),
+                          (grant.sha256, grant.namespace))):
+            if db.get(type(row), key) is None:
+                db.add(row)
+                try:
+                    db.commit()
+                except IntegrityError:
+                    db.rollback()
         db.execute(delete(UploadGrant).where(UploadGrant.grant_hash == grant.grant_hash))
-        try:
-            db.commit()
-        except IntegrityError:  # the same blob was uploaded concurrently: it is verified either way
-            db.rollback()
+        db.commit()
 
 
 @router.put("/api/lfs/upload/{secret}")
@@ -243,7 +252,7 @@ def lfs_verify(namespace: str, name: str, body: LfsVerify, db: DbSession,
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     blob = db.get(Blob, body.oid)
-    if blob is None or blob.size != body.size:
+    if blob is None or blob.size != body.size or not may_use_blob(db, body.oid, namespace):
         raise HubError(404, f"blob {body.oid} ({body.size} bytes) was not received intact; upload it again")
     return {"oid": blob.sha256, "size": blob.size}
 
