@@ -5,8 +5,12 @@ with the CLI, pull on a "second machine" (another EXPERTMIX_HOME), load with tra
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
+from collections import OrderedDict
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,6 +18,7 @@ from registry_helpers import DATABASES, database, plain_http_uploads, serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertmix.cli import main
+from expertmix.errors import StoreError
 from expertmix.fsutil import sha256_file
 
 
@@ -176,3 +181,45 @@ def test_a_local_name_cannot_be_both_an_expert_and_a_namespace(trained, home):
     res = run(["publish", trained["math"], "--name", "Team/Code"], ok=False)
     assert res.exit_code == 1 and "differ only in case" in " ".join(res.output.split())
     assert {e["name"] for e in json.loads(run(["list", "--json"]).stdout)} == {"qa", "team/code"}
+
+
+def test_a_failed_publish_leaves_no_repo_and_a_tag_taken_meanwhile_is_named(registry, trained, tmp_path,
+                                                                            monkeypatch):
+    """A publish refused mid-way (here: an upload the server refuses) removes the repo it created, so nothing empty
+    is listed; when another publish takes the tag between this one's commit and its tag, the error says where
+    the files are."""
+    from expertmix.hub.remote import RemoteRegistry
+
+    env = {"EXPERTMIX_REGISTRY": registry.url, "EXPERTMIX_TOKEN": registry.token("acme"),
+           "EXPERTMIX_HOME": str(tmp_path / "h")}
+    folder = tmp_path / "bad"
+    shutil.copytree(trained["math"], folder)
+    # the server refuses a pickle whatever its name; the client's own checks go by names
+    (folder / "state.dat").write_bytes(pickle.dumps({"w": [OrderedDict(a=i) for i in range(60)]}, protocol=0))
+    res = run(["publish", folder, "--name", "acme/refused"], env=env, ok=False)
+    assert res.exit_code == 1 and "content is a Python pickle" in " ".join(res.output.split()), res.output
+    assert httpx.get(f"{registry.url}/api/models/acme/refused").status_code == 404
+
+    mine, theirs = (RemoteRegistry(registry.url, token=registry.token("acme"), cache_dir=tmp_path / d)
+                    for d in ("c1", "c2"))
+    real = mine.api.create_tag
+
+    def raced(repo_id, *, tag, revision, exist_ok):  # another contributor's publish lands first, with the tag
+        theirs.publish(trained["code"], name=repo_id, tag=tag)
+        return real(repo_id, tag=tag, revision=revision, exist_ok=exist_ok)
+
+    monkeypatch.setattr(mine.api, "create_tag", raced)
+    with pytest.raises(StoreError) as err:
+        mine.publish(trained["math"], name="acme/raced", tag="rel")
+    assert "the files are on main as revision" in str(err.value) and "another publish took tag 'rel'" in str(err.value)
+
+
+def test_a_server_with_another_public_url_is_named_not_a_traceback(trained, tmp_path):
+    with database("sqlite", tmp_path) as db_url, \
+            serve(tmp_path, db_url, env={"EXPERTMIX_REGISTRY_PUBLIC_URL": "http://example.invalid:9"}) as reg:
+        env = {"EXPERTMIX_REGISTRY": reg.url, "EXPERTMIX_TOKEN": reg.token("acme"),
+               "EXPERTMIX_HOME": str(tmp_path / "h")}
+        res = run(["publish", trained["math"], "--name", "acme/m"], env=env, ok=False)
+        message = " ".join(res.output.split())
+        assert res.exit_code == 1 and "another --public-url" in message and "Traceback" not in res.output
+        assert httpx.get(f"{reg.url}/api/models/acme/m").status_code == 404  # the repo it made is gone

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 from huggingface_hub import HfApi, RepoFile, constants, hf_hub_url
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoundError, RevisionNotFoundError
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -98,6 +98,9 @@ class RemoteRegistry:
                              f"{self._token_hint(status)}") from exc
         except (httpx.HTTPError, http.client.HTTPException, OSError) as exc:
             raise StoreError(f"{what}: talking to the registry {self.url} failed ({exc})") from exc
+        except HfUriError as exc:
+            raise StoreError(f"{what}: the registry answers with URLs outside {self.url} ({exc}); it was started "
+                             f"with another --public-url: reach it at that address") from exc
         except Exception as exc:  # huggingface_hub's own HTTP layer (httpx2) raises its own connection errors
             if type(exc).__module__.startswith(("httpx", "httpcore")):
                 raise StoreError(f"{what}: talking to the registry {self.url} failed ({exc})") from exc
@@ -152,27 +155,69 @@ class RemoteRegistry:
             validate_tag(tag)
         disable_xet()
         with self._errors(f"publish {repo_id}"):
-            # create only a missing repo: create_repo(exist_ok=True) neither applies --private to an existing one
-            # nor reports a refused token cleanly for one (huggingface_hub builds a Hub-only URL on 401/403)
-            if not self.api.repo_exists(repo_id):
-                self.api.create_repo(repo_id, private=private)
-            elif private:
-                self.api.update_repo_settings(repo_id, private=True)
-            tagged = None
-            if tag and tag in {t.name for t in self.api.list_repo_refs(repo_id).tags}:
-                tagged = self.show(f"{repo_id}@{tag}")  # tags do not move: refuse before anything is committed
-                mine = {f.relative_to(expert.path).as_posix(): sha256_file(f) for f in expert.files}
-                if {f.path: f.sha256 for f in tagged.files} != mine:
-                    raise StoreError(f"tag '{tag}' already names revision {tagged.revision[:12]} of {repo_id}, which "
-                                     f"holds other files; tags do not move: choose another --tag (nothing was "
-                                     f"published)")
-            # delete_patterns="*": the new revision holds exactly the folder's files, nothing left over.
-            info = self.api.upload_folder(folder_path=expert.path, repo_id=repo_id, delete_patterns="*",
-                                          ignore_patterns=[".*", "*/.*"],
-                                          commit_message=f"Publish expert {repo_id}")
+            created = self._ensure_repo(repo_id, private)
+            try:
+                tagged = None
+                mine = {f.relative_to(expert.path).as_posix(): sha256_file(f) for f in expert.files} if tag else {}
+                if tag and tag in {t.name for t in self.api.list_repo_refs(repo_id).tags}:
+                    tagged = self.show(f"{repo_id}@{tag}")  # tags do not move: refuse before anything is committed
+                    if {f.path: f.sha256 for f in tagged.files} != mine:
+                        raise StoreError(f"tag '{tag}' already names revision {tagged.revision[:12]} of {repo_id}, "
+                                         f"which holds other files; tags do not move: choose another --tag (nothing "
+                                         f"was published)")
+                # delete_patterns="*": the new revision holds exactly the folder's files, nothing left over.
+                info = self.api.upload_folder(folder_path=expert.path, repo_id=repo_id, delete_patterns="*",
+                                              ignore_patterns=[".*", "*/.*"],
+                                              commit_message=f"Publish expert {repo_id}")
+            except BaseException:
+                if created:
+                    self._drop_if_empty(repo_id)
+                raise
             if tag and tagged is None:
-                self.api.create_tag(repo_id, tag=tag, revision=info.oid, exist_ok=False)
+                self._tag(repo_id, tag, info.oid, mine)
         return self.show(f"{repo_id}@{info.oid}")
+
+    def _ensure_repo(self, repo_id: str, private: bool) -> bool:
+        """Create ``repo_id`` unless it exists (``--private`` applies either way); True when this call made it."""
+        # create only a missing repo: create_repo(exist_ok=True) neither applies --private to an existing one
+        # nor reports a refused token cleanly for one (huggingface_hub builds a Hub-only URL on 401/403)
+        if not self.api.repo_exists(repo_id):
+            try:
+                self.api.create_repo(repo_id, private=private)
+                return True
+            except HfUriError:  # made, but its URL is not under ours (the server's --public-url): nothing works
+                self._drop_if_empty(repo_id)
+                raise
+            except HfHubHTTPError as exc:
+                if exc.response is None or exc.response.status_code != 409:
+                    raise  # 409: another publish created it meanwhile
+        if private:
+            self.api.update_repo_settings(repo_id, private=True)
+        return False
+
+    def _drop_if_empty(self, repo_id: str) -> None:
+        """Delete a repo this publish created and that holds no commit of files, so a failed publish leaves no
+        empty repo behind (best effort: the failure being reported matters more)."""
+        try:
+            if len(self.api.list_repo_commits(repo_id)) <= 1:
+                self.api.delete_repo(repo_id)
+        except Exception:  # noqa: BLE001 - the registry may be the thing that failed
+            pass
+
+    def _tag(self, repo_id: str, tag: str, revision: str, files: dict[str, str]) -> None:
+        """Tag the revision just committed; a concurrent publish that took the tag first is named, with where the
+        files are (committed to main, untagged)."""
+        try:
+            self.api.create_tag(repo_id, tag=tag, revision=revision, exist_ok=False)
+        except HfHubHTTPError as exc:
+            if exc.response is None or exc.response.status_code != 409:
+                raise
+            other = self.show(f"{repo_id}@{tag}")
+            if {f.path: f.sha256 for f in other.files} != files:
+                raise StoreError(f"publish {repo_id}: the files are on main as revision {revision[:12]}, but another "
+                                 f"publish took tag '{tag}' meanwhile (for revision {other.revision[:12]}); tags do "
+                                 f"not move: rerun with another --tag to tag this revision (nothing new is "
+                                 f"committed)") from exc
 
     def show(self, ref: str) -> ExpertEntry:
         """The card fields and files of ``ORG/NAME[@REV]``."""
