@@ -204,13 +204,17 @@ def publish(folder, name, tag, registry, private, token):
 @_token_option
 def pull(ref, for_base, registry, token):
     """Fetch NAME[@REV] and print the local folder that transformers/peft load."""
+    from .errors import IncompatibleExpertError
     from .hub.card import check_compatible, read_card
     from .hub.fingerprint import model_signature
     from .hub.store import open_registry
 
     path = open_registry(registry, token=token).pull(ref)
     if for_base is not None:
-        check_compatible(model_signature(for_base), read_card(path).expert, f"the seed {for_base}")
+        try:
+            check_compatible(model_signature(for_base), read_card(path).expert, f"the seed {for_base}")
+        except IncompatibleExpertError as exc:  # the card's own name may differ from the name pulled
+            raise IncompatibleExpertError(f"{ref}: {exc}") from exc
     if (path / "adapter_config.json").is_file():
         from .experts.adapter import recorded_base
 
@@ -317,6 +321,39 @@ def token_create(namespace, database, label, init):
 
     url = RegistrySettings.from_env(database_url=database).database_url
     click.echo(create_token(url, namespace, label, init=init))
+
+
+@token.command(name="list")
+@click.option("--namespace", default=None, help="Only this namespace's tokens.")
+@click.option("--database", default=None, help="The registry's database URL (as given to `expertmix serve`).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def token_list(namespace, database, as_json):
+    """List the registry's tokens (id, namespace, label, created); the tokens themselves are not stored."""
+    from .server.registry import RegistrySettings, list_tokens
+
+    rows = list_tokens(RegistrySettings.from_env(database_url=database).database_url, namespace)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no tokens" + (f" for namespace {namespace!r}" if namespace else ""))
+        return
+    table = _table("id", "namespace", "label", "created")
+    for r in rows:
+        table.add_row(str(r["id"]), r["namespace"], r["label"], r["created"])
+    stdout.print(table)
+
+
+@token.command(name="revoke")
+@click.argument("token_id", type=int)
+@click.option("--database", default=None, help="The registry's database URL (as given to `expertmix serve`).")
+def token_revoke(token_id, database):
+    """Revoke token TOKEN_ID (from `token list`): the registry refuses it from the next request on."""
+    from .server.registry import RegistrySettings, revoke_token
+
+    gone = revoke_token(RegistrySettings.from_env(database_url=database).database_url, token_id)
+    click.echo(f"revoked token {gone['id']} of namespace {gone['namespace']}"
+               + (f" ({gone['label']})" if gone["label"] else ""))
 
 
 def _hex_prefix(value: str | None) -> str | None:

@@ -134,6 +134,9 @@ def test_expert_from_another_seed_is_refused_by_field_name(dense_expert, tmp_pat
     assert "expert 'org/math'" in result.output and "'base_fingerprint' differs" in result.output
     result = run("pull", "org/math", "--for-base", qwen2_seed, ok=False)
     assert "'base_fingerprint' differs" in result.output or "'architecture' differs" in result.output
+    run("publish", dense_expert, "--name", "team/renamed")  # named apart from its card: the error names both
+    result = run("pull", "team/renamed", "--for-base", other, ok=False)
+    assert result.exit_code == 1 and "team/renamed: expert 'org/math'" in " ".join(result.output.split())
 
 
 def test_mixed_and_pruned_training_records_shares_and_audit_scores(tmp_path, llama_seed, corpus):

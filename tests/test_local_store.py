@@ -61,6 +61,8 @@ def test_tags_do_not_move_and_a_bad_tag_publishes_nothing(tmp_path, llama_seed):
         assert store.show("org/toy").revision == first.revision  # main did not move
     assert store.show("org/toy@v1").revision == first.revision
     assert [e.name for e in store.list()] == ["org/toy"]
+    with pytest.raises(StoreError, match="namespace 'API' is reserved"):  # it could never move to a server
+        store.publish(folder, name="API/toy")
 
 
 def test_a_failed_publish_leaves_nothing_visible_and_can_be_retried(tmp_path, llama_seed, monkeypatch):

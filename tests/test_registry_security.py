@@ -484,6 +484,22 @@ def test_a_token_the_registry_does_not_know_is_named_as_such(registry, tmp_path)
     assert "the registry does not know this token" in proc.stderr and "set $EXPERTMIX_TOKEN" not in proc.stderr
 
 
+def test_a_revoked_token_is_refused_at_once_and_token_list_never_shows_secrets(registry, tmp_path):
+    leaked = registry.token("leaky")
+    listed = json.loads(cli("token", "list", "--namespace", "leaky", "--database", registry.database_url,
+                            "--json").stdout)
+    assert [t["namespace"] for t in listed] == ["leaky"] and leaked not in json.dumps(listed)
+    assert httpx.get(f"{registry.url}/api/whoami-v2", headers=auth(leaked)).status_code == 200
+    revoked = cli("token", "revoke", str(listed[0]["id"]), "--database", registry.database_url)
+    assert "revoked token" in revoked.stdout and "leaky" in revoked.stdout
+    assert httpx.get(f"{registry.url}/api/whoami-v2", headers=auth(leaked)).status_code == 401
+    r = httpx.post(f"{registry.url}/api/repos/create", json={"name": "after", "organization": "leaky"},
+                   headers=auth(leaked))
+    assert r.status_code == 401
+    again = cli("token", "revoke", str(listed[0]["id"]), "--database", registry.database_url, check=False)
+    assert again.returncode == 1 and f"no token with id {listed[0]['id']}" in again.stderr
+
+
 def test_an_unreachable_or_driverless_database_is_named_in_one_line_with_its_password_hidden(tmp_path):
     """`serve` and `token create` on a database they cannot open: exit 1, the URL without its password, the reason."""
     closed = f"postgresql+psycopg://reg:s3cret-pw@127.0.0.1:{free_port()}/registry"  # nothing listens there
@@ -512,7 +528,8 @@ def test_token_create_refuses_a_database_that_is_not_a_registry_unless_told_to_m
     other = tmp_path / "other.db"  # some other application's SQLite file
     sqlite3.connect(other).execute("CREATE TABLE notes (x TEXT)").connection.commit()
     proc = cli("token", "create", "--namespace", "org", "--database", f"sqlite:///{other}", env=env, check=False)
-    assert proc.returncode == 1 and "is not an expertmix registry (no blobs, " in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "is not an expertmix registry (no blobs, commit_files, " in proc.stderr, \
+        proc.stderr
     assert {r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")} == {"notes"}
     empty = tmp_path / "empty.db"
     empty.touch()
@@ -525,6 +542,14 @@ def test_token_create_refuses_a_database_that_is_not_a_registry_unless_told_to_m
 
     fresh = f"sqlite:///{tmp_path / 'new.db'}"
     token = cli("token", "create", "--namespace", "org", "--database", fresh, "--init", env=env).stdout.strip()
+    # a registry made before blob holders existed is still a registry: opening it adds what it lacks
+    with sqlite3.connect(tmp_path / "new.db") as con:
+        con.execute("DROP INDEX ix_commit_files_sha256")
+        con.execute("DROP TABLE blob_holders")
+    cli("token", "create", "--namespace", "late", "--database", fresh, env=env)
+    with sqlite3.connect(tmp_path / "new.db") as con:
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert {"blob_holders", "ix_commit_files_sha256"} <= names
     with serve(tmp_path, fresh) as reg:
         HfApi(endpoint=reg.url, token=token).create_repo("org/x")
         assert httpx.get(f"{reg.url}/api/models/org/x").status_code == 200

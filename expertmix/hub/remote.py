@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import StoreError
 from ..fsutil import atomic_dir, sha256_file
 from .card import ExpertCard
-from .repo import validate_expert_folder, validate_tag
+from .repo import validate_expert_folder, validate_publish_name, validate_tag
 from .store import ExpertEntry, FileEntry, expertmix_home, parse_ref
 
 TOKEN_ENV = "EXPERTMIX_TOKEN"
@@ -149,8 +149,7 @@ class RemoteRegistry:
                 private: bool = False) -> ExpertEntry:
         """Validate an expert folder and commit it (all files at once) as the new 'main' of ORG/NAME."""
         expert = validate_expert_folder(folder)
-        repo_id = self._repo_id(name or expert.card.expert.name)
-        parse_ref(repo_id)
+        repo_id = validate_publish_name(self._repo_id(name or expert.card.expert.name))
         if tag:
             validate_tag(tag)
         disable_xet()

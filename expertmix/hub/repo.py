@@ -47,6 +47,21 @@ def validate_name(name: str) -> str:
     return name
 
 
+# Namespaces the registry's URLs use (/api/..., /models/...): no repo can live under them.
+RESERVED_NAMESPACES = {"api", "datasets", "spaces", "kernels", "buckets", "models", "new", "settings"}
+
+
+def validate_publish_name(name: str) -> str:
+    """A name to publish under: valid, and not in a reserved namespace, so an expert of the local store can move
+    to a registry server under the same name."""
+    validate_name(name)
+    org = name.split("/")[0] if "/" in name else None
+    if org is not None and org.lower() in RESERVED_NAMESPACES:
+        raise StoreError(f"invalid expert name {name!r}: namespace {org!r} is reserved by the registry "
+                         f"({', '.join(sorted(RESERVED_NAMESPACES))})")
+    return name
+
+
 def save_domain_embedding(folder: str | Path, embedding: torch.Tensor, model: str, documents: int) -> Path:
     """Write ``domain_embedding.safetensors`` (one float32 vector, embedder id in the metadata)."""
     from safetensors.torch import save_file

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import StoreError
 from ..fsutil import atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .card import ExpertCard, ExpertInfo, parse_card
-from .repo import is_tag, load_domain_embedding, validate_expert_folder, validate_name, validate_tag
+from .repo import (
+    is_tag,
+    load_domain_embedding,
+    validate_expert_folder,
+    validate_name,
+    validate_publish_name,
+    validate_tag,
+)
 
 if TYPE_CHECKING:  # imported lazily: the registry server and `expertmix list` start without torch
     import torch
@@ -137,7 +144,7 @@ class LocalStore:
     def publish(self, folder: str | Path, name: str | None = None, tag: str | None = None) -> ExpertEntry:
         """Store a validated expert folder as a new immutable revision and point 'main' at it."""
         expert = validate_expert_folder(folder)
-        name = validate_name(expert.card.expert.name if name is None else name)
+        name = validate_publish_name(expert.card.expert.name if name is None else name)
         if tag:
             validate_tag(tag)
         self._check_layout(name)

@@ -54,6 +54,31 @@ def create_token(database_url: str, namespace: str, label: str = "", init: bool 
         return issue_token(db, namespace, label)
 
 
+def list_tokens(database_url: str, namespace: str | None = None) -> list[dict]:
+    """The tokens of a registry (of one namespace): id, namespace, label and creation time, never the secret."""
+    factory = init_db(database_url, create=False)
+    with factory() as db:
+        stmt = select(Token).order_by(Token.id)
+        if namespace is not None:
+            stmt = stmt.where(Token.namespace == namespace)
+        return [{"id": t.id, "namespace": t.namespace, "label": t.label,
+                 "created": t.created_at.isoformat(timespec="seconds")} for t in db.scalars(stmt)]
+
+
+def revoke_token(database_url: str, token_id: int) -> dict:
+    """Delete token ``token_id`` (as ``list_tokens`` numbers them): requests bearing it are refused from now on."""
+    factory = init_db(database_url, create=False)
+    with factory() as db:
+        row = db.get(Token, token_id)
+        if row is None:
+            known = ", ".join(str(t) for t in db.scalars(select(Token.id).order_by(Token.id))) or "none"
+            raise StoreError(f"no token with id {token_id} in the registry (ids: {known})")
+        gone = {"id": row.id, "namespace": row.namespace, "label": row.label}
+        db.delete(row)
+        db.commit()
+        return gone
+
+
 def principal_for(db: Session, authorization: str | None) -> Principal | None:
     """The principal named by an ``Authorization: Bearer TOKEN`` header; None without one, 401 if unknown."""
     if not authorization:

@@ -64,8 +64,13 @@ def _sqlite_tables(path: Path) -> set[str]:
         raise StoreError(f"the database {path} is not an expertmix registry ({exc}): check --database") from exc
 
 
+# The tables every registry has had: a database with them is a registry, and tables and indexes added by later
+# versions are created on open. Without them it is some other database (a mistyped URL).
+CORE_TABLES = {"blobs", "commit_files", "commits", "refs", "repos", "tokens"}
+
+
 def _require_registry(tables: set[str], where: str) -> None:
-    missing = sorted(set(Base.metadata.tables) - tables)
+    missing = sorted(CORE_TABLES - tables)
     if missing:
         raise StoreError(f"the database {where} is not an expertmix registry (no {', '.join(missing)} tables): check "
                          f"--database (--init makes it a new registry)")
@@ -88,6 +93,9 @@ def init_db(url: str, create: bool = True) -> sessionmaker[Session]:
         if not create and sqlite_file is None:
             _require_registry(set(inspect(engine).get_table_names()), engine.url.render_as_string(hide_password=True))
         Base.metadata.create_all(engine)
+        for table in Base.metadata.sorted_tables:  # indexes added since a table was made
+            for index in table.indexes:
+                index.create(engine, checkfirst=True)
     except DBAPIError as exc:  # unreachable server, wrong password, unwritable file: one line, password hidden
         reason = str(exc.orig or exc).strip().splitlines()[0]
         raise StoreError(f"cannot open the registry database {engine.url.render_as_string(hide_password=True)}: "

@@ -7,10 +7,9 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote
 
 from ...errors import StoreError
-from ...hub.repo import COMMIT_LIKE_RE, FORBIDDEN_SUFFIXES, validate_name
+from ...hub.repo import COMMIT_LIKE_RE, FORBIDDEN_SUFFIXES, RESERVED_NAMESPACES, validate_name
 from .errors import HubError
 
-RESERVED_NAMESPACES = {"api", "datasets", "spaces", "kernels", "buckets", "models", "new", "settings"}
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_PATH = 1000
@@ -68,7 +67,10 @@ def check_path(path: object, field: str = "path") -> str:
                             f"or control characters")
     for part in path.split("/"):
         decoded = unquote(part)
-        if part in ("", ".", "..") or decoded in (".", "..") or "/" in decoded or decoded == ".git":
+        if "/" in decoded:
+            raise HubError(400, f"field {field!r}: {path!r} holds an encoded '/' (%2F) in the name {part!r}; "
+                                f"name the file without it")
+        if part in ("", ".", "..") or decoded in (".", "..") or decoded == ".git":
             raise HubError(400, f"field {field!r}: {path!r} is not a plain path inside the repo "
                                 f"(empty, '.', '..' or '.git' segment)")
     if PurePosixPath(path).suffix.lower() in FORBIDDEN_SUFFIXES:

@@ -138,7 +138,11 @@ class LocalBlobStorage(_StagingMixin):
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.staging_dir = self.root / ".staging"
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission
+            raise StoreError(f"--blobs {self.root}: cannot use it as the blob folder ({exc.strerror or exc})") \
+                from exc
 
     def _path(self, sha: str) -> Path:
         return self.root / "sha256" / check_sha(sha)[:2] / sha
