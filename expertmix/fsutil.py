@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,17 @@ except ImportError:  # not on Windows: temporary folders go unlocked there
 CHUNK = 1 << 20
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (setting it to read it is not thread-safe). mkstemp and mkdtemp make their files 0600 and
+# folders 0700 whatever the umask; what expertmix writes gets the modes `cp` or save_pretrained would give it.
+UMASK = _read_umask()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
@@ -38,6 +50,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -108,9 +121,11 @@ def atomic_dir(path: str | os.PathLike, exclusive: bool = True) -> Iterator[Path
         if fd >= 0:
             os.close(fd)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~UMASK)
     fd, _ = _lock(tmp)
     try:
         yield tmp
+        _readable_as_umask_allows(tmp)
         try:
             os.rename(tmp, path)
         except OSError as exc:
@@ -123,6 +138,19 @@ def atomic_dir(path: str | os.PathLike, exclusive: bool = True) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
         if fd >= 0:
             os.close(fd)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Give what a temporary folder holds the read (and folder search) bits the umask allows: writers that go
+    through temporary files of their own (transformers' save_pretrained) leave them 0600. Write bits are never
+    added, so read-only files (store blobs linked in) stay read-only."""
+    read_file, read_dir = 0o444 & ~UMASK, 0o555 & ~UMASK
+    for root, dirs, files in os.walk(folder):
+        for name, extra in [*((d, read_dir) for d in dirs), *((f, read_file) for f in files)]:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) | extra != stat.S_IMODE(st.st_mode):
+                os.chmod(p, stat.S_IMODE(st.st_mode) | extra)
 
 
 def remove_tree(path: str | os.PathLike) -> None:

@@ -167,3 +167,19 @@ def test_an_output_folder_has_one_writer_and_a_killed_writers_leftovers_are_clea
     with pytest.raises(OutputExistsError, match="already exists"):
         with atomic_dir(out):
             pass
+
+
+def test_outputs_get_the_modes_the_umask_gives_not_private_temporary_ones(tmp_path, llama_seed):
+    """Output folders and files are made as temporary ones (0700 / 0600) and renamed into place; they end with the
+    modes the user's umask gives, so a shared folder's other users (a registry's service account) can read them."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    for mask, folder_mode, file_mode in ((0o022, 0o755, 0o644), (0o077, 0o700, 0o600)):
+        out = tmp_path / f"q{mask:o}"
+        subprocess.run([sys.executable, "-m", "expertmix", "quantize", str(llama_seed), "--scheme", "int8",
+                        "--out", str(out)], check=True, capture_output=True, preexec_fn=lambda m=mask: os.umask(m))
+        assert stat.S_IMODE(out.stat().st_mode) == folder_mode
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {file_mode}
