@@ -25,7 +25,7 @@ def quantization_config(folder: str | Path) -> dict | None:
     return _read_json(Path(folder) / "config.json").get("quantization_config") or None
 
 
-def require_model_weights(folder: str | Path, action: str) -> None:
+def require_model_weights(folder: str | Path, action: str, needs: str = "a full model or a Nexus mix") -> None:
     """Refuse a folder that holds no model of its own where ``action`` loads one, saying what the folder is.
 
     A PEFT adapter and a lightweight (MoV/MoLoRA) mix look like models to a user but have no ``config.json``:
@@ -43,7 +43,7 @@ def require_model_weights(folder: str | Path, action: str) -> None:
     if mix.get("format") == LIGHTWEIGHT_FORMAT:
         raise ExpertmixError(
             f"{folder}: a {mix.get('kind', 'lightweight')} mix of PEFT adapters, with no weights of its own (it runs "
-            f"over its seed {mix.get('seed_path', '?')}); {action} needs a full model or a Nexus mix")
+            f"over its seed {mix.get('seed_path', '?')}); {action} needs {needs}")
     adapter = _read_json(folder / ADAPTER_CONFIG)
     if adapter:
         kind = str(adapter.get("peft_type", "PEFT")).lower()
@@ -54,7 +54,8 @@ def require_model_weights(folder: str | Path, action: str) -> None:
     raise ExpertmixError(f"{folder}: not a model folder (no config.json); {action} needs a model folder")
 
 
-def require_float_weights(folder: str | Path, action: str, then: str = "quantize the result afterwards") -> None:
+def require_float_weights(folder: str | Path, action: str, then: str = "quantize the result afterwards",
+                          needs: str = "a full model or a Nexus mix") -> None:
     """Refuse a folder without a model, or a quantized one, where ``action`` needs float weights.
 
     A quantized model is refused naming the float one it came from. Reads only ``config.json`` (and
@@ -62,7 +63,7 @@ def require_float_weights(folder: str | Path, action: str, then: str = "quantize
     without its quantizer, a quantized checkpoint's layers are silently left random.
     """
     folder = Path(folder)
-    require_model_weights(folder, action)
+    require_model_weights(folder, action, needs)
     quantization = quantization_config(folder)
     if quantization is None:
         return

@@ -176,3 +176,20 @@ def test_eval_refuses_a_variant_for_a_torch_model(mix_and_int8, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(mix), "--data", f"x={data}", "--variant", "int8"])
     assert result.exit_code == 1 and "ONNX exports only" in result.output
 
+
+
+@pytest.mark.parametrize("bpb", [False, True])
+def test_two_data_sources_under_one_name_are_refused_not_dropped(mix_and_int8, tmp_path, bpb):
+    """Two files named alike (dd/code/valid.jsonl, dd/math/valid.jsonl) both took the name 'valid': one result was
+    silently dropped and the other reported under the shared name."""
+    mix, _ = mix_and_int8
+    paths = []
+    for domain in ("code", "math"):
+        (tmp_path / domain).mkdir()
+        paths.append(tmp_path / domain / "valid.jsonl")
+        paths[-1].write_text(json.dumps({"text": f"{domain} text " * 20}) + "\n")
+    for data in ([str(p) for p in paths], [f"code={p}" for p in paths]):
+        args = ["eval", str(mix), *(a for d in data for a in ("--data", d)), *(["--bpb"] if bpb else [])]
+        res = CliRunner().invoke(main, args)
+        message = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"is given to both {paths[0]} and {paths[1]}" in message, res.output

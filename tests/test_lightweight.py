@@ -309,6 +309,9 @@ def test_a_peft_expert_is_evaluated_on_its_seed_and_adapter_folders_are_refused_
         "--data", f"math={corpus['math']}", "--data", f"code={corpus['code']}", "--out", mix, "--max-steps", "2",
         *FAST)
     assert bpb(mix) > 0  # the mix scores in bits per byte too, on its recorded seed
+    missing = run("eval", mix, *data, "--seed", tmp_path / "no-such-seed", ok=False)  # the user's path, not mix.json
+    assert missing.exit_code == 1 and "--seed" in missing.output and "no-such-seed" in missing.output
+    assert "seed_path" not in missing.output
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1 + 2 =", "language": "en"}\n')
     refusals = {
@@ -327,5 +330,6 @@ def test_a_peft_expert_is_evaluated_on_its_seed_and_adapter_folders_are_refused_
         message = " ".join(run(*args, "--out", out, ok=False).output.split())
         what = (f"a molora mix of PEFT adapters, with no weights of its own (it runs over its seed {llama_seed})"
                 if folder == mix else f"a lora adapter of {llama_seed}, not a full model")
-        assert f"{folder}: {what}; {action} needs a full model" in message, message
+        needs = "a Nexus or linear mix" if action == "export --format qwen2-moe" else "a full model"
+        assert f"{folder}: {what}; {action} needs {needs}" in message, message
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()

@@ -163,6 +163,8 @@ def test_eval_prints_perplexity_and_routing_and_saves_a_heatmap(cli_mix, corpus,
 def test_export_qwen2_moe_loads_in_stock_transformers_with_the_same_logits_and_routing(cli_mix, corpus, tmp_path):
     out = _cli("export", cli_mix, "--format", "qwen2-moe", "--out", tmp_path / "q")
     assert "max |logit difference|" in out
+    check = json.loads((tmp_path / "q" / "export_check.json").read_text())
+    assert check["checked"] and check["passed"] and check["max_logit_difference"] < 1e-4
     exported = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "q").eval()
     mix = AutoModelForCausalLM.from_pretrained(cli_mix).eval()
     ids = torch.randint(3, mix.config.text_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -388,3 +390,17 @@ def test_experts_pulled_from_a_registry_are_named_by_their_registry_name(publish
     manifest = read_manifest(tmp_path / "mix")
     assert [(e.name, e.repo) for e in manifest.experts] == [("code", "code"), ("team/code-v2", "team/code-v2")]
     assert AutoConfig.from_pretrained(tmp_path / "mix").expert_names == ["code", "team/code-v2"]
+
+
+def test_an_export_that_fails_its_check_is_not_written_and_an_unchecked_one_says_so(cli_mix, tmp_path, monkeypatch):
+    import expertmix.assembler.export as export_module
+
+    monkeypatch.setattr(export_module, "max_logit_difference", lambda mix, exported: 0.5)  # a broken conversion
+    res = CliRunner().invoke(main, ["export", str(cli_mix), "--out", str(tmp_path / "bad")])
+    message = " ".join(res.output.split())
+    assert res.exit_code == 1 and "max |logit difference| 5.00e-01 > 0.001" in message and "nothing was written" \
+        in message
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
+    out = _cli("export", cli_mix, "--no-check", "--out", tmp_path / "unchecked")
+    assert "not checked against the mix" in out
+    assert json.loads((tmp_path / "unchecked" / "export_check.json").read_text()) == {"checked": False}

@@ -14,6 +14,7 @@ The result loads in plain transformers with no custom code. More formats (``onnx
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +25,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2M
 
 from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, write_json_atomic
 from .configuration_nexus import NexusConfig
 from .manifest import MIX_FILE, read_manifest
 from .modeling_nexus import ROUTERS
 from .upcycling import COPIED_FILES, WEIGHTS_FILE, MoeLayout, require_mix_folder, save_checkpoint
 
 EXPORTABLE_FAMILIES = ("llama", "qwen2")
+# An export reproduces the mix's float32 logits to rounding (measured 3e-6 for both formats); far beyond that the
+# conversion is wrong, and it must not be written as if it had worked.
+EXPORT_LOGIT_TOLERANCE = 1e-3
+CHECK_FILE = "export_check.json"  # in every export: the logit check's result, or that it was skipped
 
 
 def qwen2_moe_config(config: NexusConfig) -> Qwen2MoeConfig:
@@ -101,9 +106,35 @@ def qwen2_moe_tensors(mix_dir: Path, config: NexusConfig) -> dict[str, torch.Ten
     return {k: v.float() for k, v in out.items()}
 
 
-def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
-    """Write ``out``: a Qwen2-MoE checkpoint of the mix that stock transformers loads."""
-    require_float_weights(mix, "export --format qwen2-moe")
+def check_export(folder: Path, measure: Callable[[], float] | None, runtime: str) -> dict:
+    """Measure an export written in ``folder`` (its temporary folder) against the mix and record the result in
+    ``CHECK_FILE``; an export beyond ``EXPORT_LOGIT_TOLERANCE`` is refused, so it is never written. ``measure``
+    None: the check was skipped, and the record says so."""
+    if measure is None:
+        record = {"checked": False}
+    else:
+        difference = measure()
+        record = {"checked": True, "runtime": runtime, "max_logit_difference": difference,
+                  "tolerance": EXPORT_LOGIT_TOLERANCE, "passed": difference <= EXPORT_LOGIT_TOLERANCE}  # NaN fails
+        if not record["passed"]:
+            raise ExpertmixError(f"the export does not reproduce the mix ({runtime}: max |logit difference| "
+                                 f"{difference:.2e} > {EXPORT_LOGIT_TOLERANCE:g}); nothing was written (--no-check "
+                                 f"writes it unchecked, for inspection)")
+    write_json_atomic(folder / CHECK_FILE, record)
+    return record
+
+
+def read_export_check(folder: str | Path) -> dict | None:
+    """The logit check an export recorded (None for exports made before it was recorded)."""
+    path = Path(folder) / CHECK_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None,
+                     check: bool = True) -> Path:
+    """Write ``out``: a Qwen2-MoE checkpoint of the mix that stock transformers loads, its logits checked against
+    the mix's (``check``) before it appears."""
+    require_float_weights(mix, "export --format qwen2-moe", needs="a Nexus or linear mix")
     mix_dir, out = require_mix_folder(mix), Path(out)
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":
@@ -120,6 +151,7 @@ def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None
         for name in (*COPIED_FILES, MIX_FILE):
             if (mix_dir / name).is_file():
                 shutil.copyfile(mix_dir / name, tmp / name)
+        check_export(tmp, (lambda: max_logit_difference(mix_dir, tmp)) if check else None, "float32")
     return out
 
 
@@ -136,9 +168,9 @@ def max_logit_difference(mix: str | Path, exported: str | Path, tokens: int = 64
 FORMATS: dict[str, Callable[..., Path]] = {"qwen2-moe": export_qwen2_moe}
 
 
-def export(mix: str | Path, out: str | Path, fmt: str = "qwen2-moe", log: Callable[[str], None] = lambda _: None
-           ) -> Path:
-    """Export a mix in format ``fmt`` (see ``FORMATS``)."""
+def export(mix: str | Path, out: str | Path, fmt: str = "qwen2-moe", log: Callable[[str], None] = lambda _: None,
+           check: bool = True) -> Path:
+    """Export a mix in format ``fmt`` (see ``FORMATS``), checked against the mix unless ``check`` is False."""
     if fmt not in FORMATS:
         raise ExpertmixError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    return FORMATS[fmt](mix, out, log=log)
+    return FORMATS[fmt](mix, out, log=log, check=check)

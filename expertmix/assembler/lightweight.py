@@ -406,6 +406,9 @@ def load_lightweight(folder: str | Path, seed: str | Path | None = None, device:
     folder = Path(folder)
     manifest = read_lightweight_manifest(folder)
     seed_dir = Path(seed) if seed is not None else Path(manifest.seed_path)
+    if seed is not None and not (seed_dir / "config.json").is_file():
+        raise ExpertmixError(f"--seed {seed_dir}: not a model folder (no config.json); give the seed of the mix "
+                             f"{folder}")
     if not (seed_dir / "config.json").is_file():
         raise ExpertmixError(f"{folder}: its seed folder {seed_dir} (field 'seed_path' of {MIX_FILE}) is not here; "
                              f"pass the seed folder (--seed)")

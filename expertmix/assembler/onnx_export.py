@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
-from .export import FORMATS
+from .export import FORMATS, check_export
 from .routed_experts import router_topk
 
 MANIFEST = "onnx_export.json"
@@ -313,8 +313,9 @@ def _quantize(scheme: str, model, source: Path, target: Path, keep: list[str], b
 # -- the export command -----------------------------------------------------------------------------
 
 def export_onnx(mix: str | Path, out: str | Path, settings: OnnxExportSettings | None = None,
-                log: Callable[[str], None] = lambda _: None) -> Path:
-    """Write ``out``: ``model.onnx`` (+ quantized variants), the tokenizer, config and ``onnx_export.json``."""
+                log: Callable[[str], None] = lambda _: None, check: bool = True) -> Path:
+    """Write ``out``: ``model.onnx`` (+ quantized variants), the tokenizer, config and ``onnx_export.json``; the
+    fp32 graph's logits are checked against the mix's (``check``) before it appears."""
     settings = settings or OnnxExportSettings()
     mix, out = Path(mix), Path(out)
     if out.exists():
@@ -343,11 +344,13 @@ def export_onnx(mix: str | Path, out: str | Path, settings: OnnxExportSettings |
         for scheme in settings.quantize:
             log(f"quantizing the graph's MatMul weights with onnxruntime: {scheme}")
             quantize_onnx(tmp, scheme, settings.block_size, settings.accuracy_level)
+        check_export(tmp, (lambda: max_logit_difference_onnx(mix, tmp)) if check else None, "onnxruntime fp32")
     return out
 
 
-def _format_entry(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
-    return export_onnx(mix, out, log=log)
+def _format_entry(mix: str | Path, out: str | Path, log: Callable[[str], None] = lambda _: None,
+                  check: bool = True) -> Path:
+    return export_onnx(mix, out, log=log, check=check)
 
 
 FORMATS.setdefault("onnx", _format_entry)  # export(mix, out, "onnx") reaches this exporter once it is imported
