@@ -183,3 +183,21 @@ def test_outputs_get_the_modes_the_umask_gives_not_private_temporary_ones(tmp_pa
                         "--out", str(out)], check=True, capture_output=True, preexec_fn=lambda m=mask: os.umask(m))
         assert stat.S_IMODE(out.stat().st_mode) == folder_mode
         assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {file_mode}
+
+
+def test_a_lone_surrogate_is_named_by_file_line_and_field_and_a_refused_train_leaves_nothing(tmp_path, llama_seed):
+    """Text cut mid-emoji is valid JSON ("\\ud83d") that no tokenizer takes: it crashed deep inside tokenization and
+    left an OUT.partial that blocked the corrected command."""
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "a whole emoji \\ud83d\\ude00 is fine"}\n'
+                    '{"text": "ok", "meta": {"tags": ["x", "half \\ud83d"]}}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"cut.jsonl line 2: field 'meta.tags.1' is not valid Unicode .*\\ud83d"):
+        read_documents(path)
+    res = CliRunner().invoke(main, ["train", "--base", str(llama_seed), "--data", str(path), "--valid", str(path),
+                                    "--domain", "d", "--out", str(tmp_path / "out"), "--max-steps", "1"])
+    assert res.exit_code == 1 and "line 2: field 'meta.tags.1'" in " ".join(res.output.split())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,27 @@ def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
             if not isinstance(rec, dict):
                 raise DataError(f"{path} line {i}: expected a JSON object, got {type(rec).__name__}")
+            if SURROGATE_ESCAPE.search(line) and (found := _lone_surrogate(rec)) is not None:
+                # valid JSON (text cut mid-emoji), but no tokenizer or UTF-8 writer takes it
+                raise DataError(f"{path} line {i}: field '{found[0]}' is not valid Unicode (a lone surrogate "
+                                f"\\u{ord(found[1]):04x}, e.g. half of an emoji cut off)")
             yield i, rec
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only lines that escape a surrogate can hold a lone one
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: object, where: str = "") -> tuple[str, str] | None:
+    """The field (dotted path) of the first string holding a lone surrogate, and that surrogate; None if none."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return (where, m.group()) if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if (found := _lone_surrogate(item, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return None
 
 
 def _has_text(doc: Document) -> bool:

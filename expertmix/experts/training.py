@@ -336,10 +336,10 @@ def has_checkpoints(work: Path) -> bool:
 
 def resumable_job(job: Callable[..., T]) -> Callable[..., T]:
     """For a job whose first argument is a :class:`ResumableJob`: its ``OUT.partial`` folder is held for the call
-    (see ``fsutil.lock_folder``). When the job refuses its input (``ExpertmixError``) before any Trainer checkpoint
-    exists, the folder this call made is removed, so the corrected command starts afresh instead of being told to
-    resume a run with other settings. Interruptions and other failures keep it for ``--resume``, as does every
-    failure of a run that an earlier call started."""
+    (see ``fsutil.lock_folder``). When the job fails (refuses its input, or crashes) before any checkpoint exists,
+    the folder this call made is removed, so the corrected command starts afresh instead of being told to resume a
+    run with nothing to resume. Interruptions keep it for ``--resume``, as does every failure after a checkpoint
+    and every failure of a run that an earlier call started."""
 
     @functools.wraps(job)
     def run(cfg: ResumableJob, *args, **kwargs) -> T:
@@ -352,7 +352,7 @@ def resumable_job(job: Callable[..., T]) -> Callable[..., T]:
                 exc.add_note(f"interrupted: the checkpoints in {work} are kept; rerun the same command with --resume "
                              f"to continue from the last one")
             raise
-        except ExpertmixError:
+        except Exception:
             if made_here and holds_folder(work) and not has_checkpoints(work):
                 shutil.rmtree(work, ignore_errors=True)
             raise
