@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from expertmix.alignment.preferences import (
     write_preferences,
 )
 from expertmix.alignment.rewards import (
+    arithmetic_answer,
     arithmetic_reward,
     keyword_reward,
     load_reward,
@@ -113,6 +115,25 @@ def test_keyword_and_multilingual_rewards():
     assert r == [1.0, 0.0, 1.0]
 
 
+def test_rewards_compare_text_after_unicode_normalisation():
+    """A decomposed 'é' matches a composed keyword; half-width katakana is Japanese and full-width Latin is
+    Latin (both scored 0 before)."""
+    assert keyword_reward(["p"], [unicodedata.normalize("NFD", "un café")], keyword=["café"]) == [1.0]
+    assert multilingual_reward(["p"], [unicodedata.normalize("NFD", "le café")], language=["fr"],
+                               keyword=["Café"]) == [1.0]
+    assert script_reward(["p", "p"], ["ｺﾝﾆﾁﾊ", "ＨＥＬＬＯ"], language=["ja", "en"]) == [1.0, 1.0]
+
+
+def test_arithmetic_answers_are_integers_and_chained_expressions_are_evaluated_whole():
+    assert [arithmetic_answer(p) for p in ("10 - 3 - 2 =", "2 + 3 * 4 =", "3 - -2 =", "shots\n7 * 6 =")] == \
+        [5, 14, 5, 42]
+    assert arithmetic_reward(["10 - 3 - 2 ="], ["5"]) == [1.0]
+    assert arithmetic_reward(["x", "x"], ["8", "8"], answer=[8.0, " 8"]) == [1.0, 1.0]
+    for bad in (8.7, True, "eight"):
+        with pytest.raises(ExpertmixError, match=f"field 'answer' must be an integer, got {bad!r}"):
+            arithmetic_reward(["x"], ["8"], answer=[bad])
+
+
 def test_arithmetic_reward_checks_the_first_number_of_the_reply():
     prompts = ["12 + 30 =", "7 * 6 =", "5 - 9 =", "what?"]
     r = arithmetic_reward(prompts[:3], [" 42\n1 + 1 = 2", " 40", " -4"])
@@ -178,8 +199,16 @@ def test_prompts_read_plain_and_aya_rows_keeping_extra_fields(tmp_path):
                                "language_code": "deu"}, ensure_ascii=False) + "\n", encoding="utf-8")
     recs = read_prompts(f)
     assert [(r.prompt, r.language) for r in recs] == [("Привет", "ru"), ("Wie spät?\n", "deu")]
-    assert recs[0].fields == {"keyword": "мир"} and recs[1].fields == {}
-    assert prompt_columns(recs) == {"keyword": ["мир", None], "language": ["ru", "deu"]}
+    # rewards get the row's columns as TRL passes them, language_code included; `language` is the code when known
+    assert recs[0].fields == {"keyword": "мир"} and recs[1].fields == {"language_code": "deu"}
+    assert prompt_columns(recs) == {"keyword": ["мир", None], "language_code": [None, "deu"],
+                                    "language": ["ru", "deu"]}
+    # a row naming only its language groups under the code another row gives that name
+    g = tmp_path / "named.jsonl"
+    g.write_text(json.dumps({"prompt": "a", "language": "German"}) + "\n"
+                 + json.dumps({"prompt": "b", "language": "german", "language_code": "deu"}) + "\n"
+                 + json.dumps({"prompt": "c", "language": "French"}) + "\n")
+    assert [r.language for r in read_prompts(g)] == ["deu", "deu", "French"]
 
 
 @pytest.mark.parametrize("content,msg", [

@@ -156,6 +156,19 @@ def test_cli_prefs_generate_with_a_reward_model_then_dpo(llama_seed, tokenizer, 
     assert all({"reward", "kl", "sample_reward", "reward_per_language"} <= set(r) for r in log)
     assert json.loads((out / "alignment.json").read_text())["settings"]["method"] == "dpo"
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    # --out never overwrites: not earlier pairs, not the prompt file itself
+    before = prompt_file.read_bytes()
+    again = runner.invoke(main, ["prefs", "generate", "--policy", str(llama_seed), "--prompts", str(prompt_file),
+                                 "--reward", str(rm), "--out", str(prompt_file)])
+    assert again.exit_code == 1 and "already exists" in again.output and prompt_file.read_bytes() == before
+    # a built-in reward that DPO's monitoring cannot apply to a pair is named by the pair file's line, before training
+    bad = tmp_path / "bad-pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "12 + 30 =", "chosen": " 42", "rejected": " 17"}) + "\n"
+                   + json.dumps({"prompt": "the capital?", "chosen": "Tokyo", "rejected": "London"}) + "\n")
+    res = runner.invoke(main, ["align", str(llama_seed), "--method", "dpo", "--prefs", str(bad), "--reward",
+                               "arithmetic", "--steps", "3", "--out", str(tmp_path / "never")])
+    assert res.exit_code == 1 and "bad-pairs.jsonl line 2: no 'answer' field" in " ".join(res.output.split())
+    assert "align: dpo" not in res.output and not (tmp_path / "never").exists()
 
 
 def test_cli_rloo_with_a_python_reward_file_prints_per_language_results(llama_seed, prompt_file, tmp_path):

@@ -225,6 +225,12 @@ def test_prune_file_writes_kept_docs_and_complete_audit(reference, tmp_path):
     with pytest.raises(DataError, match="give a .jsonl path"):
         prune_file(data, tmp_path / "kept.txt", reference, "top:0.5", progress=False)
     assert not (tmp_path / "kept.txt").exists() and not (tmp_path / "kept.scores.jsonl").exists()
+    # the scores file beside --out is never written over another file: here, the data itself
+    named = tmp_path / "rows.scores.jsonl"
+    named.write_bytes(data.read_bytes())
+    with pytest.raises(DataError, match="rows.scores.jsonl already exists"):
+        prune_file(named, tmp_path / "rows.jsonl", reference, "top:0.5", progress=False)
+    assert named.read_bytes() == data.read_bytes() and not (tmp_path / "rows.jsonl").exists()
 
 
 def test_prune_file_reports_missing_reference_model_as_one_error(tmp_path):

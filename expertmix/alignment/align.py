@@ -42,6 +42,7 @@ from .preferences import (
     PromptRecord,
     check_reward_fields,
     filter_languages,
+    pair_prompts,
     prompt_columns,
     read_preferences,
     read_prompts,
@@ -142,7 +143,7 @@ def _evaluate(policy, reference, tokenizer, records: list[PromptRecord], reward,
 
 def _dpo_monitor(policy, reference, tokenizer, pairs, reward, cfg: AlignConfig, step: int) -> dict:
     """DPO never samples: measure the KL to the reference (and the reward) on one fresh sample per prompt."""
-    rows = [PromptRecord(p.prompt, p.language, p.fields) for p in pairs]
+    rows = pair_prompts(pairs)
     m = evaluate_policy(policy, reference, tokenizer, [r.prompt for r in rows], prompt_columns(rows), reward,
                         1, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed + step)
     out = {"kl": m["kl"], "kl_per_language": {lang: v["kl"] for lang, v in m["per_language"].items()}}
@@ -256,8 +257,9 @@ def _align_in(cfg: AlignConfig, work: Path, log) -> dict:
     eval_rows = read_prompts(cfg.eval_prompts) if cfg.eval_prompts is not None else None
     if eval_rows is not None and reward is None:
         raise ExpertmixError("--eval-prompts needs a --reward to score the samples")
-    if reward is not None and cfg.method == "rloo":
-        check_reward_fields(reward, train_rows, cfg.prompts)
+    if reward is not None:  # DPO's reward scores its monitoring samples of the pairs' prompts
+        check_reward_fields(reward, train_rows if cfg.method == "rloo" else pair_prompts(train_rows),
+                            cfg.prompts if cfg.method == "rloo" else cfg.prefs)
     if reward is not None and eval_rows is not None:
         check_reward_fields(reward, eval_rows, cfg.eval_prompts)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 
 from ..errors import DataError, ExpertmixError
-from ..experts.data import iter_jsonl_records, language_key, language_names, row_language
+from ..experts.data import iter_jsonl_records, language_codes, language_key, language_names, row_language
 from ..fsutil import write_text_atomic
 from .policy import load_policy, sample_completions, score_samples
 from .rewards import BUILTIN_REWARDS, RewardFn, load_reward, score
@@ -51,6 +51,7 @@ class PreferencePair:
     samples: list[dict] | None = None  # every sampled completion with its score
     fields: dict[str, Any] = field(default_factory=dict)
     language_names: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    line: int = field(default=0, compare=False)  # in the pair file, for errors
 
     def to_json(self) -> dict:
         row = {k: getattr(self, k) for k in PAIR_FIELDS}
@@ -79,7 +80,7 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
     completions start where the targets would.
     """
     path = Path(path)
-    out = []
+    out, rows = [], []
     for i, row in _read_rows(path):
         if "prompt" in row:
             prompt = _string(row, "prompt", path, i)
@@ -88,12 +89,26 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
         else:
             raise DataError(f"{path} line {i}: no field 'prompt' or 'inputs' "
                             f"(fields: {', '.join(sorted(row))})")
-        skip = {"prompt", "inputs", "targets", "language", "language_code", *PAIR_FIELDS}
+        skip = {"prompt", "inputs", "targets", "language", *PAIR_FIELDS}
         out.append(PromptRecord(prompt, row_language(row), {k: v for k, v in row.items() if k not in skip}, line=i,
                                 language_names=language_names(row)))
+        rows.append(row)
     if not out:
         raise DataError(f"{path}: no prompts (the file is empty)")
-    return out
+    return _with_codes(out, rows)
+
+
+def _with_codes(records: list, rows: list[dict]) -> list:
+    """Records whose row names its language without a code take the code other rows give that name (``German``
+    joins ``deu``), so per-language results have one group per language, as ``eval``'s do."""
+    codes = language_codes(rows)
+    return [replace(r, language=codes.get(language_key(r.language), r.language)) if r.language is not None else r
+            for r in records]
+
+
+def pair_prompts(pairs: Sequence[PreferencePair]) -> list[PromptRecord]:
+    """The prompts of preference pairs, as rewards score them (with their lines, for errors)."""
+    return [PromptRecord(p.prompt, p.language, p.fields, line=p.line) for p in pairs]
 
 
 def write_prompts(path: str | Path, records: Sequence[PromptRecord]) -> None:
@@ -141,15 +156,16 @@ def prompt_columns(records: Sequence[PromptRecord]) -> dict[str, list]:
 def read_preferences(path: str | Path) -> list[PreferencePair]:
     """Pairs from JSONL rows with ``prompt``, ``chosen``, ``rejected`` (and ``language``, scores)."""
     path = Path(path)
-    out = []
+    out, rows = [], []
     for i, row in _read_rows(path):
         texts = [_string(row, key, path, i) for key in ("prompt", "chosen", "rejected")]
-        extra = {k: v for k, v in row.items() if k not in {*PAIR_FIELDS, "language_code"}}
+        extra = {k: v for k, v in row.items() if k not in PAIR_FIELDS}
         out.append(PreferencePair(*texts, row_language(row), row.get("chosen_score"), row.get("rejected_score"),
-                                  row.get("samples"), extra, language_names=language_names(row)))
+                                  row.get("samples"), extra, language_names=language_names(row), line=i))
+        rows.append(row)
     if not out:
         raise DataError(f"{path}: no preference pairs (the file is empty)")
-    return out
+    return _with_codes(out, rows)
 
 
 def write_preferences(path: str | Path, pairs: Sequence[PreferencePair]) -> None:
@@ -209,6 +225,8 @@ def generate_preference_file(policy: str | Path, prompts: str | Path, reward: st
 
     Returns the per-language summary; ``options`` go to :func:`generate_preferences`.
     """
+    if Path(out).exists():  # the prompt file itself, or earlier pairs: never overwritten
+        raise DataError(f"--out {out} already exists; choose another path or remove it")
     records = filter_languages(read_prompts(prompts), languages, prompts)
     reward_fn = load_reward(reward)
     check_reward_fields(reward_fn, records, prompts)

@@ -68,8 +68,14 @@ def char_script(ch: str) -> str | None:
 
 
 def script_counts(text: str) -> Counter[str]:
-    """How many letters of ``text`` belong to each script."""
-    return Counter(s for s in map(char_script, text) if s is not None)
+    """How many letters of ``text`` belong to each script (after NFKC: half-width katakana is katakana, full-width
+    Latin is Latin)."""
+    return Counter(s for s in map(char_script, unicodedata.normalize("NFKC", text)) if s is not None)
+
+
+def folded(text: str) -> str:
+    """``text`` as keyword matching compares it: NFKC (a composed 'é' and 'e' + accent are one) and casefolded."""
+    return unicodedata.normalize("NFKC", text).casefold()
 
 
 def language_scripts(language: str | None, prompt: str = "") -> frozenset[str]:
@@ -109,7 +115,7 @@ def script_reward(prompts: Sequence[str], completions: Sequence[str], **columns)
 
 
 def keyword_reward(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
-    """1 when the reply repeats the prompt's ``keyword`` field (case-insensitive), else 0."""
+    """1 when the reply repeats the prompt's ``keyword`` field (case- and normalisation-insensitive), else 0."""
     keywords = columns.get("keyword")
     if keywords is None:
         raise ExpertmixError("the keyword reward needs a 'keyword' field on every prompt")
@@ -118,7 +124,7 @@ def keyword_reward(prompts: Sequence[str], completions: Sequence[str], **columns
         if not isinstance(kw, str) or not kw:
             raise ExpertmixError(f"prompt {i}: the keyword reward needs a non-empty 'keyword' field, "
                                  f"got {kw!r}")
-        out.append(1.0 if kw.casefold() in c.casefold() else 0.0)
+        out.append(1.0 if folded(kw) in folded(c) else 0.0)
     return out
 
 
@@ -126,21 +132,53 @@ def multilingual_reward(prompts: Sequence[str], completions: Sequence[str], **co
     """Half for replying in the prompt language's script, half for repeating its keyword (when it has one)."""
     script = script_reward(prompts, completions, **columns)
     keywords = _column(columns, "keyword", len(prompts))
-    return [s if not kw else 0.5 * s + 0.5 * (1.0 if kw.casefold() in c.casefold() else 0.0)
+    return [s if not kw else 0.5 * s + 0.5 * (1.0 if folded(str(kw)) in folded(c) else 0.0)
             for s, c, kw in zip(script, completions, keywords, strict=True)]
 
 
-_EXPR = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=?\s*$")
+# The expression that ends a prompt: integers joined by + - *, on its last line (``10 - 3 - 2 =``).
+_EXPR = re.compile(r"-?\d+(?:[ \t]*[-+*][ \t]*-?\d+)+[ \t]*=?[ \t]*$")
+_TERM = re.compile(r"[ \t]*(-?\d+)[ \t]*([-+*]|=?[ \t]*$)")
 _INT = re.compile(r"-?\d+")
 
 
 def arithmetic_answer(prompt: str) -> int | None:
-    """The value of the ``a OP b`` expression that ends the prompt (``12 + 30 =``), or None."""
+    """The value of the expression that ends the prompt (``12 + 30 =``, ``10 - 3 - 2 =``; ``*`` before ``+``/``-``),
+    or None."""
     m = _EXPR.search(prompt.strip())
     if not m:
         return None
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    return a + b if op == "+" else a - b if op == "-" else a * b
+    numbers, ops = [], []
+    for term in _TERM.finditer(m.group()):
+        numbers.append(int(term.group(1)))
+        if term.group(2) in "+-*" and term.group(2):
+            ops.append(term.group(2))
+    total, product = 0, numbers[0]
+    sign = 1
+    for op, n in zip(ops, numbers[1:], strict=True):
+        if op == "*":
+            product *= n
+        else:
+            total += sign * product
+            sign, product = (1 if op == "+" else -1), n
+    return total + sign * product
+
+
+def expected_answer(answer: object, prompt: str, i: int) -> int:
+    """The integer a prompt's reply must give: its ``answer`` field (an integer, or text of one), else the value of
+    the expression that ends the prompt."""
+    if answer is None:
+        value = arithmetic_answer(prompt)
+        if value is None:
+            raise ExpertmixError(f"prompt {i}: no 'answer' field and no 'a + b =' expression at its end: "
+                                 f"{prompt[-40:]!r}")
+        return value
+    if isinstance(answer, bool) or (isinstance(answer, float) and not answer.is_integer()):
+        raise ExpertmixError(f"prompt {i}: field 'answer' must be an integer, got {answer!r}")
+    try:
+        return int(answer.strip()) if isinstance(answer, str) else int(answer)
+    except (TypeError, ValueError):
+        raise ExpertmixError(f"prompt {i}: field 'answer' must be an integer, got {answer!r}") from None
 
 
 def arithmetic_reward(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
@@ -152,10 +190,7 @@ def arithmetic_reward(prompts: Sequence[str], completions: Sequence[str], **colu
     answers = _column(columns, "answer", len(prompts))
     out = []
     for i, (p, c, ans) in enumerate(zip(prompts, completions, answers, strict=True)):
-        expected = int(ans) if ans is not None else arithmetic_answer(p)
-        if expected is None:
-            raise ExpertmixError(f"prompt {i}: no 'answer' field and no 'a + b =' expression at its end: "
-                                 f"{p[-40:]!r}")
+        expected = expected_answer(ans, p, i)
         m = _INT.search(c)
         if m is None:
             out.append(0.0)

@@ -234,6 +234,10 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
     if out_path.suffix.lower() not in JSONL_SUFFIXES:  # read back as plain text, the rows would be one document
         raise DataError(f"--out {out_path}: prune writes the kept rows as JSONL (whole, with their fields); give a "
                         f".jsonl path")
+    scores_path = scores_path_for(out_path)
+    if scores_path.exists():  # the scores go beside --out: never over another file (the data itself, even)
+        raise DataError(f"{scores_path} already exists (prune writes --out's scores there); choose another --out "
+                        f"or remove it")
     docs = read_documents(data_path, text_field=text_field)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
@@ -244,7 +248,6 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
         raise ExpertmixError(f"cannot load the reference model from {reference_model_dir}: {exc}") from exc
     kept, records = prune_documents(docs, model, tokenizer, spec, max_tokens=max_tokens,
                                     batch_size=batch_size, progress=progress)
-    scores_path = scores_path_for(out_path)
     write_scores(scores_path, records)
     _write_jsonl(out_path, [document_record(d) for d in kept])
     scored = [r["perplexity"] for r in records if r["perplexity"] is not None]
