@@ -857,16 +857,24 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
 
 # -- federated training (Flower) --------------------------------------------------------------------
 
-def _parse_nodes(values: tuple[str, ...]):
+def _parse_nodes(values: tuple[str, ...], valid_values: tuple[str, ...] = ()):
     from .server.local_federation import LocalNode
 
-    nodes = []
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"{v!r}: use NAME=PATH", param_hint="--node")
-        nodes.append(LocalNode(name=name, data=Path(path)))
-    return nodes
+    def pairs(items: tuple[str, ...], hint: str) -> list[tuple[str, str]]:
+        out = []
+        for v in items:
+            name, sep, path = v.partition("=")
+            if not sep or not name or not path:
+                raise click.BadParameter(f"{v!r}: use NAME=PATH", param_hint=hint)
+            out.append((name, path))
+        return out
+
+    nodes = pairs(values, "--node")
+    valid = dict(pairs(valid_values, "--node-valid"))
+    if unknown := sorted(set(valid) - {n for n, _ in nodes}):
+        raise click.BadParameter(f"{', '.join(unknown)}: no --node of that name", param_hint="--node-valid")
+    return [LocalNode(name=name, data=Path(path), valid=Path(valid[name]) if name in valid else None)
+            for name, path in nodes]
 
 
 @main.command()
@@ -874,6 +882,8 @@ def _parse_nodes(values: tuple[str, ...]):
 @click.option("--domain", required=True, help="Domain name recorded in the card.")
 @click.option("--node", "nodes", multiple=True, metavar="NAME=PATH",
               help="A local node and its private data (repeatable; one SuperNode each).")
+@click.option("--node-valid", "node_valid", multiple=True, metavar="NAME=PATH",
+              help="A node's validation data (default: a --valid-fraction of its data is held out).")
 @click.option("--work-dir", required=True, type=click.Path(path_type=Path),
               help="Coordinator folder: checkpoints, logs, Flower state; rerunning resumes from the last round.")
 @click.option("--name", default=None, help="Expert name (NAME or ORG/NAME); default: the domain.")
@@ -924,14 +934,16 @@ def _parse_nodes(values: tuple[str, ...]):
 @click.option("--app-only", is_flag=True,
               help="Only write the Flower app (WORK_DIR/app) for a real deployment, and print how to run it.")
 @_registry_option
-def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
+def federate(base, domain, nodes, node_valid, work_dir, name, base_id, kind, rounds, local_steps, strategy, proximal_mu,
              server_lr, server_momentum, fraction_train, fraction_evaluate, min_nodes, evaluate_every, round_timeout,
              seq_len, batch_size, batch_split, grad_accum, lr, lr_schedule, warmup, keep_optimizer, local_warmup,
              valid_fraction, lora_r, embedder,
              dp_clip, dp_noise, seed,
              out, no_publish, threads_per_node, debug_dir, app_only, registry):
     """Train one expert across nodes with Flower: a local SuperLink, a SuperNode per --node, flwr run."""
+    from .checkpoints import require_context, require_float_weights
     from .client.settings import FederationConfig
+    from .hub.repo import validate_name
     from .server.local_federation import LocalFederation, run_local_federation, write_app
 
     cfg = FederationConfig.from_run_config(dict(
@@ -946,14 +958,24 @@ def federate(base, domain, nodes, work_dir, name, base_id, kind, rounds, local_s
         fraction_evaluate=fraction_evaluate, min_nodes=min_nodes, round_timeout=round_timeout,
         evaluate_every=evaluate_every, lora_r=lora_r, embedder=embedder, seed=seed, dp_clip=dp_clip,
         dp_noise=dp_noise, out=str(out.resolve()) if out else "", registry=registry or "", publish=not no_publish))
-    if app_only:
+    if app_only:  # checked here as far as this machine can: the deployment runs the app with its own files
+        validate_name(cfg.expert_name)
+        if node_valid:
+            raise click.UsageError("--node-valid names local nodes; a deployment's node gives 'valid' in its "
+                                   "node config")
+        if (base / "config.json").is_file():
+            require_float_weights(base, "federated training")
+            require_context(base, seq_len)
+        else:
+            _log(f"note: the seed {base} is not on this machine; the coordinator must have it at that path")
         app = write_app(work_dir / "app", cfg)
         stdout.print(f"Flower app written to {app}\nstart it on the coordinator with: flwr run {app} <superlink>",
                      highlight=False)
         return
     if not nodes:
         raise click.UsageError("give the local nodes with --node NAME=PATH (or --app-only for a deployment)")
-    result = run_local_federation(LocalFederation(cfg, _parse_nodes(nodes), threads_per_node=threads_per_node,
+    result = run_local_federation(LocalFederation(cfg, _parse_nodes(nodes, node_valid),
+                                                  threads_per_node=threads_per_node,
                                                   debug_dir=debug_dir.resolve() if debug_dir else None), log=_log)
     stdout.print(f"expert written to {result['expert']}" +
                  (f"; published {result['published']}" if result["published"] else ""), highlight=False)

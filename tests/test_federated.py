@@ -115,6 +115,10 @@ def test_federation_finishes_when_a_node_dies_mid_round_and_the_node_rejoins(fed
     assert f"round 1: {history[0]['errors'][0]}; continuing with the other nodes" in federation["log"]
     assert sorted(r["name"] for r in history[1]["nodes"]) == ["n0", "n1", "n2"]  # it came back and rejoined
     assert "published prose@" in federation["log"]
+    # output to a file shows no progress bar: each round still gets its line
+    assert "round 1/2 done: 2 node(s)" in federation["log"] and "round 2/2 done: 3 node(s)" in federation["log"]
+    # no node's optimizer moments outlive the federation (they weigh twice the weights)
+    assert not list((federation["work"] / "cache" / "optimizer").glob("*.safetensors"))
 
 
 def _sent(debug: Path, name: str, rnd: int) -> tuple[float, dict[str, torch.Tensor]]:

@@ -280,7 +280,8 @@ def test_a_failing_node_is_named_and_recorded_and_fewer_nodes_than_min_nodes_are
     for h in history:
         assert sorted(r["name"] for r in h["nodes"]) == ["n0", "n1"] and h["aggregated"]
         assert h["errors"] == [f"node n2: {broken['n2']}: need at least 2 documents to hold out validation data "
-                               f"(or pass --valid FILE)"]
+                               f"(or give the node a validation file: 'valid' in its node config, or --node-valid "
+                               f"NAME=FILE locally)"]
     rounds_log = read_card(result["expert"]).expert.federation["rounds_log"]
     assert [r["failed"] for r in rounds_log] == [h["errors"] for h in history]
 
@@ -291,6 +292,68 @@ def test_a_failing_node_is_named_and_recorded_and_fewer_nodes_than_min_nodes_are
     assert not any(h["aggregated"] for h in json.loads((tmp_path / "strict" / "work" / "state.json").read_text())[
         "history"])
     assert not (tmp_path / "strict" / "work" / "result.json").exists()
+
+
+def test_a_coordinator_that_fails_records_why_for_the_local_command_to_say_in_one_line(tmp_path, llama_seed,
+                                                                                       shards, home):
+    """Flower prints the ServerApp's traceback in its own log; the local coordinator shows the recorded reason."""
+    from flwr.app import Context
+
+    from expertmix.server.federation import main as server_main
+    from expertmix.server.federation_state import FederationStore
+
+    empty = {name: path.with_name(f"{name}-empty.jsonl") for name, path in shards.items()}
+    for path in empty.values():
+        path.write_text("")
+    cfg, nodes = _setup(tmp_path, llama_seed, empty, home, rounds=1)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat())
+    with pytest.raises(ExpertmixError, match="round 1: no node returned an update"):
+        server_main(InProcessGrid(cfg.to_flat(), nodes), ctx)
+    failure = FederationStore(cfg.work_dir).failure()
+    assert failure.startswith("round 1: no node returned an update (node ") and "no documents" in failure
+    assert all(f"node {n}: " in failure for n in shards)
+
+
+def test_a_federation_resumes_from_a_copied_work_folder_and_not_with_fewer_rounds_than_done(tmp_path, llama_seed,
+                                                                                         shards, home):
+    import shutil
+
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=3)
+    with pytest.raises(KeyboardInterrupt):  # stopped in round 3: two rounds done
+        run_federation(InProcessGrid(cfg.to_flat(), nodes, fail_on_train_call=3), cfg)
+    fewer, _ = _setup(tmp_path, llama_seed, shards, home, rounds=1)
+    with pytest.raises(ExpertmixError, match="--rounds 1: the federation in .* has done 2 rounds already; give at "
+                                             "least 2"):
+        run_federation(InProcessGrid(fewer.to_flat(), nodes), fewer)
+    shutil.copytree(tmp_path / "work", tmp_path / "restored")  # a backup restored elsewhere resumes where it is
+    moved, _ = _setup(tmp_path, llama_seed, shards, home, rounds=3, work_dir=str(tmp_path / "restored"))
+    grid = InProcessGrid(moved.to_flat(), nodes)
+    run_federation(grid, moved)
+    first = next(m for m in grid.sent if m.metadata.message_type == "train")
+    assert first.content["config"]["server-round"] == 3
+
+
+def test_federate_refuses_bad_node_names_an_existing_out_and_unknown_node_valid_before_starting(tmp_path,
+                                                                                               llama_seed, shards,
+                                                                                               home):
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+
+    res = _federate_cli(tmp_path, llama_seed, {**shards, "../x": shards["n0"]})
+    assert res.exit_code == 1 and "--node '../x': a node name uses letters" in " ".join(res.output.split())
+    (tmp_path / "taken").mkdir()
+    res = _federate_cli(tmp_path, llama_seed, shards, "--out", str(tmp_path / "taken"))
+    assert res.exit_code == 1 and f"--out {tmp_path / 'taken'} already exists" in " ".join(res.output.split())
+    res = _federate_cli(tmp_path, llama_seed, shards, "--node-valid", f"nobody={shards['n0']}")
+    assert res.exit_code == 2 and "nobody: no --node of that name" in " ".join(res.output.split())
+    assert not (tmp_path / "x.toml").exists() and not (tmp_path / "work" / "logs").exists()
+    res = CliRunner().invoke(main, ["federate", "--app-only", "--base", str(llama_seed), "--domain", "d",
+                                    "--name", "bad name!", "--work-dir", str(tmp_path / "app-only")])
+    assert res.exit_code == 1 and "invalid expert name 'bad name!'" in res.output
+    res = CliRunner().invoke(main, ["federate", "--base", str(llama_seed), "--domain", "d", "--work-dir",
+                                    str(tmp_path / "w2"), "--dp-noise", "0.5", "--node", f"a={shards['n0']}"])
+    assert res.exit_code == 1 and "key ''" not in res.output and "dp-noise needs dp-clip" in res.output
 
 
 def test_run_config_errors_name_the_key(tmp_path):
@@ -371,19 +434,25 @@ def test_node_local_steps_take_the_rates_of_the_central_schedule(tmp_path, llama
 
     class Seen(TrainerCallback):
         rates: list[float] = []
+        logged: list[float] = []
 
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             self.rates.append(optimizer.param_groups[0]["lr"])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "learning_rate" in logs:
+                self.logged.append(logs["learning_rate"])
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(llama_seed)
     blocks = pack(tokenize_documents(read_documents(shards["n1"]), AutoTokenizer.from_pretrained(llama_seed)), 32)
     settings = TrainSettings(max_steps=4, batch_size=2, learning_rate=5.0, warmup_ratio=0.0, lr_scheduler="constant",
-                             save_steps=0, progress=False)
+                             save_steps=0, logging_steps=1, progress=False)
     fit(model, blocks, None, settings, tmp_path / "fit",
         callbacks=[LocalOptimizerState(model, lambda i: cfg.local_lr(2, i)), Seen()])
     assert Seen.rates == pytest.approx(central[4:8])  # round 2's slice of the federation's schedule
+    assert Seen.logged == pytest.approx(central[4:8])  # and the node's log says so (not the Trainer's constant 5.0)
 
 
 def _federate_cli(tmp_path, seed, shards, *extra: str):

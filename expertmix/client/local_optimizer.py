@@ -10,6 +10,8 @@ step takes the rate the federation's schedule gives its global step, as central 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,12 @@ from transformers import TrainerCallback
 from .weights import load_state, save_state
 
 logger = logging.getLogger(__name__)
+
+
+def moments_file(cache: Path, federation_id: str, label: str) -> Path:
+    """Where node ``label`` keeps its optimizer moments between the rounds of federation ``federation_id``."""
+    key = hashlib.sha256(json.dumps([federation_id, label]).encode()).hexdigest()[:32]
+    return cache / "optimizer" / f"{key}.safetensors"
 
 
 def _inner(optimizer):
@@ -36,6 +44,7 @@ class LocalOptimizerState(TrainerCallback):
 
     def __init__(self, model: torch.nn.Module, lr_at: Callable[[int], float], path: Path | None = None):
         self.lr_at, self.path = lr_at, path
+        self.lr: float | None = None  # the rate of the step being taken
         self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -45,9 +54,15 @@ class LocalOptimizerState(TrainerCallback):
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:
-            lr = self.lr_at(state.global_step)
+            self.lr = self.lr_at(state.global_step)
             for group in _inner(optimizer).param_groups:
-                group["lr"] = lr
+                group["lr"] = self.lr
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer logs its own (constant) scheduler's rate; the rate the step used is this one.
+        if logs is not None and "learning_rate" in logs and self.lr is not None:
+            logs["learning_rate"] = self.lr
         return control
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):

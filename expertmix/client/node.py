@@ -24,7 +24,7 @@ from ..experts.training import Blocks, TrainSettings, fit, peft_wrap, split_vali
 from ..fsutil import write_json_atomic
 from ..hub.fingerprint import fingerprint_tokenizer, fingerprint_weights, weight_files
 from ..hub.store import expertmix_home
-from .local_optimizer import LocalOptimizerState
+from .local_optimizer import LocalOptimizerState, moments_file
 from .settings import FederationConfig, NodeConfig
 from .weights import load_state, load_travelling_state, save_state, travelling_state
 
@@ -129,7 +129,9 @@ class Node:
         if node.valid or held_out_split(node.data) is not None:  # --valid, else a DatasetDict's held-out split
             train_docs, valid_docs = docs, read_documents(node.valid or node.data, node.text_field or None, role="eval")
         else:
-            train_docs, valid_docs = split_valid(docs, fed.valid_fraction, fed.seed)
+            train_docs, valid_docs = split_valid(docs, fed.valid_fraction, fed.seed,
+                                                 give_valid="give the node a validation file: 'valid' in its node "
+                                                            "config, or --node-valid NAME=FILE locally")
         train = pack(tokenize_documents(train_docs, self.tokenizer), fed.seq_len)
         valid = pack(tokenize_documents(valid_docs, self.tokenizer), fed.seq_len, drop_last=False)
         embedder = load_embedder(fed.embedder, self.base)
@@ -194,7 +196,7 @@ class Node:
 
     def optimizer_file(self, federation_id: str) -> Path:
         """Where this node keeps its optimizer moments between the rounds of one federation."""
-        return self.cache / "optimizer" / f"{_key(federation_id, self.label)}.safetensors"
+        return moments_file(self.cache, federation_id, self.label)
 
     def evaluate(self, received: dict[str, torch.Tensor]) -> dict[str, float | int]:
         """Validation loss of the received global state on the local validation blocks, weighted by tokens."""

@@ -22,7 +22,8 @@ K = TypeVar("K")
 
 # What must not change when a restarted server resumes from its checkpoint (the rest may: more rounds, a longer
 # timeout, another registry).
-RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout", "evaluate_every", "registry", "publish", "out"})
+RESUMABLE_CHANGES = frozenset({"rounds", "round_timeout", "evaluate_every", "registry", "publish", "out",
+                               "work_dir"})  # a work folder restored from a backup or moved resumes where it is
 
 
 class _Config(BaseModel):
@@ -39,7 +40,8 @@ class _Config(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            parts = [f"key '{'.'.join(str(x) for x in e['loc']).replace('_', '-')}': {e['msg']}" for e in exc.errors()]
+            parts = [(f"key '{'.'.join(str(x) for x in e['loc']).replace('_', '-')}': " if e["loc"] else "")
+                     + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
             raise ExpertmixError(f"{what}: {'; '.join(parts)}") from exc
 
     def to_flat(self) -> dict[str, Any]:

@@ -452,11 +452,13 @@ def _with_defaults(previous: dict, defaults: dict, current: dict) -> dict:
     return out
 
 
-def split_valid(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Hold out a reproducible random ``fraction`` of documents (at least one) for validation."""
+def split_valid(docs: list[Document], fraction: float, seed: int,
+                give_valid: str = "pass --valid FILE") -> tuple[list[Document], list[Document]]:
+    """Hold out a reproducible random ``fraction`` of documents (at least one) for validation; ``give_valid`` says
+    how the caller's user gives a validation file instead."""
     if len(docs) < 2:
         raise ExpertmixError(f"{docs[0].source if docs else 'data'}: need at least 2 documents to hold out "
-                             f"validation data (or pass --valid FILE)")
+                             f"validation data (or {give_valid})")
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_valid = max(1, round(fraction * len(docs)))

@@ -43,7 +43,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls on the coordinator (``flwr run``)."""
-    run_federation(grid, FederationConfig.from_run_config(dict(context.run_config)))
+    cfg = FederationConfig.from_run_config(dict(context.run_config))
+    try:
+        run_federation(grid, cfg)
+    except ExpertmixError as exc:  # the coordinator (local mode) shows it as one line instead of Flower's dump
+        FederationStore(cfg.work_dir).record_failure(str(exc))
+        raise
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
@@ -167,6 +172,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     if (done := store.result()) is not None:
         raise ExpertmixError(f"the federation in {cfg.work_dir} has already finished (expert at {done['expert']}); "
                              f"choose another work-dir")
+    store.clear_failure()
     validate_name(cfg.expert_name)
     model, tokenizer = _seed_model(cfg)
     signature = model_signature(cfg.base)

@@ -6,6 +6,7 @@ Layout of ``WORK``::
     state.json                     settings key, rounds done, the round log, node summaries, the checkpoint
     checkpoints/round-0003.safetensors   the global state after round 3 (the last two are kept)
     result.json                    written last: where the expert is and what was published
+    failure.json                   why the last run stopped without an expert (cleared when a run starts)
 
 Each file is replaced atomically and the weights are written before ``state.json`` points at them, so a
 server killed at any moment leaves either the previous round's checkpoint or the new one.
@@ -26,7 +27,7 @@ from ..errors import ExpertmixError
 from ..experts.training import changed_settings
 from ..fsutil import write_json_atomic
 
-STATE_FILE, RESULT_FILE, CHECKPOINTS = "state.json", "result.json", "checkpoints"
+STATE_FILE, RESULT_FILE, FAILURE_FILE, CHECKPOINTS = "state.json", "result.json", "failure.json", "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 
@@ -80,6 +81,9 @@ class FederationStore:
             what = f" (differs in: {', '.join(changed_settings(record.settings, now))})" if record.settings else ""
             raise ExpertmixError(f"{path}: this work folder holds a federation started with other settings{what}; "
                                  f"rerun it with those, use another --work-dir, or delete {self.root} to start over")
+        if cfg.rounds < record.rounds_done:  # it would end without its last round's evaluation and cleanup
+            raise ExpertmixError(f"--rounds {cfg.rounds}: the federation in {self.root} has done {record.rounds_done} "
+                                 f"rounds already; give at least {record.rounds_done}")
         return record
 
     def save_round(self, record: FederationRecord, state: dict[str, torch.Tensor],
@@ -117,3 +121,17 @@ class FederationStore:
 
     def result(self) -> dict | None:
         return json.loads(self.result_file.read_text()) if self.result_file.is_file() else None
+
+    def record_failure(self, message: str) -> None:
+        """Why the run stopped without an expert, for the coordinator to show as one line."""
+        write_json_atomic(self.root / FAILURE_FILE, {"error": message})
+
+    def failure(self) -> str | None:
+        path = self.root / FAILURE_FILE
+        try:
+            return json.loads(path.read_text())["error"] if path.is_file() else None
+        except (ValueError, KeyError):
+            return None
+
+    def clear_failure(self) -> None:
+        (self.root / FAILURE_FILE).unlink(missing_ok=True)

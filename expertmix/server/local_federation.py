@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ import psutil
 import tomli_w
 
 from ..checkpoints import require_context, require_float_weights
+from ..client.local_optimizer import moments_file
 from ..client.settings import FederationConfig, NodeConfig
 from ..errors import ExpertmixError
 from ..fsutil import lock_folder, release_folder, write_json_atomic, write_text_atomic
@@ -40,6 +42,7 @@ from ..hub.repo import validate_name
 from .federation_state import FederationStore
 
 SUPERLINK_NAME = "expertmix-local"
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SERVERAPP, CLIENTAPP = "expertmix.server.federation:app", "expertmix.client.app:app"
 
 
@@ -275,6 +278,10 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
     if len(fed.nodes) < cfg.min_nodes:
         raise ExpertmixError(f"{len(fed.nodes)} node(s) given but the run config asks for min-nodes={cfg.min_nodes}")
     names = [n.name for n in fed.nodes]
+    for name in names:
+        if not NODE_NAME_RE.match(name) or ".." in name:
+            raise ExpertmixError(f"--node {name!r}: a node name uses letters, digits, '.', '_' and '-' (it names the "
+                                 f"node's log and config files)")
     if len(set(names)) != len(names):
         raise ExpertmixError(f"node names must be unique, got {names}")
     validate_name(cfg.expert_name)
@@ -283,6 +290,8 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
     for n in fed.nodes:
         if not Path(n.data).exists():
             raise ExpertmixError(f"node {n.name}: data {n.data} does not exist")
+        if n.valid is not None and not Path(n.valid).exists():
+            raise ExpertmixError(f"node {n.name}: validation data {n.valid} does not exist")
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     lock_folder(work)  # one coordinator per work folder: a second would run a second federation into it
@@ -300,6 +309,11 @@ def _run_locked(fed: LocalFederation, work: Path, log: Callable[[str], None], pr
         raise ExpertmixError(f"the federation in {work} has already finished (expert at {done['expert']}); "
                              f"choose another --work-dir")
     store.check(cfg)  # other settings are refused here, before any process starts or any file is rewritten
+    done = store.state() or {}
+    if cfg.out_dir.exists() and not done.get("expert"):  # refused now, not after every round has trained
+        raise ExpertmixError(f"--out {cfg.out_dir} already exists; choose another --out or remove it")
+    if done.get("rounds_done"):
+        log(f"resuming the federation in {work} after round {done['rounds_done']} of {cfg.rounds}")
     flwr_home, logs = work / "flower", work / "logs"
     flwr_home.mkdir(parents=True, exist_ok=True)
     stop_stale_processes(flwr_home, log)
@@ -326,14 +340,41 @@ def _run_locked(fed: LocalFederation, work: Path, log: Callable[[str], None], pr
                 on_started(procs)
             run = procs.start("flwr-run", [_tool("flwr"), "run", str(app_dir), SUPERLINK_NAME, "--stream"])
             _watch(procs, run, work, cfg, progress, log)
-            result = FederationStore(work).result()
+            result = store.result()
             if result is None:
+                if (failure := store.failure()) is not None:  # the ServerApp's own reason, as one line
+                    raise ExpertmixError(f"{failure} (Flower's log: {logs / 'flwr-run.log'})")
                 raise ExpertmixError(f"the federation ended without an expert (flwr run exited with code "
                                      f"{run.returncode}); last lines of {logs / 'flwr-run.log'}:\n"
                                      f"{procs.log_tail('flwr-run', 40)}")
+            drop_moments(fed, work, store)
             return result
         finally:
             procs.close()
+
+
+def round_line(entry: dict, rounds: int) -> str:
+    """One round of the federation's record as a console line."""
+    parts = [f"round {entry['round']}/{rounds} done: {len(entry.get('nodes', []))} node(s)"
+             + ("" if entry.get("aggregated", True) else ", not aggregated")]
+    if (loss := entry.get("train", {}).get("train-loss")) is not None:
+        parts.append(f"train loss {float(loss):.4f}")
+    if entry.get("valid_loss_before") is not None:
+        parts.append(f"validation loss of the state sent {entry['valid_loss_before']:.4f}")
+    if (after := (entry.get("evaluate") or {}).get("valid_loss")) is not None:
+        parts.append(f"validation loss after {after:.4f}")
+    return ", ".join(parts)
+
+
+def drop_moments(fed: LocalFederation, work: Path, store: FederationStore) -> None:
+    """Remove the nodes' optimizer moments once the federation is over: a node that missed the last round (it
+    failed, or was not sampled) never removed its own, and they weigh twice the trainable weights."""
+    federation_id = (store.state() or {}).get("federation_id")
+    if federation_id is None:
+        return
+    cache = Path(fed.cache_dir or work / "cache")
+    for node in fed.nodes:
+        moments_file(cache, federation_id, node.name).unlink(missing_ok=True)
 
 
 def stop_stale_processes(flwr_home: Path, log: Callable[[str], None] = print) -> list[int]:
@@ -388,6 +429,7 @@ def _watch(procs: Processes, run: subprocess.Popen, work: Path, cfg: FederationC
             for entry in history[shown:]:
                 for error in entry.get("errors", []):
                     log(f"round {entry['round']}: {error}; continuing with the other nodes (logs: {work / 'logs'})")
+                log(round_line(entry, cfg.rounds))  # also where no progress bar shows (output to a file)
             shown = max(shown, len(history))
 
         while run.poll() is None:
