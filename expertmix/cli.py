@@ -845,7 +845,9 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    table = _table("domain", "perplexity", *report.experts, title="perplexity and routing (share of tokens)")
+    weights = is_lightweight_mix(mix)  # MoV/MoLoRA merge their experts by weight: the share is a mean weight
+    table = _table("domain", "perplexity", *report.experts,
+                   title="perplexity and routing (" + ("mean merging weight" if weights else "share of tokens") + ")")
     for i, d in enumerate(report.domains):
         shares = [f"{float(x):.0%}" for x in report.routing[i]] if report.routing is not None else []
         table.add_row(d, f"{report.perplexity[d]:.2f}", *shares)

@@ -227,13 +227,17 @@ def test_bad_prompt_files_name_the_line_and_field(tmp_path, content, msg):
 def test_preference_pairs_round_trip_with_scores(tmp_path):
     pairs = [PreferencePair("q1", "good", "bad", "ja", 0.9, 0.1, [{"text": "good", "score": 0.9}],
                             {"keyword": "k"}),
-             PreferencePair("q2", "yes", "no")]
+             PreferencePair("q2", "yes", "no"),
+             PreferencePair("q3", "an answer", "", "de", 0.7, 0.0)]  # a sample that stopped at once is a reply
     f = tmp_path / "prefs.jsonl"
     write_preferences(f, pairs)
     back = read_preferences(f)
     assert back == pairs
     with pytest.raises(DataError, match="line 1: no field 'rejected'"):
         f.write_text('{"prompt": "a", "chosen": "b"}\n')
+        read_preferences(f)
+    with pytest.raises(DataError, match="line 1: field 'prompt' must be a non-empty string"):
+        f.write_text('{"prompt": "", "chosen": "b", "rejected": "c"}\n')
         read_preferences(f)
 
 

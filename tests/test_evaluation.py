@@ -22,6 +22,7 @@ from expertmix.assembler.evaluation import (
 from expertmix.assembler.quantization import QuantSpec, quantize_mix
 from expertmix.assembler.upcycling import load_expert, upcycle
 from expertmix.cli import main
+from expertmix.errors import DataError
 from expertmix.experts.training import DataSource
 
 P_REF = [0.4, 0.2, 0.2, 0.2]
@@ -117,6 +118,8 @@ def test_documents_score_aya_targets_given_inputs_and_cut_plain_text_by_bytes(tm
     both = prepare_documents([DataSource("n", named), DataSource("o", name_only)], tokenizer)
     assert [d.language for d in both] == ["deu", "en", "deu", "French"]
     assert [d.language for d in prepare_documents([DataSource("o", name_only)], tokenizer)] == ["german", "French"]
+    with pytest.raises(DataError, match=r"in language\(s\) ja, jpn in .* \(languages there: French, deu, en\)"):
+        prepare_documents([DataSource("n", named), DataSource("o", name_only)], tokenizer, langs=["ja", "jpn"])
     # Without a script field, a language's script is the majority of all its documents' letters.
     ja = tmp_path / "ja.jsonl"
     ja.write_text(json.dumps({"text": "ls --all --long --human", "language": "ja"}) + "\n"

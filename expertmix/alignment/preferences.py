@@ -65,11 +65,13 @@ def _read_rows(path: str | Path):
     return iter_jsonl_records(path)
 
 
-def _string(row: dict, key: str, path: Path, line: int) -> str:
+def _string(row: dict, key: str, path: Path, line: int, empty: bool = False) -> str:
+    """A text field of a row; ``empty``: it may be '' (a reply that stops at once is a reply)."""
     if key not in row:
         raise DataError(f"{path} line {line}: no field '{key}' (fields: {', '.join(sorted(row)) or 'none'})")
-    if not isinstance(row[key], str) or not row[key]:
-        raise DataError(f"{path} line {line}: field '{key}' must be a non-empty string, got {row[key]!r}")
+    if not isinstance(row[key], str) or not (row[key] or empty):
+        raise DataError(f"{path} line {line}: field '{key}' must be a {'' if empty else 'non-empty '}string, "
+                        f"got {row[key]!r}")
     return row[key]
 
 
@@ -158,7 +160,8 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
     path = Path(path)
     out, rows = [], []
     for i, row in _read_rows(path):
-        texts = [_string(row, key, path, i) for key in ("prompt", "chosen", "rejected")]
+        # a sampled reply may be empty (the model stopped at once): DPO learns from it as from any other
+        texts = [_string(row, key, path, i, empty=key != "prompt") for key in ("prompt", "chosen", "rejected")]
         extra = {k: v for k, v in row.items() if k not in PAIR_FIELDS}
         out.append(PreferencePair(*texts, row_language(row), row.get("chosen_score"), row.get("rejected_score"),
                                   row.get("samples"), extra, language_names=language_names(row), line=i))

@@ -242,6 +242,9 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
         log(f"warning: no data source is named after an expert's domain (sources: {', '.join(teacher_of)}; "
             f"domains: {', '.join(e.info.domain for e in experts)}), so nothing is distilled: every source trains "
             f"on its labels. Name each --data NAME=PATH after its expert's domain to distill the experts.")
+    elif unclaimed := [name for name, t in teacher_of.items() if t < 0]:  # a typo ('kode') trains without its expert
+        log(f"warning: --data {', '.join(unclaimed)} names no expert's domain (domains: "
+            f"{', '.join(e.info.domain for e in experts)}): it trains on its labels, not from an expert")
     manifest = read_manifest(init)
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)

@@ -216,7 +216,10 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
         item.script = LATIN if latin >= other else NON_LATIN
     if not out:
         what = f" in language(s) {', '.join(langs)}" if langs else ""
-        raise DataError(f"no documents to evaluate{what} in {', '.join(str(s.path) for s in sources)}")
+        present = sorted({codes.get(language_key(d.language), d.language) if d.language else src.name
+                          for src, docs in read for d in docs})
+        found = f" (languages there: {', '.join(present)})" if langs and present else ""
+        raise DataError(f"no documents to evaluate{what} in {', '.join(str(s.path) for s in sources)}{found}")
     return out
 
 

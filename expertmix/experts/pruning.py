@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from ..checkpoints import require_model_weights
 from ..errors import DataError, ExpertmixError
 from ..fsutil import atomic_path
 from .data import IGNORE_INDEX, JSONL_SUFFIXES, Document, read_documents, tokenize_documents
@@ -238,6 +239,7 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
     if scores_path.exists():  # the scores go beside --out: never over another file (the data itself, even)
         raise DataError(f"{scores_path} already exists (prune writes --out's scores there); choose another --out "
                         f"or remove it")
+    require_model_weights(reference_model_dir, "prune's --reference")  # a folder, not a download: one line
     docs = read_documents(data_path, text_field=text_field)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32

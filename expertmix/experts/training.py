@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoints import require_context, require_float_weights
+from ..checkpoints import require_context, require_float_weights, require_model_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, holds_folder, lock_folder, release_folder, remove_tree, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
@@ -500,6 +500,8 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     if out.exists():  # checked again by cfg.start_work_dir(); here before any model is loaded
         raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
     require_float_weights(cfg.base, "training an expert")
+    if cfg.prune_reference is not None:
+        require_model_weights(cfg.prune_reference, "--prune-reference")
     require_context(cfg.base, cfg.seq_len)
     if not cfg.data:
         raise ExpertmixError("no training data given (--data)")
