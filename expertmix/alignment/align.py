@@ -206,10 +206,9 @@ def last_align_checkpoint(work: Path) -> Path | None:
 
 def load_align_checkpoint(checkpoint: Path, policy, optimizer, device: str) -> tuple[int, dict | None]:
     """Restore the policy's trained tensors, the optimizer and the random state; returns (step, eval_before)."""
-    missing = set(_trained(policy)) - set(trained := load_file(str(checkpoint / "trained.safetensors"), device))
-    if missing or set(trained) - set(_trained(policy)):
-        raise ExpertmixError(f"--resume: {checkpoint} trains other parameters than this run "
-                             f"(e.g. {sorted(missing or set(trained) - set(_trained(policy)))[0]})")
+    trained = load_file(str(checkpoint / "trained.safetensors"), device)
+    if differ := sorted(set(_trained(policy)) ^ set(trained)):
+        raise ExpertmixError(f"--resume: {checkpoint} trains other parameters than this run (e.g. {differ[0]})")
     policy.load_state_dict(trained, strict=False)
     state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 
 from ..errors import DataError, ExpertmixError
-from ..experts.data import iter_jsonl_records, language_codes, language_key, language_names, row_language
+from ..experts.data import iter_jsonl_records, language_key, language_names, row_language, with_language_codes
 from ..fsutil import write_text_atomic
 from .policy import load_policy, sample_completions, score_samples
 from .rewards import BUILTIN_REWARDS, RewardFn, load_reward, score
@@ -97,15 +97,7 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
         rows.append(row)
     if not out:
         raise DataError(f"{path}: no prompts (the file is empty)")
-    return _with_codes(out, rows)
-
-
-def _with_codes(records: list, rows: list[dict]) -> list:
-    """Records whose row names its language without a code take the code other rows give that name (``German``
-    joins ``deu``), so per-language results have one group per language, as ``eval``'s do."""
-    codes = language_codes(rows)
-    return [replace(r, language=codes.get(language_key(r.language), r.language)) if r.language is not None else r
-            for r in records]
+    return with_language_codes(out, rows)  # a row naming only 'German' joins 'deu', as in eval
 
 
 def pair_prompts(pairs: Sequence[PreferencePair]) -> list[PromptRecord]:
@@ -168,7 +160,7 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
         rows.append(row)
     if not out:
         raise DataError(f"{path}: no preference pairs (the file is empty)")
-    return _with_codes(out, rows)
+    return with_language_codes(out, rows)
 
 
 def write_preferences(path: str | Path, pairs: Sequence[PreferencePair]) -> None:

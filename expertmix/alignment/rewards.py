@@ -151,7 +151,7 @@ def arithmetic_answer(prompt: str) -> int | None:
     numbers, ops = [], []
     for term in _TERM.finditer(m.group()):
         numbers.append(int(term.group(1)))
-        if term.group(2) in "+-*" and term.group(2):
+        if term.group(2) in ("+", "-", "*"):  # the last term ends in '=' or nothing
             ops.append(term.group(2))
     total, product = 0, numbers[0]
     sign = 1

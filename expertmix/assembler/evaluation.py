@@ -19,7 +19,7 @@ import math
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -33,11 +33,11 @@ from ..experts.adapter import is_adapter_folder, load_adapter_expert
 from ..experts.data import (
     IGNORE_INDEX,
     Document,
-    language_codes,
     language_key,
     language_names,
     read_documents,
     tokenize_documents,
+    with_language_codes,
 )
 from ..fsutil import save_figure, write_json_atomic
 
@@ -189,10 +189,9 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
     letters: dict[str, list[int]] = {}  # language -> [Latin, other] letters of documents that declare no script
     undeclared: list[EvalDoc] = []
     read = [(src, read_documents(src.path, text_field, role="eval")) for src in sources]
-    codes = language_codes(d.record for _, docs in read for d in docs)
+    rows = [d.record for _, docs in read for d in docs]
+    read = [(src, with_language_codes(docs, rows)) for src, docs in read]
     for src, docs in read:
-        docs = [d if d.language is None or language_key(d.language) not in codes
-                else replace(d, language=codes[language_key(d.language)]) for d in docs]
         docs = select_documents(docs, langs, max_bytes, default_language=src.name)
         tokenized = tokenize_documents(docs, tokenizer, add_eos=False)
         for doc, tok in zip(docs, tokenized, strict=True):
@@ -216,8 +215,7 @@ def prepare_documents(sources: Sequence, tokenizer, text_field: str | None = Non
         item.script = LATIN if latin >= other else NON_LATIN
     if not out:
         what = f" in language(s) {', '.join(langs)}" if langs else ""
-        present = sorted({codes.get(language_key(d.language), d.language) if d.language else src.name
-                          for src, docs in read for d in docs})
+        present = sorted({d.language or src.name for src, docs in read for d in docs})
         found = f" (languages there: {', '.join(present)})" if langs and present else ""
         raise DataError(f"no documents to evaluate{what} in {', '.join(str(s.path) for s in sources)}{found}")
     return out

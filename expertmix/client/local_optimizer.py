@@ -24,10 +24,14 @@ from .weights import load_state, save_state
 logger = logging.getLogger(__name__)
 
 
+def cache_key(*parts) -> str:
+    """A short stable name for a node's cache entry made of ``parts`` (data stamps, a federation id...)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def moments_file(cache: Path, federation_id: str, label: str) -> Path:
     """Where node ``label`` keeps its optimizer moments between the rounds of federation ``federation_id``."""
-    key = hashlib.sha256(json.dumps([federation_id, label]).encode()).hexdigest()[:32]
-    return cache / "optimizer" / f"{key}.safetensors"
+    return cache / "optimizer" / f"{cache_key(federation_id, label)}.safetensors"
 
 
 def _inner(optimizer):

@@ -8,7 +8,6 @@ domain embedding, the seed's fingerprint) is cached on the node, keyed by the fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -24,7 +23,7 @@ from ..experts.training import Blocks, TrainSettings, fit, peft_wrap, split_vali
 from ..fsutil import write_json_atomic
 from ..hub.fingerprint import fingerprint_tokenizer, fingerprint_weights, weight_files
 from ..hub.store import expertmix_home
-from .local_optimizer import LocalOptimizerState, moments_file
+from .local_optimizer import LocalOptimizerState, cache_key, moments_file
 from .settings import FederationConfig, NodeConfig
 from .weights import load_state, load_travelling_state, save_state, travelling_state
 
@@ -60,10 +59,6 @@ def _files_stamp(path: Path) -> list:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 class Node:
     """One node's view of the federation: its config, the seed it trains from, its data (loaded lazily)."""
 
@@ -84,7 +79,7 @@ class Node:
     def base_fingerprint(self) -> str:
         """The seed's weight fingerprint, cached by its files' sizes and times (hashing a big seed is slow)."""
         stamp = [_files_stamp(p) for p in weight_files(self.base)]
-        path = self.cache / "fingerprints" / f"{_key(str(self.base.resolve()), stamp)}.json"
+        path = self.cache / "fingerprints" / f"{cache_key(str(self.base.resolve()), stamp)}.json"
         if path.is_file():
             return json.loads(path.read_text())["fingerprint"]
         fp = fingerprint_weights(self.base)
@@ -106,7 +101,7 @@ class Node:
         """Tokenized, packed blocks of the node's data and its summary; built once, then read from the cache."""
         fed, node = self.fed, self.node
         valid_stamp = _files_stamp(Path(node.valid)) if node.valid else None
-        key = _key("node-data-v1", _files_stamp(Path(node.data)), valid_stamp, node.text_field, fed.seq_len,
+        key = cache_key("node-data-v1", _files_stamp(Path(node.data)), valid_stamp, node.text_field, fed.seq_len,
                    fed.valid_fraction, fed.seed, fed.embedder, fed.embed_sample,
                    fingerprint_tokenizer(self.tokenizer), str(self.base.resolve()))
         blocks_file, meta_file = self.cache / "data" / f"{key}.safetensors", self.cache / "data" / f"{key}.json"

@@ -9,8 +9,9 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -40,6 +41,7 @@ class Document:
         return f"{self.prompt}\n{self.text}" if self.prompt is not None else self.text
 
 
+L = TypeVar("L")
 LANGUAGE_FIELDS = ("language_code", "language")  # Aya rows carry both ("deu", "German"); the code comes first
 BOM = b"\xef\xbb\xbf"
 # Formats a folder may hold that expertmix does not read: refused by name rather than skipped in silence.
@@ -68,6 +70,14 @@ def language_codes(rows: Iterable[dict | None]) -> dict[str, str]:
         if row and row.get("language") is not None and row.get("language_code") is not None:
             codes.setdefault(language_key(row["language"]), str(row["language_code"]))
     return codes
+
+
+def with_language_codes(items: list[L], rows: Iterable[dict | None]) -> list[L]:
+    """``items`` (records with a ``language``) whose language is a name that ``rows`` give a code for, with that
+    code: one group per language, whichever of the two a row gave."""
+    codes = language_codes(rows)
+    return [replace(x, language=codes[language_key(x.language)])
+            if x.language is not None and language_key(x.language) in codes else x for x in items]
 
 
 def language_key(name: object) -> str:
