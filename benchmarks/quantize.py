@@ -51,7 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     p.add_argument("--fresh", action="store_true", help="rebuild the quantized and exported variants")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return p.parse_args()
+    args = p.parse_args()
+    unknown = [d for d in (x.strip() for x in args.experts.split(",")) if d and d not in LANGUAGES]
+    if unknown:
+        p.error(f"--experts: unknown domain(s) {', '.join(unknown)}; the corpus has {', '.join(LANGUAGES)}")
+    return args
 
 
 def build_mix(args, out: Path, log) -> Path:

@@ -93,7 +93,7 @@ def _split_source(value: str) -> tuple[str | None, str]:
     return name, path
 
 
-def _parse_data(values: tuple[str, ...], domain: str):
+def _parse_data(values: tuple[str, ...], domain: str, option: str = "--data"):
     from .experts.training import DataSource
 
     sources = []
@@ -102,11 +102,12 @@ def _parse_data(values: tuple[str, ...], domain: str):
         if name is None:
             name = domain if len(values) == 1 else Path(v).stem.split(".")[0]
         if not name or not path:
-            raise click.BadParameter(f"{v!r}: use PATH or NAME=PATH", param_hint="--data")
+            raise click.BadParameter(f"{v!r}: use PATH or NAME=PATH", param_hint=option)
         if (same := next((s for s in sources if s.name == name), None)) is not None:
             # one name, one source: results, shares and routing are reported per name
-            raise click.BadParameter(f"the name {name!r} is given to both {same.path} and {path}; name them apart "
-                                     f"with NAME=PATH", param_hint="--data")
+            where = f"to both {same.path} and {path}" if str(same.path) != path else f"twice, both times to {path}"
+            raise click.BadParameter(f"the name {name!r} is given {where}; give each name once (NAME=PATH)",
+                                     param_hint=option)
         sources.append(DataSource(name=name, path=Path(path)))
     return sources
 
@@ -477,6 +478,9 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--train-router/--freeze-router", default=True, show_default=True,
               help="Whether the mix's router trains too.")
+@click.option("--aux-loss", "aux_loss", type=float, default=None,
+              help="MoE mixes: load-balancing loss coefficient added to the policy loss (default: the mix's "
+                   "router_aux_loss_coef, 0.05 when it records none; 0 turns it off). Refused for a dense model.")
 @click.option("--language", "languages", multiple=True,
               help="Train only on this language ('language_code' or 'language' field; repeatable).")
 @click.option("--eval-prompts", type=click.Path(path_type=Path), default=None,
@@ -488,7 +492,7 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Aligned checkpoint folder (must not exist).")
 def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_size, max_new_tokens,
-          train_router, languages, eval_prompts, seed, save_steps, resume, out):
+          train_router, aux_loss, languages, eval_prompts, seed, save_steps, resume, out):
     """Align a mix or causal LM with DPO or RLOO; logs reward, KL and per-language reward every step."""
     from .alignment.align import AlignConfig
     from .alignment.align import align as run_align
@@ -499,7 +503,7 @@ def align(model, method, prompts, prefs_file, reward, k, beta, lr, steps, batch_
         _refuse_unused({"prefs_file": "--prefs"}, "--method rloo (it samples --prompts)")
     cfg = AlignConfig(model=model, out=out, method=method, prompts=prompts, prefs=prefs_file, reward=reward,
                       k=k, beta=beta, lr=lr, steps=steps, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, train_router=train_router,
+                      max_new_tokens=max_new_tokens, train_router=train_router, aux_loss_coef=aux_loss,
                       languages=list(languages) or None, eval_prompts=eval_prompts, seed=seed,
                       save_steps=save_steps, resume=resume)
     s = run_align(cfg, log=_log)
@@ -534,12 +538,13 @@ def _refuse_unused(options: dict[str, str], mode: str) -> None:
         raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {mode}")
 
 
-def _named_sources(values: tuple[str, ...]):
-    """``NAME=PATH`` (or a PATH whose file name starts with the name, e.g. code.valid.jsonl)."""
+def _named_sources(values: tuple[str, ...], option: str = "--data"):
+    """``NAME=PATH`` (or a PATH whose file name starts with the name, e.g. code.valid.jsonl); ``option`` names the
+    option they came from in errors."""
     if not values:
         return []
     first = _split_source(values[0])[1]
-    return _parse_data(values, Path(first).name.split(".")[0])
+    return _parse_data(values, Path(first).name.split(".")[0], option)
 
 
 def _budget_options(f):
@@ -683,7 +688,7 @@ def extend(mix, expert, data, replay, out, recipe, merge, merge_lambda, train_gr
         overrides["train"] = tuple(g.strip() for g in train_groups.split(",") if g.strip())
     chosen = replace(parse_recipe(recipe), **overrides)
     cfg = ExtendConfig(mix=mix, expert=expert, data=_named_sources(data), out=out,
-                       replay=_named_sources(replay) or None, recipe=chosen,
+                       replay=_named_sources(replay, "--replay") or None, recipe=chosen,
                        recipe_name=recipe + (" (modified)" if overrides else ""), registry=registry,
                        seq_len=seq_len, text_field=text_field, resume=resume,
                        settings=_settings(batch_size, grad_accum, lr, max_steps, max_tokens, save_steps, run_seed,
@@ -762,7 +767,9 @@ def _eval_quality(mix, data, reference, langs, variant, reference_variant, max_b
 @click.argument("mix", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(["int8", "int4"]), required=True,
               help="int8: per-row weights; int4: group-wise with a float16 scale and zero point per group.")
-@click.option("--group-size", type=int, default=None, help="int4: weights per group (default 128).")
+@click.option("--group-size", type=int, default=None,
+              help="int4: weights per group (default: per layer, the largest even divisor of its input width up to "
+                   "128, so no row is padded).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--keep-float", default=None,
               help="Module-name parts kept float (comma list; default: lm_head,router,gate,shared_expert_gate); "
@@ -775,7 +782,7 @@ def quantize(mix, scheme, group_size, out, keep_float):
         raise click.BadParameter(f"{group_size}: groups are an int4 setting; int8 has one scale per row",
                                  param_hint="--group-size")
     skip = tuple(x.strip() for x in keep_float.split(",") if x.strip()) if keep_float is not None else DEFAULT_SKIP
-    spec = QuantSpec(scheme=scheme, group_size=group_size or QuantSpec.group_size, skip=skip)
+    spec = QuantSpec(scheme=scheme, group_size=group_size, skip=skip)
     report = quantize_mix(mix, out, spec, log=_log)
     what = "mix" if (Path(mix) / "mix.json").is_file() else "model"
     stdout.print(f"quantized {what} written to {report.out}: {report.tensors} weight tensors, "
@@ -786,7 +793,9 @@ def quantize(mix, scheme, group_size, out, keep_float):
 @main.command(name="eval")
 @click.argument("mix", type=click.Path(path_type=Path))
 @click.option("--data", multiple=True, required=True, help="Evaluation data per domain: NAME=PATH (repeatable).")
-@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens per block (window in bits per byte); at most the model's context (default: 256, or the "
+                   "context when shorter).")
 @click.option("--max-blocks", type=int, default=32, show_default=True,
               help="Blocks per domain, spread evenly over each file (0: all).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -813,6 +822,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     language, domain and script group, compared with the reference when one is given.
     """
     from .assembler.onnx_export import is_onnx_export
+    from .checkpoints import fit_seq_len
 
     quantized = quantization_config(mix) is not None
     if bpb or reference or langs or variant or is_onnx_export(mix) or quantized:
@@ -823,6 +833,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
         _refuse_unused({"max_blocks": "--max-blocks", "seed_dir": "--seed"},
                        "the bits-per-byte mode (it reads --max-bytes per language; a lightweight mix runs on the "
                        "seed its mix.json records)")
+        seq_len = fit_seq_len([mix, *([reference] if reference else [])], seq_len)
         _eval_quality(mix, data, reference, langs, variant, reference_variant, max_bytes, seq_len, batch_size,
                       text_field, report_json, chart, as_json)
         return
@@ -834,6 +845,7 @@ def eval_(mix, data, seq_len, max_blocks, batch_size, heatmap, as_json, text_fie
     from .assembler.lightweight import evaluate_lightweight_mix, is_lightweight_mix
     from .assembler.routing_report import evaluate_mix, save_heatmap
 
+    seq_len = fit_seq_len([mix], seq_len, seed=seed_dir)
     if is_lightweight_mix(mix):  # MoV / MoLoRA: routing = each domain's mean merging weight per expert
         report = evaluate_lightweight_mix(mix, _named_sources(data), seq_len=seq_len, max_blocks=max_blocks or None,
                                           batch_size=batch_size, text_field=text_field, seed=seed_dir)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from click.testing import CliRunner
 from nexus_helpers import make_expert
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -20,6 +21,7 @@ from expertmix.alignment.preferences import PreferencePair, PromptRecord, write_
 from expertmix.alignment.rloo import rloo_step
 from expertmix.assembler.modeling_nexus import NexusForCausalLM
 from expertmix.assembler.upcycling import load_expert, upcycle
+from expertmix.cli import main
 from expertmix.errors import ExpertmixError
 
 
@@ -172,3 +174,25 @@ def test_freezing_the_router_of_a_dense_model_is_refused(llama_seed, tmp_path):
         align(AlignConfig(model=llama_seed, out=tmp_path / "o", method="rloo", prompts=prompts,
                           reward="script", steps=1, train_router=False, progress=False), log=lambda m: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_aux_loss_sets_the_load_balancing_coefficient_and_is_refused_for_a_dense_model(toy_mix, llama_seed,
+                                                                                      tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, [PromptRecord("the cat", "en"), PromptRecord("def f", "py")])
+    args = ["--method", "rloo", "--prompts", str(prompts), "--reward", "script", "--k", "2", "--steps", "2",
+            "--batch-size", "2", "--max-new-tokens", "4", "--lr", "1e-2"]
+    out = tmp_path / "aligned"
+    result = CliRunner().invoke(main, ["align", str(toy_mix), *args, "--aux-loss", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "alignment.json").read_text())
+    assert record["settings"]["aux_loss_coef"] == 0.5 and record["summary"]["aux_loss_coef"] == 0.5  # not 0.05
+    log = [json.loads(line) for line in (out / "align_log.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in log)
+    dense = tmp_path / "dense"
+    result = CliRunner().invoke(main, ["align", str(llama_seed), *args, "--aux-loss", "0.1", "--out", str(dense)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert (f"--aux-loss 0.1: {llama_seed} is a dense LlamaForCausalLM with no router, so there is no load-balancing "
+            f"loss to weigh; drop --aux-loss") in message, message
+    assert not dense.exists() and not dense.with_name("dense.partial").exists()

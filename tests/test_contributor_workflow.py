@@ -386,3 +386,118 @@ def test_a_stopped_run_says_how_to_resume_and_resume_refuses_what_would_mix_two_
     shutil.rmtree(out)
     res = run("train", "--data", absolute, *common, "--max-steps", "4", "--resume", ok=False)
     assert res.exit_code == 1 and "holds checkpoints but no run.json" in res.output
+
+
+class _StopAt:
+    """Ctrl-C at the end of training step ``step`` (a TrainerCallback by duck typing)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _interrupt_training_at(monkeypatch, step: int) -> None:
+    from expertmix.experts import training
+
+    real_fit = training.fit
+    monkeypatch.setattr(training, "fit", lambda *a, **k: real_fit(*a, **k, callbacks=[_StopAt(step)]))
+
+
+def test_an_interrupt_before_the_first_checkpoint_keeps_nothing_and_one_after_says_how_to_resume(
+        tmp_path, llama_seed, corpus, monkeypatch):
+    """Ctrl-C before any checkpoint left an OUT.partial with nothing to resume, which the next run refused without
+    --resume; now it is removed and the note says nothing was kept. After a checkpoint the note says how to resume."""
+    out = tmp_path / "early"
+    args = ["train", "--base", llama_seed, "--data", corpus["math"], "--domain", "math", "--out", out,
+            "--max-steps", "6", "--seq-len", "32", "--batch-size", "4"]
+    _interrupt_training_at(monkeypatch, 1)
+    stopped = CliRunner().invoke(main, [str(a) for a in [*args, "--save-steps", "1000"]])
+    text = " ".join(stopped.output.split())
+    assert stopped.exit_code == 1 and "Aborted" in stopped.output
+    assert f"interrupted before the first checkpoint: nothing was kept (no {out.with_name('early.partial')} is " \
+           f"left); rerun the same command, without --resume, to start over" in text
+    assert "are kept" not in text and not out.exists() and not out.with_name("early.partial").exists()
+
+    monkeypatch.undo()
+    _interrupt_training_at(monkeypatch, 2)  # after checkpoint-1 (a step's checkpoint is saved after its callbacks)
+    stopped = CliRunner().invoke(main, [str(a) for a in [*args, "--save-steps", "1"]])
+    text = " ".join(stopped.output.split())
+    work = out.with_name("early.partial")
+    assert stopped.exit_code == 1 and f"interrupted: the checkpoints in {work} are kept; rerun the same command " \
+                                      f"with --resume" in text
+    assert "nothing was kept" not in text and (work / "checkpoints" / "checkpoint-1").is_dir()
+
+
+def test_a_moved_or_renamed_work_folder_resumes_but_other_input_paths_do_not(tmp_path, llama_seed, corpus,
+                                                                               monkeypatch):
+    """run.json recorded OUT's absolute path, so a work folder moved with its parent (or renamed with --out) was
+    refused as 'other settings'; the inputs' paths still count."""
+    first = tmp_path / "here" / "job" / "expert"
+    common = ["--data", f"math={corpus['math']}", "--domain", "math", "--max-steps", "5", "--seq-len", "32",
+              "--batch-size", "4", "--save-steps", "2"]
+    _interrupt_training_at(monkeypatch, 3)
+    stopped = CliRunner().invoke(main, ["train", "--base", str(llama_seed), *common, "--out", str(first)])
+    assert stopped.exit_code == 1 and (first.with_name("expert.partial") / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.undo()
+
+    (tmp_path / "here").rename(tmp_path / "there")  # the parent moved ...
+    moved = tmp_path / "there" / "job"
+    (moved / "expert.partial").rename(moved / "renamed.partial")  # ... and the work folder renamed
+    copy = tmp_path / "math-copy.jsonl"
+    shutil.copyfile(corpus["math"], copy)
+    other_path = run("train", "--base", llama_seed, *[f"math={copy}" if a.startswith("math=") else a for a in common],
+                     "--out", moved / "renamed", "--resume", ok=False)
+    assert other_path.exit_code == 1 and "differs in: data" in " ".join(other_path.output.split())
+    run("train", "--base", llama_seed, *common, "--out", moved / "renamed", "--resume")
+    card = read_card(moved / "renamed").expert
+    assert card.training["resumed_from"] == "checkpoint-2" and card.training["steps"] == 5
+    assert not (moved / "renamed.partial").exists()
+
+
+def test_a_cohere_seed_trains_an_ia3_expert_with_targets_from_its_own_module_names(tmp_path, tokenizer, corpus):
+    """peft has no (IA)³ defaults for Cohere (Aya 23's architecture) and refused to build the adapter; the targets
+    now come from the model's module names."""
+    from peft import PeftConfig
+
+    from expertmix.experts.adapter import default_targets, load_adapter_expert
+
+    seed = build_seed(tmp_path / "cohere", tokenizer, arch="cohere")
+    out = tmp_path / "ia3"
+    run("train", "--base", seed, "--data", corpus["prose"], "--domain", "prose", "--out", out, "--peft", "ia3", *FAST)
+    card = read_card(out).expert
+    assert card.kind == "ia3" and card.architecture.startswith("cohere(")
+    config = PeftConfig.from_pretrained(str(out))
+    assert set(config.target_modules) == {"k_proj", "v_proj", "down_proj"}
+    assert set(config.feedforward_modules) == {"down_proj"}
+    merged = load_adapter_expert(out, seed)
+    assert torch.isfinite(merged(torch.tensor([[1, 5, 9]])).logits).all()
+    model = AutoModelForCausalLM.from_pretrained(seed)
+    assert default_targets(model, "lora") == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                              "v_proj"]
+
+
+def test_train_refuses_a_tokenizer_with_more_tokens_than_the_seed_has_embedding_rows(tmp_path, llama_seed, corpus):
+    """Tokens added to a seed's tokenizer without resizing its embeddings failed mid-run with an index error."""
+    from transformers import AutoTokenizer
+
+    seed = tmp_path / "grown"
+    shutil.copytree(llama_seed, seed)
+    tok = AutoTokenizer.from_pretrained(seed)
+    rows = AutoModelForCausalLM.from_pretrained(seed).get_input_embeddings().weight.shape[0]
+    tok.add_tokens(["<new-1>", "<new-2>"])
+    tok.save_pretrained(seed)
+    out = tmp_path / "e"
+    res = run("train", "--base", seed, "--data", corpus["math"], "--domain", "math", "--out", out, *FAST, ok=False)
+    message = " ".join(res.output.split())
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"train --base {seed}: the tokenizer does not fit the model: it has {rows + 2} tokens but the model's " \
+           f"embedding has {rows} rows" in message
+    assert not out.exists() and not out.with_name("e.partial").exists()

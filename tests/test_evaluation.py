@@ -23,6 +23,7 @@ from expertmix.assembler.quantization import QuantSpec, quantize_mix
 from expertmix.assembler.upcycling import load_expert, upcycle
 from expertmix.cli import main
 from expertmix.errors import DataError
+from expertmix.experts.seed import build_seed
 from expertmix.experts.training import DataSource
 
 P_REF = [0.4, 0.2, 0.2, 0.2]
@@ -196,3 +197,29 @@ def test_two_data_sources_under_one_name_are_refused_not_dropped(mix_and_int8, t
         res = CliRunner().invoke(main, args)
         message = " ".join(res.output.split())
         assert res.exit_code == 2 and f"is given to both {paths[0]} and {paths[1]}" in message, res.output
+
+
+def test_eval_blocks_default_to_the_models_context_and_a_longer_seq_len_is_refused(llama_seed, tokenizer, corpus,
+                                                                                 tmp_path):
+    """Without --seq-len the blocks are 256 tokens, or the model's context where it is shorter (a 48-position
+    model was scored on positions it never had); a longer --seq-len is refused naming both numbers, the
+    reference's context included."""
+    short = build_seed(tmp_path / "short", tokenizer, max_positions=48)
+    data = ["--data", f"prose={corpus['prose']}"]
+
+    def ppl(model: Path, *extra: str) -> float:
+        res = CliRunner().invoke(main, ["eval", str(model), *data, "--max-blocks", "6", *extra, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)["perplexity"]["prose"]
+
+    assert ppl(short) == pytest.approx(ppl(short, "--seq-len", "48"), rel=1e-6)
+    assert ppl(short) != pytest.approx(ppl(short, "--seq-len", "32"), rel=1e-3)  # the block length matters
+    assert ppl(llama_seed) == pytest.approx(ppl(llama_seed, "--seq-len", "256"), rel=1e-6)  # 512 positions: 256
+    refusals = [(["eval", short, *data, "--seq-len", "49"], short, 49),
+                (["eval", llama_seed, *data, "--reference", short, "--seq-len", "100"], short, 100)]
+    for args, model, asked in refusals:
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        message = " ".join(res.output.split())
+        assert res.exit_code == 1, res.output
+        assert (f"--seq-len {asked} is longer than the context of {model} (max_position_embeddings 48): use at "
+                f"most 48") in message, message

@@ -160,7 +160,8 @@ def test_published_expert_loads_with_transformers(federation):
 
 
 def test_card_records_the_federation(federation):
-    folder = Path(federation["result"]["expert"])
+    assert federation["result"]["expert"] == "expert"  # relative to the work folder: a moved one still finds it
+    folder = federation["work"] / federation["result"]["expert"]
     expert = read_card(folder).expert
     fed = expert.federation
     assert fed["rounds"] == 2 and fed["nodes"] == 3 and fed["strategy"] == "fedavg"

@@ -345,6 +345,10 @@ def test_federate_refuses_bad_node_names_an_existing_out_and_unknown_node_valid_
     (tmp_path / "taken").mkdir()
     res = _federate_cli(tmp_path, llama_seed, shards, "--out", str(tmp_path / "taken"))
     assert res.exit_code == 1 and f"--out {tmp_path / 'taken'} already exists" in " ".join(res.output.split())
+    assert not (tmp_path / "work").exists()  # refused before it started: the work folder it made is gone
+    (tmp_path / "work").mkdir()  # ... but one that was there before stays
+    res = _federate_cli(tmp_path, llama_seed, shards, "--out", str(tmp_path / "taken"))
+    assert res.exit_code == 1 and (tmp_path / "work").is_dir()
     res = _federate_cli(tmp_path, llama_seed, shards, "--node-valid", f"nobody={shards['n0']}")
     assert res.exit_code == 2 and "nobody: no --node of that name" in " ".join(res.output.split())
     assert not (tmp_path / "x.toml").exists() and not (tmp_path / "work" / "logs").exists()
@@ -534,3 +538,24 @@ def test_flower_processes_outlive_neither_a_killed_coordinator_nor_its_rerun(tmp
         for p in (stale, unrelated):
             p.kill()
             p.wait()
+
+
+def test_a_finished_federation_finds_its_expert_in_a_moved_work_folder(tmp_path, llama_seed, shards, home):
+    """result.json recorded the expert's absolute path: a work folder moved after the federation pointed at the
+    old place. Inside the work folder it is recorded relative to it."""
+    from expertmix.server.federation_state import FederationStore
+
+    cfg, nodes = _setup(tmp_path, llama_seed, shards, home, rounds=1, evaluate_every=1, publish=False,
+                        work_dir=str(tmp_path / "first"))
+    result = run_federation(InProcessGrid(cfg.to_flat(), nodes), cfg)
+    assert result["expert"] == str(tmp_path / "first" / "expert")
+    (tmp_path / "first").rename(tmp_path / "work")
+    moved = tmp_path / "work"
+    assert json.loads((moved / "result.json").read_text())["expert"] == "expert"
+    assert json.loads((moved / "state.json").read_text())["expert"] == "expert"
+    found = FederationStore(moved).result()["expert"]
+    assert found == str(moved / "expert") and read_card(found).expert.federation["rounds"] == 1
+    res = _federate_cli(tmp_path, llama_seed, shards, "--rounds", "1", "--no-publish")
+    message = " ".join(res.output.split())
+    assert res.exit_code == 1 and f"has already finished (expert at {moved / 'expert'})" in message, res.output
+    assert moved.is_dir() and not (moved / "logs").exists()

@@ -55,7 +55,7 @@ def test_tags_do_not_move_and_a_bad_tag_publishes_nothing(tmp_path, llama_seed):
     (folder / "notes.md").write_text("changed")
     for tag, expected in (("v1", "tag 'v1' already names revision"), ("a/b", "invalid tag 'a/b'"),
                           ("main", "invalid tag 'main'"), (first.revision[:12], "looks like a revision id"),
-                          ("DEADBEEF", "looks like a revision id")):
+                          ("deadbeef", "looks like a revision id"), ("V1", "already has the ref 'v1'")):
         with pytest.raises(StoreError, match=expected):
             store.publish(folder, tag=tag)
         assert store.show("org/toy").revision == first.revision  # main did not move
@@ -121,3 +121,45 @@ def test_unsafe_names_are_refused(tmp_path, llama_seed, name):
     store = LocalStore(tmp_path / "store")
     with pytest.raises(StoreError, match="invalid expert name"):
         store.publish(make_expert(tmp_path / "e", llama_seed), name=name)
+
+
+def test_an_uppercase_hex_tag_is_a_tag_matched_by_exact_case_and_not_a_commit_prefix(tmp_path, llama_seed):
+    """Commit ids are lowercase hex: 'CAFE123' hides none, so it is a fine tag (it was refused as commit-like),
+    and the store reads refs by exact case ('cafe123' is no tag of it; 'V1' beside 'v1' is refused, since on
+    macOS and Windows the two would be one file)."""
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+
+    store = tmp_path / "store"
+    folder = make_expert(tmp_path / "e", llama_seed)
+    res = CliRunner().invoke(main, ["publish", str(folder), "--tag", "CAFE123", "--registry", str(store)])
+    assert res.exit_code == 0, res.output
+    revision = res.output.strip().split("@")[1]
+    shown = CliRunner().invoke(main, ["show", "org/toy@CAFE123", "--registry", str(store)])
+    assert shown.exit_code == 0 and json.loads(shown.output)["revision"] == revision
+    assert json.loads(shown.output)["refs"] == ["CAFE123", "main"]
+    lower = CliRunner().invoke(main, ["show", "org/toy@cafe123", "--registry", str(store)])
+    assert lower.exit_code == 1 and "'cafe123' is not a revision or tag of expert 'org/toy'" in lower.output
+    refused = CliRunner().invoke(main, ["publish", str(folder), "--tag", "cafe1234", "--registry", str(store)])
+    assert refused.exit_code == 1 and "invalid tag 'cafe1234': it looks like a revision id" in refused.output
+    assert LocalStore(store).resolve(f"org/toy@{revision[:7]}") == ("org/toy", revision)  # prefixes still resolve
+
+
+def test_written_files_get_the_umask_mode_and_store_blobs_are_read_only(tmp_path, llama_seed):
+    """safetensors' save_file writes through a temporary file of its own, which left files written through
+    atomic_path 0600 (unreadable by a registry's service account); blobs are read-only, as the umask allows."""
+    import os
+    import stat
+
+    from expertmix.fsutil import UMASK, write_json_atomic
+
+    save_domain_embedding(tmp_path / "emb", torch.ones(4), "seed", 3)
+    write_json_atomic(tmp_path / "emb" / "notes.json", {"a": 1})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "emb").iterdir()}
+    assert modes == {"domain_embedding.safetensors": 0o666 & ~UMASK, "notes.json": 0o666 & ~UMASK}
+    store = LocalStore(tmp_path / "store")
+    entry = store.publish(make_expert(tmp_path / "e", llama_seed))
+    blobs = [store._blob(f.sha256) for f in entry.files]
+    assert {stat.S_IMODE(b.stat().st_mode) for b in blobs} == {0o444 & ~UMASK}
+    assert not any(os.access(b, os.W_OK) for b in blobs) or os.geteuid() == 0  # root writes whatever the mode

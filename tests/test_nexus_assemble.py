@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, Qwen2MoeForCausalLM, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM, TrainerCallback
 
 import expertmix.assembler.assemble as assemble_module
 from expertmix.assembler.assemble import AssembleConfig, assemble, mixture_blocks, teachers_of_sources
@@ -404,3 +405,54 @@ def test_an_export_that_fails_its_check_is_not_written_and_an_unchecked_one_says
     out = _cli("export", cli_mix, "--no-check", "--out", tmp_path / "unchecked")
     assert "not checked against the mix" in out
     assert json.loads((tmp_path / "unchecked" / "export_check.json").read_text()) == {"checked": False}
+
+
+def test_a_dense_merge_records_and_says_that_every_weight_trains(llama_seed, corpus, tmp_path):
+    """A merge has no router: its history said it trained ["router", "experts", "shared", "dense"]."""
+    experts = [str(make_expert(llama_seed, tmp_path / n, n, seed=i)) for i, n in enumerate(("math", "code"))]
+    mix = tmp_path / "merge"
+    result = CliRunner().invoke(main, [
+        "assemble", "--seed", str(llama_seed), "--experts", *experts, "--router", "merge", "--distill", "none",
+        "--data", f"math={corpus['math']}", "--out", str(mix), "--max-steps", "1", "--batch-size", "2",
+        "--seq-len", "32"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    model = AutoModelForCausalLM.from_pretrained(mix)
+    every = sum(p.numel() for p in model.parameters())
+    assert f"training every weight of the dense merge ({every / 1e6:.2f}M parameters)" in said, said
+    stage = read_manifest(mix).history[-1]
+    assert stage["router"] == "merge" and stage["train"] == ["all"] and stage["trainable_parameters"] == every
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_is_refused_before_any_work(llama_seed, corpus, tmp_path):
+    """Tokens added to a seed's or a mix's tokenizer without resizing its embeddings: assemble (nexus and mov) and
+    extend name the numbers before they read data or write a work folder."""
+    experts = [make_expert(llama_seed, tmp_path / n, n, seed=i) for i, n in enumerate(("math", "code", "prose"))]
+    seed = tmp_path / "seed"
+    shutil.copytree(llama_seed, seed)
+    tokenizer = AutoTokenizer.from_pretrained(seed)
+    rows = len(tokenizer)
+    tokenizer.add_tokens(["<extra-1>", "<extra-2>"])
+    tokenizer.save_pretrained(seed)
+    mix = tmp_path / "mix"
+    shutil.copytree(upcycle(llama_seed, [load_expert(str(e)) for e in experts[:2]], tmp_path / "m", progress=False),
+                    mix)
+    tokenizer = AutoTokenizer.from_pretrained(mix)
+    tokenizer.add_special_tokens({"eos_token": "<new-eos>"})
+    tokenizer.save_pretrained(mix)
+    data = ["--data", f"math={corpus['math']}"]
+    too_many = f"it has {rows + 2} tokens but the model's embedding has {rows} rows"
+    commands = {
+        f"assemble --seed {seed}": (["assemble", "--seed", seed, "--experts", *experts[:2], *data], too_many),
+        f"assemble --kind mov --seed {seed}": (["assemble", "--kind", "mov", "--seed", seed, *data], too_many),
+        f"extend {mix}": (["extend", mix, "--expert", experts[2], "--data", f"prose={corpus['prose']}"],
+                          f"it has {rows + 1} tokens but the model's embedding has {rows} rows; its eos token id "
+                          f"{rows} is past the embedding's {rows} rows"),
+    }
+    for i, (where, (args, problem)) in enumerate(commands.items()):
+        out = tmp_path / f"out{i}"
+        result = CliRunner().invoke(main, [*map(str, args), "--out", str(out)])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1, result.output
+        assert f"{where}: the tokenizer does not fit the model: {problem}" in message, message
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()

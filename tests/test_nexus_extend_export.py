@@ -10,20 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import make_docs, write_jsonl
 from nexus_helpers import crash_after_step_two_checkpoint, make_expert
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
+from expertmix.assembler import export as export_module
 from expertmix.assembler import extension
 from expertmix.assembler.assemble import read_sources
 from expertmix.assembler.export import export, max_logit_difference
 from expertmix.assembler.extension import RECIPES, ExtendConfig, extend, parse_recipe
 from expertmix.assembler.manifest import DataRef, read_manifest
-from expertmix.assembler.upcycling import load_expert, save_checkpoint, upcycle
+from expertmix.assembler.upcycling import load_expert, save_checkpoint, stream_tensors, upcycle
+from expertmix.cli import main
 from expertmix.errors import ExpertmixError
 from expertmix.experts.data import TokenizedDocument, read_documents, tokenize_documents
-from expertmix.experts.seed import build_seed
+from expertmix.experts.seed import build_seed, tiny_config
 from expertmix.experts.training import DataSource, TrainSettings
 
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
@@ -405,3 +408,91 @@ def test_an_extended_mix_records_the_new_domains_data_so_the_next_extension_repl
                                  seq_len=32, settings=TrainSettings(max_steps=2, batch_size=2, progress=False)),
                     log=lambda _: None)
     assert set(read_manifest(second).history[-1]["tokens_read"]) == {"extra", "math", "code", "prose"}
+
+
+def test_extend_refuses_a_replay_name_given_twice_naming_it_and_the_option(base_mixes, corpus, tmp_path):
+    """Two --replay sources under one name were reported as a --data error (or, with one path, as 'given to both
+    P and P'); the refusal names the option, the name and the paths, before anything is loaded."""
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+
+    _, mixes, new = base_mixes
+    out = tmp_path / "ext"
+    common = ["extend", str(mixes["nexus"]), "--expert", str(new), "--data", f"prose={corpus['prose']}",
+              "--out", str(out)]
+    math, code = f"math={corpus['math']}", f"math={corpus['code']}"
+    res = CliRunner().invoke(main, [*common, "--replay", math, "--replay", code])
+    message = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Invalid value for --replay" in message, res.output
+    assert f"the name 'math' is given to both {corpus['math']} and {corpus['code']}" in message
+    res = CliRunner().invoke(main, [*common, "--replay", math, "--replay", math])
+    message = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"the name 'math' is given twice, both times to {corpus['math']}" in message
+    assert not out.exists() and not out.with_name("ext.partial").exists()
+
+
+def _cli_ok(*args) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_refuses_an_existing_out_before_reading_the_mix(base_mixes, tmp_path, monkeypatch):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the mix's tensors were read before the refusal")
+
+    monkeypatch.setattr(export_module, "qwen2_moe_tensors", no_reading)
+    result = CliRunner().invoke(main, ["export", str(base_mixes[1]["nexus"]), "--format", "qwen2-moe",
+                                       "--out", str(out)])
+    assert result.exit_code == 1 and f"output folder {out} already exists" in " ".join(result.output.split())
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_qwen2_moe_export_carries_a_head_dim_that_is_not_hidden_over_heads(tokenizer, tmp_path):
+    """A Llama seed with head_dim 32 and 4 heads over a hidden size of 64 (as Gemma-style configs set it): the
+    export names the head_dim, so stock Qwen2-MoE builds the same attention and gives the same logits."""
+    seed = tmp_path / "seed"
+    config = tiny_config("llama", vocab_size=len(tokenizer))
+    config.head_dim = 32
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(seed)
+    tokenizer.save_pretrained(seed)
+    experts = [load_expert(str(make_expert(seed, tmp_path / f"e{i}", f"e{i}", seed=i))) for i in range(2)]
+    mix = upcycle(seed, experts, tmp_path / "mix", progress=False)
+    out = tmp_path / "q"
+    assert "max |logit difference| against the mix" in _cli_ok("export", mix, "--format", "qwen2-moe", "--out", out)
+    exported = Qwen2MoeForCausalLM.from_pretrained(out)
+    assert exported.config.head_dim == 32
+    assert exported.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+    assert max_logit_difference(mix, out) < 1e-4
+
+
+def test_a_sharded_mix_exports_and_extends(base_mixes, corpus, tmp_path):
+    """A mix saved in shards (model.safetensors.index.json, as save_pretrained writes a big one) is read shard by
+    shard: the export gives the mix's logits and the extension keeps the old experts bit-exact."""
+    root, mixes, new = base_mixes
+    mix = mixes["nexus"]
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(mix).save_pretrained(sharded, max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(mix).save_pretrained(sharded)
+    shutil.copyfile(mix / "mix.json", sharded / "mix.json")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    assert dict(stream_tensors(sharded)).keys() == load_file(str(mix / "model.safetensors")).keys()
+
+    exported = tmp_path / "q"
+    _cli_ok("export", sharded, "--format", "qwen2-moe", "--out", exported)
+    assert max_logit_difference(mix, exported) < 1e-4
+    extended = tmp_path / "ext"
+    _cli_ok("extend", sharded, "--expert", new, "--data", f"prose={corpus['prose']}", "--recipe", "isolated",
+            "--max-steps", "1", "--seq-len", "32", "--batch-size", "2", "--out", extended)
+    before, after = load_file(str(mix / "model.safetensors")), load_file(str(extended / "model.safetensors"))
+    for k in before:
+        if k.endswith(EXPERT_KEYS):
+            assert after[k].shape[0] == 3 and torch.equal(after[k][:2], before[k]), k
+    assert read_manifest(extended).experts[-1].name == "prose"

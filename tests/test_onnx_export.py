@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from nexus_helpers import make_expert
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from expertmix.assembler import onnx_export
 from expertmix.assembler.evaluation import evaluate_quality
 from expertmix.assembler.onnx_export import OnnxCausalLM, OnnxExportSettings, export_onnx, weight_matmuls
 from expertmix.assembler.upcycling import load_expert, upcycle
@@ -146,3 +149,33 @@ def test_export_command_writes_a_dense_routing_onnx_that_matches_the_mix(mix, mo
     assert np.abs(OnnxCausalLM(out).logits(ids.numpy()) - want).max() < 1e-3
     again = CliRunner().invoke(main, ["export", str(mix), "--format", "onnx", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_export_refuses_sliding_window_attention_and_dynamic_rope_in_one_line_before_any_work(
+        mix, llama_seed, tmp_path, monkeypatch):
+    """A mix whose text config has dynamic RoPE scaling, and a model with sliding-window attention: the graph would
+    freeze what transformers computes per input, so both are refused from their config, nothing loaded or written."""
+    dynamic = tmp_path / "dynamic-mix"
+    shutil.copytree(mix, dynamic)
+    config = json.loads((dynamic / "config.json").read_text())
+    config["text_config"]["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (dynamic / "config.json").write_text(json.dumps(config))
+    sliding = tmp_path / "sliding"
+    qwen2 = AutoConfig.for_model("qwen2", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                 sliding_window=16, max_window_layers=0)
+    AutoModelForCausalLM.from_config(qwen2).save_pretrained(sliding)
+    AutoTokenizer.from_pretrained(llama_seed).save_pretrained(sliding)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(onnx_export, "load_for_export", no_loading)
+    for folder, what in ((dynamic, "rope_type 'dynamic' (RoPE frequencies recomputed from each input's length)"),
+                         (sliding, "sliding-window attention (sliding_window 16)")):
+        out = tmp_path / f"{folder.name}-onnx"
+        result = CliRunner().invoke(main, ["export", str(folder), "--format", "onnx", "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and f"{folder}: export --format onnx cannot express {what}" in lines[0], result.output
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}.*"))

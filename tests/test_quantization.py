@@ -25,6 +25,7 @@ from expertmix.assembler.quantization import (
 )
 from expertmix.assembler.upcycling import load_expert, upcycle
 from expertmix.cli import main
+from expertmix.experts.seed import build_seed
 
 
 def _step_bound(parts: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _step_bound(parts: dict[str, torch.Tensor], spec: QuantSpec, in_features: in
     scale = parts["scale"].float()
     if spec.scheme == "int8":
         return (scale / 2)[..., None].expand(*scale.shape, in_features)
-    return (scale / 2).repeat_interleave(spec.group_size, dim=-1)[..., :in_features]
+    return (scale / 2).repeat_interleave(spec.group_for(in_features), dim=-1)[..., :in_features]
 
 
 @pytest.mark.parametrize("shape", [(48, 96), (3, 40, 70)], ids=["linear", "fused-experts"])
@@ -299,3 +300,52 @@ def test_a_keep_float_entry_that_names_nothing_is_refused_and_a_second_writer_wa
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_int8_records_no_group_size_and_int4_groups_fit_widths_the_default_group_does_not_divide(tokenizer, tmp_path):
+    """Widths 96 and 160 (no multiple of 128): without --group-size each layer's group is a divisor of its input
+    width (96 and 80, no padded rows; a group of 128 was refused as longer than the rows); int8 has no groups."""
+    seed = build_seed(tmp_path / "seed", tokenizer, hidden_size=96, intermediate_size=160)
+    for scheme in ("int8", "int4"):
+        out = tmp_path / scheme
+        result = CliRunner().invoke(main, ["quantize", str(seed), "--scheme", scheme, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        record = json.loads((out / "quantization.json").read_text())
+        if scheme == "int8":
+            assert "group_size" not in config and "group_size" not in record
+            continue
+        assert config["group_size"] is None
+        assert record["groups_by_input_width"] == {"96": 96, "160": 80}
+        assert "96 inputs in groups of 96, 160 inputs in groups of 80" in " ".join(result.output.split())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "int4").eval()
+    ref = AutoModelForCausalLM.from_pretrained(seed).eval()
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        q, w = model.model.layers[0].get_submodule(name), ref.model.layers[0].get_submodule(name).weight.detach()
+        groups = w.shape[1] // {96: 96, 160: 80}[w.shape[1]]
+        # codes for exactly the row's inputs (two per byte): no padding; one scale per fitted group
+        assert q.weight_qweight.shape == (w.shape[0], w.shape[1] // 2) and q.weight_scale.shape == (w.shape[0], groups)
+        assert float((q.dequantized_weight() - w).norm() / w.norm()) < 0.2
+    ids = _ids(ref.config.vocab_size)
+    with torch.no_grad():
+        agree = (ref(input_ids=ids).logits.argmax(-1) == model(input_ids=ids).logits.argmax(-1)).float().mean()
+    assert agree >= 0.5
+
+
+def test_importing_expertmix_assembler_alone_lets_transformers_load_a_quantized_mix(mixes, tmp_path):
+    quantized = tmp_path / "mix-int4"
+    result = CliRunner().invoke(main, ["quantize", str(mixes["llama_seed"]), "--scheme", "int4",
+                                       "--out", str(quantized)])
+    assert result.exit_code == 0, result.output
+    # A fresh process that imports the package only: the quantizer is registered with it, as the Nexus model is.
+    script = textwrap.dedent(f"""
+        import sys
+        import expertmix.assembler
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(quantized)!r})
+        block = model.moe_blocks()[0]
+        print(type(block.experts).__name__, type(block.shared_expert.up_proj).__name__)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["QuantizedExperts", "QuantizedLinear"]

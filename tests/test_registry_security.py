@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import gzip
 import hashlib
 import http.client
 import json
@@ -280,8 +281,9 @@ def test_pickles_are_refused_weights_must_be_safetensors(registry, tmp_path):
     start = new_repo(registry, "pickles")
     for name in ("pytorch_model.bin", "model.pt", "weights.PKL", "sub/model.ckpt"):
         assert commit(registry, "acme/pickles", ndjson(HEADER, inline(name))).status_code == 400, name
-    pickled = b"\x80\x04\x95" + os.urandom(600)
+    pickled = pickle.dumps({"w": collections.OrderedDict(a=os.urandom(600))}, protocol=4)
     assert _put_status(registry, "acme/pickles", pickled) == 400
+    assert _put_status(registry, "acme/pickles", b"\x80\x04\x95" + os.urandom(600)) == 200  # a header, no pickle
     # protocols 0 and 1 have no header; their opcodes give them away, whatever the file's name
     for protocol in (0, 1):
         old_style = pickle.dumps({"w": [collections.OrderedDict(a=i) for i in range(60)]}, protocol=protocol)
@@ -305,6 +307,37 @@ def test_pickles_are_refused_weights_must_be_safetensors(registry, tmp_path):
     assert _put_status(registry, "acme/pickles", good) == 200
     r = commit(registry, "acme/pickles", ndjson(HEADER, lfs("model.safetensors", good)))
     assert r.status_code == 200 and r.json()["commitOid"] != start
+
+
+def test_a_pickle_past_the_head_or_compressed_is_refused_by_the_whole_file_check(registry, tmp_path):
+    """The first bytes of an upload show nothing here: the staged file is read whole before it is stored."""
+    start = new_repo(registry, "hidden")
+    late = pickle.dumps({"pad": os.urandom(4096), "w": collections.OrderedDict(a=1)}, protocol=4)
+    r = httpx.put(upload_href(registry, "acme/hidden", late), content=late)
+    assert r.status_code == 400, r.text
+    assert r.headers["x-error-message"] == (
+        f"blob {hashlib.sha256(late).hexdigest()}: content is a Python pickle that imports and calls code "
+        f"(collections.OrderedDict); weights must be safetensors")
+    assert not stored(registry, late)
+    r = commit(registry, "acme/hidden", ndjson(HEADER, inline("notes.txt", late)))  # inline: the same check
+    assert r.status_code == 400 and r.headers["x-error-message"].startswith("notes.txt: content is a Python pickle")
+    # a gzip'd pickle named like text, through a Hub client: refused, named, and the branch does not move
+    (tmp_path / "notes.txt").write_bytes(gzip.compress(pickle.dumps(collections.OrderedDict(a=1))))
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(endpoint=registry.url, token=registry.token("acme")).upload_file(
+            path_or_fileobj=tmp_path / "notes.txt", path_in_repo="notes.txt", repo_id="acme/hidden")
+    assert err.value.response.status_code == 400
+    assert "notes.txt: content (gzip-compressed) is a Python pickle that imports and calls code" \
+        in err.value.response.headers["x-error-message"]
+    assert head(registry, "acme/hidden") == start
+    # a safetensors file whose 640-byte header length starts 0x80 0x02, like a pickle's header, is stored
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata={"note": ""})
+    bare = int.from_bytes((tmp_path / "m.safetensors").read_bytes()[:8], "little")
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata={"note": "x" * (0x280 - bare)})
+    good = (tmp_path / "m.safetensors").read_bytes()
+    assert good[:2] == b"\x80\x02"
+    assert _put_status(registry, "acme/hidden", good) == 200
+    assert commit(registry, "acme/hidden", ndjson(HEADER, lfs("model.safetensors", good))).status_code == 200
 
 
 def test_a_private_blob_cannot_be_committed_elsewhere_by_its_sha256(registry):

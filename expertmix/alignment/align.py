@@ -26,7 +26,7 @@ from ..assembler.manifest import MIX_FILE, append_history
 from ..checkpoints import require_float_weights
 from ..errors import CardError, ExpertmixError
 from ..experts.data import data_digest
-from ..experts.training import ResumableJob, resumable_job
+from ..experts.training import OUT_FIELD, ResumableJob, resumable_job
 from ..fsutil import atomic_dir, remove_tree, write_json_atomic, write_text_atomic
 from ..hub.card import ExpertCard, read_card
 from .dpo import dpo_step
@@ -96,10 +96,12 @@ class AlignConfig(ResumableJob):
         return DEFAULT_BETA[self.method] if self.beta is None else self.beta
 
     def fingerprint(self) -> dict:
-        """What a resumed run must keep: every setting but the step budget, checkpointing and the device; the
-        prompt, pair and reward files by their contents (a file rewritten before ``--resume`` is other data)."""
-        out = {k: v for k, v in _settings(self).items() if k not in ("steps", "save_steps", "resume", "device")}
-        for key in ("model", "out", "prompts", "prefs", "eval_prompts"):
+        """What a resumed run must keep: every setting but the step budget, checkpointing, the device and the output
+        folder (a moved ``OUT.partial`` resumes); the prompt, pair and reward files by their contents (a file
+        rewritten before ``--resume`` is other data)."""
+        skipped = ("steps", "save_steps", "resume", "device", OUT_FIELD)
+        out = {k: v for k, v in _settings(self).items() if k not in skipped}
+        for key in ("model", "prompts", "prefs", "eval_prompts"):
             if out.get(key) is not None:
                 out[key] = str(Path(out[key]).resolve())
         files = {"prompts": self.prompts, "prefs": self.prefs, "eval_prompts": self.eval_prompts}
@@ -134,6 +136,8 @@ def _check(cfg: AlignConfig) -> None:
                              f"{cfg.batch_size}, {cfg.lr})")
     if cfg.save_steps < 0:
         raise ExpertmixError(f"--save-steps must be 0 (no checkpoints) or more, got {cfg.save_steps}")
+    if cfg.aux_loss_coef is not None and not (math.isfinite(cfg.aux_loss_coef) and cfg.aux_loss_coef >= 0):
+        raise ExpertmixError(f"--aux-loss {cfg.aux_loss_coef}: the load-balancing coefficient must be 0 or more")
 
 
 def _evaluate(policy, reference, tokenizer, records: list[PromptRecord], reward, cfg: AlignConfig) -> dict:
@@ -263,6 +267,9 @@ def _align_in(cfg: AlignConfig, work: Path, log) -> dict:
         check_reward_fields(reward, eval_rows, cfg.eval_prompts)
 
     policy, tokenizer = load_policy(cfg.model, cfg.device)
+    if cfg.aux_loss_coef is not None and not router_parameters(policy):
+        raise ExpertmixError(f"--aux-loss {cfg.aux_loss_coef}: {cfg.model} is a dense {type(policy).__name__} with no "
+                             f"router, so there is no load-balancing loss to weigh; drop --aux-loss")
     reference = load_reference(cfg.model, cfg.device)
     frozen = 0 if cfg.train_router else freeze_router(policy)
     aux_coef = None  # a dense model has no router and no load-balancing loss to weigh

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from ..checkpoints import require_context, require_float_weights
+from ..checkpoints import require_context, require_float_weights, require_tokenizer_fits
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens, pack, read_documents, tokenize_documents
 from ..experts.mixing import draw_sources, mix_sources, parse_mix_spec
@@ -194,6 +194,12 @@ class AssembleConfig(ResumableJob):
     def train_groups(self) -> tuple[str, ...]:
         return GROUPS if (self.train_all or self.router == "merge") else ("router",)
 
+    @property
+    def trained(self) -> list[str]:
+        """What the training stage trains, as mix.json records it: a dense merge has no router, experts or shared
+        expert, so every one of its weights is in the ``dense`` group: ``["all"]``."""
+        return ["all"] if self.router == "merge" else list(self.train_groups)
+
 
 def train_stage(model, blocks: Blocks, settings: TrainSettings, work: Path, resume: bool,
                 trainer_class: Callable[..., Trainer] = Trainer) -> dict:
@@ -228,6 +234,7 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
     require_float_weights(cfg.seed, "a seed")
     require_context(cfg.seed, cfg.seq_len)
+    require_tokenizer_fits(AutoTokenizer.from_pretrained(cfg.seed), cfg.seed, f"assemble --seed {cfg.seed}")
     work = cfg.work_dir
     cfg.start_work_dir()
     init = work / "init"
@@ -262,11 +269,12 @@ def assemble(cfg: AssembleConfig, log: Callable[[str], None] = print) -> Path:
         log("distilling: " + ", ".join(f"{name} from {experts[t].info.name}" if t >= 0 else f"{name} from labels"
                                         for name, t in teacher_of.items()))
     blocks, report = mixture_blocks(tokenized, shares, needed, cfg.seq_len, cfg.settings.seed, teachers=teachers)
-    log(f"training {', '.join(cfg.train_groups)} ({trainable / 1e6:.2f}M parameters) on "
+    what = "every weight of the dense merge" if cfg.router == "merge" else ", ".join(cfg.train_groups)
+    log(f"training {what} ({trainable / 1e6:.2f}M parameters) on "
         f"{blocks['input_ids'].shape[0]} blocks of {cfg.seq_len} tokens from {', '.join(tokenized)}")
     metrics = train_stage(model, blocks, cfg.settings, work, cfg.resume, trainer_class=trainer_class)
     manifest.data = [DataRef(name=s.name, path=str(Path(s.path).resolve())) for s in cfg.data]
-    manifest.history.append({"stage": "assemble", "router": cfg.router, "train": list(cfg.train_groups),
+    manifest.history.append({"stage": "assemble", "router": cfg.router, "train": cfg.trained,
                              "trainable_parameters": trainable, "seq_len": cfg.seq_len,
                              "settings": asdict(cfg.settings), "metrics": metrics,
                              "distill": cfg.distill,

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
 
 from ..checkpoints import require_float_weights
@@ -29,7 +28,7 @@ from ..fsutil import atomic_dir, write_json_atomic
 from .configuration_nexus import NexusConfig
 from .manifest import MIX_FILE, read_manifest
 from .modeling_nexus import ROUTERS
-from .upcycling import COPIED_FILES, WEIGHTS_FILE, MoeLayout, require_mix_folder, save_checkpoint
+from .upcycling import COPIED_FILES, MoeLayout, require_mix_folder, save_checkpoint, stream_tensors
 
 EXPORTABLE_FAMILIES = ("llama", "qwen2")
 # An export reproduces the mix's float32 logits to rounding (measured 3e-6 for both formats); far beyond that the
@@ -47,8 +46,6 @@ def qwen2_moe_config(config: NexusConfig) -> Qwen2MoeConfig:
                              f"{' and '.join(EXPORTABLE_FAMILIES)} seeds map onto Qwen2-MoE exactly")
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     problems = []
-    if head_dim * text.num_attention_heads != text.hidden_size:
-        problems.append(f"head_dim {head_dim} x {text.num_attention_heads} heads != hidden_size {text.hidden_size}")
     if family == "llama" and getattr(text, "attention_bias", False):
         problems.append("attention_bias=True (Qwen2-MoE has no o_proj bias)")
     if getattr(text, "mlp_bias", False):
@@ -71,7 +68,9 @@ def qwen2_moe_config(config: NexusConfig) -> Qwen2MoeConfig:
         num_experts_per_tok=config.num_experts_per_tok, num_experts=config.num_experts, norm_topk_prob=False,
         router_aux_loss_coef=config.router_aux_loss_coef, qkv_bias=family == "qwen2", mlp_only_layers=[],
         pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
-        architectures=["Qwen2MoeForCausalLM"], dtype=torch.float32)
+        architectures=["Qwen2MoeForCausalLM"], dtype=torch.float32,
+        # Qwen2-MoE reads head_dim where its config has one (else hidden / heads): set only where the seed's differs
+        **({"head_dim": head_dim} if head_dim * text.num_attention_heads != text.hidden_size else {}))
 
 
 @torch.no_grad()
@@ -82,21 +81,19 @@ def qwen2_moe_tensors(mix_dir: Path, config: NexusConfig) -> dict[str, torch.Ten
     blocks = {p: i for i, p in enumerate(layout.block_prefix)}
     out: dict[str, torch.Tensor] = {}
     router_state: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(blocks))}
-    with safe_open(str(mix_dir / WEIGHTS_FILE), framework="pt") as sf:
-        for key in sf.keys():
-            t = sf.get_tensor(key)
-            block = next((p for p in blocks if key.startswith(p + ".")), None)
-            if block is None:
-                out[key[len(prefix):]] = t
-                continue
-            rest = key[len(block) + 1:]
-            dest = block[len(prefix):]
-            if rest.startswith("router."):
-                router_state[blocks[block]][rest[len("router."):]] = t
-            elif rest == "shared_expert.down_proj.weight":
-                out[f"{dest}.{rest}"] = t * 2  # cancels Qwen2-MoE's sigmoid(0) = 0.5 shared-expert gate
-            else:  # shared_expert.{gate,up}_proj.weight, experts.gate_up_proj, experts.down_proj
-                out[f"{dest}.{rest}"] = t
+    for key, t in stream_tensors(mix_dir):  # one shard open at a time (save_pretrained shards big mixes)
+        block = next((p for p in blocks if key.startswith(p + ".")), None)
+        if block is None:
+            out[key[len(prefix):]] = t
+            continue
+        rest = key[len(block) + 1:]
+        dest = block[len(prefix):]
+        if rest.startswith("router."):
+            router_state[blocks[block]][rest[len("router."):]] = t
+        elif rest == "shared_expert.down_proj.weight":
+            out[f"{dest}.{rest}"] = t * 2  # cancels Qwen2-MoE's sigmoid(0) = 0.5 shared-expert gate
+        else:  # shared_expert.{gate,up}_proj.weight, experts.gate_up_proj, experts.down_proj
+            out[f"{dest}.{rest}"] = t
     for p, i in blocks.items():
         router = ROUTERS[config.router_type](config)
         router.load_state_dict(router_state[i])
@@ -104,6 +101,12 @@ def qwen2_moe_tensors(mix_dir: Path, config: NexusConfig) -> dict[str, torch.Ten
         out[f"{dest}.gate.weight"] = router.expert_embeddings().detach().float().contiguous()
         out[f"{dest}.shared_expert_gate.weight"] = torch.zeros(1, config.text_config.hidden_size)
     return {k: v.float() for k, v in out.items()}
+
+
+def require_new_output(out: str | Path) -> None:
+    """Refuse an export's ``--out`` that exists, before anything is loaded (an export never replaces a folder)."""
+    if Path(out).exists():
+        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
 
 
 def check_export(folder: Path, measure: Callable[[], float] | None, runtime: str) -> dict:
@@ -134,6 +137,7 @@ def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None
                      check: bool = True) -> Path:
     """Write ``out``: a Qwen2-MoE checkpoint of the mix that stock transformers loads, its logits checked against
     the mix's (``check``) before it appears."""
+    require_new_output(out)
     require_float_weights(mix, "export --format qwen2-moe", needs="a Nexus or linear mix")
     mix_dir, out = require_mix_folder(mix), Path(out)
     manifest = read_manifest(mix_dir)
@@ -142,11 +146,12 @@ def export_qwen2_moe(mix: str | Path, out: str | Path, log: Callable[[str], None
                              f"load it directly")
     config = AutoConfig.from_pretrained(mix_dir)
     q_config = qwen2_moe_config(config)
-    tensors = qwen2_moe_tensors(mix_dir, config)
-    log(f"exporting {config.num_experts} experts x {config.text_config.num_hidden_layers} layers to Qwen2-MoE")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # claimed before the tensors are read: a second run to the same --out waits for none
+        tensors = qwen2_moe_tensors(mix_dir, config)
+        log(f"exporting {config.num_experts} experts x {config.text_config.num_hidden_layers} layers to Qwen2-MoE")
         q_config.save_pretrained(tmp)
         save_checkpoint(tmp, tensors)
+        del tensors
         AutoTokenizer.from_pretrained(mix_dir).save_pretrained(tmp)
         for name in (*COPIED_FILES, MIX_FILE):
             if (mix_dir / name).is_file():
@@ -173,4 +178,5 @@ def export(mix: str | Path, out: str | Path, fmt: str = "qwen2-moe", log: Callab
     """Export a mix in format ``fmt`` (see ``FORMATS``), checked against the mix unless ``check`` is False."""
     if fmt not in FORMATS:
         raise ExpertmixError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    require_new_output(out)
     return FORMATS[fmt](mix, out, log=log, check=check)

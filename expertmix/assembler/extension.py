@@ -55,12 +55,10 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from ..checkpoints import require_context, require_float_weights
+from ..checkpoints import require_context, require_float_weights, require_tokenizer_fits
 from ..errors import ExpertmixError
 from ..experts.data import TokenizedDocument, count_tokens
 from ..experts.training import DataSource, ResumableJob, TrainSettings, resumable_job, uses_bf16
@@ -79,12 +77,12 @@ from .distillation import DistillationTrainer, load_teachers
 from .manifest import DataRef, MixManifest, read_manifest
 from .modeling_nexus import NexusForCausalLM
 from .upcycling import (
-    WEIGHTS_FILE,
     ExpertSource,
     MoeLayout,
     check_experts,
     fresh_router_tensors,
     load_expert,
+    read_tensors,
     require_mix_folder,
     save_checkpoint,
     stream_tensors,
@@ -286,7 +284,7 @@ def extend_tensors(mix_dir: Path, config: NexusConfig, new_config: NexusConfig, 
                    init_seed: int = 0, registry: str | None = None) -> dict[str, torch.Tensor]:
     """The mix's tensors with the new expert appended and the recipe's merge applied (streamed expert)."""
     layout = MoeLayout.for_config(new_config)
-    tensors = load_file(str(mix_dir / WEIGHTS_FILE))
+    tensors = dict(stream_tensors(mix_dir))  # model.safetensors or its shards
     n_old = config.num_experts
     lam = recipe.lam(n_old)
     rows = token_row_keys(layout)
@@ -504,12 +502,10 @@ def mask_old_experts(model: NexusForCausalLM, n_old: int) -> list:
 def restore_old_experts(model: NexusForCausalLM, source: Path, n_old: int) -> None:
     """Copy the old experts' rows back from ``source`` (bit-exact; guards against weight decay)."""
     names = {id(m): n for n, m in model.named_modules()}
-    with safe_open(str(source / WEIGHTS_FILE), framework="pt") as sf:
-        for b in model.moe_blocks():
-            prefix = names[id(b)]
-            for attr in ("gate_up_proj", "down_proj"):
-                p = getattr(b.experts, attr)
-                p[:n_old] = sf.get_tensor(f"{prefix}.experts.{attr}")[:n_old].to(p.dtype)
+    params = {f"{names[id(b)]}.experts.{attr}": getattr(b.experts, attr)
+              for b in model.moe_blocks() for attr in ("gate_up_proj", "down_proj")}
+    for key, saved in read_tensors(source, params).items():
+        params[key][:n_old] = saved[:n_old].to(params[key].dtype)
 
 
 def replay_sources(cfg: ExtendConfig, manifest: MixManifest) -> list[DataSource]:
@@ -539,6 +535,8 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
     require_float_weights(cfg.mix, "extend")
     require_context(cfg.mix, cfg.seq_len)
     mix_dir = require_mix_folder(cfg.mix)
+    tokenizer = AutoTokenizer.from_pretrained(mix_dir)
+    require_tokenizer_fits(tokenizer, mix_dir, f"extend {mix_dir}")
     manifest = read_manifest(mix_dir)
     if manifest.router == "merge":
         raise ExpertmixError(f"{mix_dir}: a dense merge has no experts to extend; extend a nexus or linear mix")
@@ -558,7 +556,6 @@ def extend(cfg: ExtendConfig, log: Callable[[str], None] = print) -> Path:
         raise ExpertmixError(f"expert '{expert.info.name}': domain embedding has {expert.embedding.numel()} "
                              f"values, the mix's router takes {config.embedding_dim}")
     n_old = config.num_experts
-    tokenizer = AutoTokenizer.from_pretrained(mix_dir)
     needed = budget_tokens(cfg.settings, cfg.seq_len)
     replay = replay_sources(cfg, manifest)
     if cfg.replay is not None:  # an explicit --replay whose names match no old domain replays none of them

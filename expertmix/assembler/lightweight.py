@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..checkpoints import require_context, require_float_weights
+from ..checkpoints import require_context, require_float_weights, require_tokenizer_fits
 from ..errors import ExpertmixError, IncompatibleExpertError
 from ..experts.data import pack, read_documents
 from ..experts.training import Blocks, DataSource, ResumableJob, TrainSettings, resumable_job
@@ -572,12 +572,13 @@ def assemble_lightweight(cfg: LightweightConfig, log: Callable[[str], None] = pr
         raise ExpertmixError(f"output folder {cfg.out} already exists; choose another --out or remove it")
     seed = seed_info(cfg.seed, cfg.seed_id)
     require_context(cfg.seed, cfg.seq_len)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.seed)
+    require_tokenizer_fits(tokenizer, cfg.seed, f"assemble --kind {cfg.kind} --seed {cfg.seed}")
     experts = [load_expert(ref, cfg.registry) for ref in cfg.experts]
     if experts:  # refused before any work folder exists
         check_lightweight_experts(seed, experts, cfg.kind)
     work = cfg.work_dir
     cfg.start_work_dir()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.seed)
     torch.manual_seed(cfg.settings.seed)
     base = load_base(cfg.seed)
     seq2seq = is_seq2seq(base.config)

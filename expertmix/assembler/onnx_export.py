@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ..checkpoints import require_float_weights
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, write_json_atomic
-from .export import FORMATS, check_export
+from .export import FORMATS, check_export, require_new_output
 from .routed_experts import router_topk
 
 MANIFEST = "onnx_export.json"
@@ -192,6 +192,39 @@ def _example(model, settings: OnnxExportSettings, past_len: int = 2):
     return (ids, mask, positions, *past)
 
 
+def onnx_unsupported(text) -> list[str]:
+    """What in a (text) config the exported graph cannot express: sliding-window attention (the cache would be cut
+    to the window, the graph's cache grows without end) and RoPE scaling that transformers recomputes from each
+    input's length in Python (``dynamic``: the trace would freeze the frequencies of the export example)."""
+    problems = []
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None) or []
+    enabled = getattr(text, "use_sliding_window", True) is not False  # Qwen2's switch; Mistral's has none
+    if window and enabled and (not types or "sliding_attention" in types):
+        problems.append(f"sliding-window attention (sliding_window {window})")
+    rope = getattr(text, "rope_parameters", None) or {}
+    # one dict, or one per attention type ({"full_attention": {...}, "sliding_attention": {...}})
+    for params in rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]:
+        kind = str(params.get("rope_type", "default"))
+        if "dynamic" in kind:
+            problems.append(f"rope_type '{kind}' (RoPE frequencies recomputed from each input's length)")
+            break
+    return problems
+
+
+def require_onnx_exportable(mix: str | Path) -> None:
+    """Refuse, reading only config files, a folder the ONNX export cannot handle: no float model of its own (a PEFT
+    adapter, a lightweight mix, a quantized model: said first, by ``require_float_weights``), or a config whose
+    attention or RoPE the graph cannot express (``onnx_unsupported``)."""
+    from ..checkpoints import text_config
+
+    require_float_weights(mix, "export --format onnx", then="quantize its graph with --onnx-quantize int8/int4")
+    problems = onnx_unsupported(text_config(mix))
+    if problems:
+        raise ExpertmixError(f"{mix}: export --format onnx cannot express {' and '.join(problems)}: the graph would "
+                             f"not reproduce the model on long inputs; nothing was written")
+
+
 def load_for_export(mix: str | Path, routing: Routing = "sparse") -> KvCacheDecoder:
     """Load a mix (or a dense model folder) in float32 and swap its MoE blocks for :class:`OnnxMoeBlock`."""
     from . import modeling_nexus  # noqa: F401  (Auto-class registration)
@@ -256,7 +289,7 @@ def float_matmuls(model, vocab_size: int) -> list[str]:
 
 
 def quantize_onnx(folder: str | Path, scheme: str, block_size: int = 128, accuracy_level: int | None = None) -> Path:
-    """Add ``model.int8.onnx`` (``quantize_dynamic``, per-channel) or ``model.int4.onnx`` (MatMulNBits) to an export."""
+    """Add ``model.int8.onnx`` (``quantize_dynamic``, per-tensor) or ``model.int4.onnx`` (MatMulNBits) to an export."""
     import onnx
 
     folder = Path(folder)
@@ -297,7 +330,10 @@ def _quantize(scheme: str, model, source: Path, target: Path, keep: list[str], b
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if scheme == "int8":
-        quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8,
+        # Per-tensor weight scales: per-channel int8 MatMulInteger (onnxruntime 1.32) gave a 0.44 relative logit error
+        # on an AVX2-only CPU without VNNI (AMD EPYC) where per-tensor gave under 0.1, so per-channel files
+        # would be wrong on part of the hardware they are shipped to.
+        quantize_dynamic(str(source), str(target), per_channel=False, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=keep, use_external_data_format=big,
                          extra_options={"MatMulConstBOnly": True})
     elif scheme == "int4":
@@ -318,8 +354,8 @@ def export_onnx(mix: str | Path, out: str | Path, settings: OnnxExportSettings |
     fp32 graph's logits are checked against the mix's (``check``) before it appears."""
     settings = settings or OnnxExportSettings()
     mix, out = Path(mix), Path(out)
-    if out.exists():
-        raise ExpertmixError(f"output folder {out} already exists; choose another --out or remove it")
+    require_new_output(out)
+    require_onnx_exportable(mix)  # before any loading: adapters and quantized models first, then the config
     decoder = load_for_export(mix, settings.routing)
     config = decoder.model.config
     text = config.get_text_config()
@@ -479,5 +515,6 @@ def max_logit_difference_onnx(mix: str | Path, folder: str | Path, ids: torch.Te
 
 
 __all__ = ["OnnxExportSettings", "OnnxMoeBlock", "KvCacheDecoder", "export_onnx", "quantize_onnx", "OnnxCausalLM",
-           "load_for_export", "is_onnx_export", "read_onnx_manifest", "max_logit_difference_onnx", "export_summary",
+           "load_for_export", "require_onnx_exportable", "is_onnx_export", "read_onnx_manifest",
+           "max_logit_difference_onnx", "export_summary",
            "io_names"]

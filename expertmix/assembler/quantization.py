@@ -6,7 +6,10 @@ Schemes (weights only; activations stay float):
 - ``int4``: asymmetric, one scale and zero point per ``group_size`` inputs of a row: ``w ~ (q - z) * s``, ``q``
   in [0, 15], two values per byte (low nibble first). Scales and zero points are float16 (as GPTQ/AWQ store
   them); the codes are computed from the float16-rounded values, so the error bound ``|w - w~| <= s / 2`` holds
-  for the stored scale. A row whose length is not a multiple of ``group_size`` is zero-padded to one.
+  for the stored scale. By default each layer's group is the largest even divisor of its input width up to
+  ``DEFAULT_GROUP_SIZE`` (a width of 96 gets groups of 96, not one group of 128 with 32 padded zeros; the config
+  records ``group_size: null``); a ``group_size`` given explicitly is used as is, and a row whose length is not a
+  multiple of it is zero-padded to one.
 
 Why hand-written rather than torchao: torchao's ``quantize_`` rewrites ``nn.Linear`` weights only, so the routed
 experts' fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` parameters (most of a mix's weights) would
@@ -50,32 +53,49 @@ SCHEMES: tuple[str, ...] = ("int8", "int4")
 # Module-name components left in float: routers (Nexus/linear routers, Qwen2-MoE's gates) and the output head.
 DEFAULT_SKIP: tuple[str, ...] = ("lm_head", "router", "gate", "shared_expert_gate")
 EXPERT_WEIGHTS: tuple[str, ...] = ("gate_up_proj", "down_proj")
+DEFAULT_GROUP_SIZE = 128  # int4: the largest group a layer gets when no group size is given
+MIN_FITTED_GROUP = 16  # below this a fitted group costs more in scales than it saves: pad to a default group instead
 COPIED_FILES = ("generation_config.json", "mix.json")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize: the scheme, the int4 group size and which module-name components stay float."""
+    """How to quantize: the scheme, the int4 group size (``None``: fitted to each layer, see ``fitted_group``) and
+    which module-name components stay float."""
 
     scheme: Scheme = "int8"
-    group_size: int = 128
+    group_size: int | None = None
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ExpertmixError(f"--scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
-        if self.scheme == "int4" and (self.group_size < 2 or self.group_size % 2):
+        if self.scheme == "int4" and self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise ExpertmixError(f"--group-size {self.group_size}: int4 needs an even group size >= 2")
 
     @property
     def bits(self) -> int:
         return 8 if self.scheme == "int8" else 4
 
+    def group_for(self, in_features: int) -> int:
+        """The int4 group of a weight with ``in_features`` inputs: the given group size, else the fitted one."""
+        return self.group_size if self.group_size is not None else fitted_group(in_features)
+
+
+def fitted_group(in_features: int, largest: int = DEFAULT_GROUP_SIZE, smallest: int = MIN_FITTED_GROUP) -> int:
+    """The largest even divisor of ``in_features`` up to ``largest``, so rows need no padding; where that would be
+    below ``smallest`` (an odd or awkward width), ``largest`` (or the row rounded up to even, when shorter) with the
+    last group zero-padded."""
+    for group in range(min(largest, in_features), smallest - 1, -1):
+        if group % 2 == 0 and in_features % group == 0:
+            return group
+    return min(largest, in_features + in_features % 2)
+
 
 # -- tensor-level quantization -------------------------------------------------------------------------
 
 def _groups(spec: QuantSpec, in_features: int) -> int:
-    return -(-in_features // spec.group_size)
+    return -(-in_features // spec.group_for(in_features))
 
 
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -85,7 +105,8 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]
         scale = (w.abs().amax(dim=-1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
         return {"qweight": q, "scale": scale}
-    g, n_in = spec.group_size, w.shape[-1]
+    n_in = w.shape[-1]
+    g = spec.group_for(n_in)
     pad = _groups(spec, n_in) * g - n_in
     if pad:  # zero padding: zeros lie inside every group's [min, max] range once it is widened to hold 0
         w = F.pad(w, (0, pad))
@@ -107,7 +128,7 @@ def dequantize_tensor(parts: dict[str, torch.Tensor], spec: QuantSpec, in_featur
     if spec.scheme == "int8":
         return (q.to(dtype) * scale.to(dtype)[..., None])
     unpacked = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*q.shape[:-1], -1)
-    g = spec.group_size
+    g = spec.group_for(in_features)
     grouped = unpacked.reshape(*q.shape[:-1], -1, g).to(dtype)
     w = (grouped - parts["zero"].to(dtype)[..., None]) * scale.to(dtype)[..., None]
     return w.reshape(*q.shape[:-1], -1)[..., :in_features]
@@ -120,7 +141,7 @@ def _code_shapes(spec: QuantSpec, lead: tuple[int, ...], out_features: int, in_f
         return {"qweight": ((*lead, out_features, in_features), torch.int8),
                 "scale": ((*lead, out_features), torch.float32)}
     groups = _groups(spec, in_features)
-    return {"qweight": ((*lead, out_features, groups * spec.group_size // 2), torch.uint8),
+    return {"qweight": ((*lead, out_features, groups * spec.group_for(in_features) // 2), torch.uint8),
             "scale": ((*lead, out_features, groups), torch.float16),
             "zero": ((*lead, out_features, groups), torch.float16)}
 
@@ -265,13 +286,17 @@ def replace_modules(model: nn.Module, spec: QuantSpec, quantize: bool = True) ->
 # -- transformers integration: quantization_config + quantizer -----------------------------------------
 
 class WeightOnlyConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a mix quantized by expertmix (``quant_method: expertmix``)."""
+    """``quantization_config`` of a mix quantized by expertmix (``quant_method: expertmix``).
 
-    def __init__(self, scheme: str = "int8", group_size: int = 128, skip: Iterable[str] | None = None,
+    ``group_size`` is written for int4 only (int8 has one scale per row): a number, or ``null`` for groups fitted
+    to each layer's input width.
+    """
+
+    def __init__(self, scheme: str = "int8", group_size: int | None = None, skip: Iterable[str] | None = None,
                  **kwargs):
         self.quant_method = QUANT_METHOD
         self.scheme = scheme
-        self.group_size = group_size
+        self.group_size = group_size if scheme == "int4" else None  # older int8 configs recorded an unused 128
         self.skip = list(skip if skip is not None else DEFAULT_SKIP)
 
     @property
@@ -279,8 +304,8 @@ class WeightOnlyConfig(QuantizationConfigMixin):
         return QuantSpec(scheme=self.scheme, group_size=self.group_size, skip=tuple(self.skip))
 
     def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, "scheme": self.scheme, "group_size": self.group_size,
-                "skip": list(self.skip)}
+        groups = {"group_size": self.group_size} if self.scheme == "int4" else {}
+        return {"quant_method": QUANT_METHOD, "scheme": self.scheme, **groups, "skip": list(self.skip)}
 
 
 class WeightOnlyQuantizer(HfQuantizer):
@@ -377,8 +402,9 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
             spec = tied
         check_skip(model, spec)
         float_weights = {name: _float_weight(m, spec) for name, m in quantizable_modules(model, spec)}
-        if spec.scheme == "int4" and float_weights:
-            shortest = min(w.shape[-1] for weights in float_weights.values() for w in weights.values())
+        widths = sorted({w.shape[-1] for weights in float_weights.values() for w in weights.values()})
+        if spec.scheme == "int4" and spec.group_size is not None and widths:
+            shortest = widths[0]
             if spec.group_size > shortest:  # every row padded to a whole group: int4 bigger than int8
                 raise ExpertmixError(f"--group-size {spec.group_size} is longer than the shortest rows to quantize "
                                      f"({shortest} inputs): each row would be padded to a whole group; use at most "
@@ -386,15 +412,20 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
         quantize_model(model, spec)
         stats = _relative_errors(model, float_weights)
         del float_weights
+        groups = {str(width): spec.group_for(width) for width in widths} if spec.scheme == "int4" else {}
         log(f"quantized {stats['tensors']:.0f} weight tensors to {spec.scheme}"
-            + (f" (groups of {spec.group_size})" if spec.scheme == "int4" else "")
+            + (f" (groups of {spec.group_size})" if spec.scheme == "int4" and spec.group_size is not None else "")
+            + (" (groups fitted to the input widths: " + ", ".join(f"{w} inputs in groups of {g}"
+                                                                   for w, g in groups.items()) + ")"
+               if spec.scheme == "int4" and spec.group_size is None else "")
             + f"; mean relative weight error {stats['mean_relative_error']:.2e}")
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(mix).save_pretrained(tmp)
         for name in COPIED_FILES:
             if (mix / name).is_file():
                 shutil.copyfile(mix / name, tmp / name)
-        record = {"source": str(mix.resolve()), **model.config.quantization_config.to_dict(), **stats}
+        record = {"source": str(mix.resolve()), **model.config.quantization_config.to_dict(),
+                  **({"groups_by_input_width": groups} if groups else {}), **stats}
         (tmp / "quantization.json").write_text(json.dumps(record, indent=2) + "\n")
         if (tmp / MIX_FILE).is_file():
             append_history(tmp, {"stage": "quantize", **record})
@@ -448,6 +479,6 @@ def load_quantized(folder: str | Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu").eval()
 
 
-__all__ = ["QuantSpec", "quantize_tensor", "dequantize_tensor", "QuantizedLinear", "QuantizedExperts",
+__all__ = ["QuantSpec", "fitted_group", "quantize_tensor", "dequantize_tensor", "QuantizedLinear", "QuantizedExperts",
            "quantize_model", "quantize_mix", "load_quantized", "QuantizeReport", "WeightOnlyConfig",
            "weights_bytes", "quantizable_modules"]

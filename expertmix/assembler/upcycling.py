@@ -15,7 +15,7 @@ seed's weights fingerprint, architecture and tokenizer, else they are refused by
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from .manifest import MixExpert, MixManifest, SeedInfo, Standardisation
 from .modeling_nexus import ROUTERS, NexusForCausalLM
 
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # beside the shards of a sharded checkpoint
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 COPIED_FILES = ("generation_config.json",)
 
@@ -326,9 +327,32 @@ def merge_tensors(experts: Sequence[ExpertSource], dtype: torch.dtype,
 
 
 def require_mix_folder(folder: str | Path) -> Path:
-    """A mix folder must hold config.json and model.safetensors (as ``upcycle``/``assemble`` write them)."""
+    """A mix folder must hold config.json and its weights: model.safetensors, or the shards its
+    model.safetensors.index.json names (as ``save_pretrained`` writes a big mix), every one of them here."""
     folder = Path(folder)
-    for name in ("config.json", WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise StoreError(f"{folder}: not a mix folder (no {name})")
+    if not (folder / "config.json").is_file():
+        raise StoreError(f"{folder}: not a mix folder (no config.json)")
+    if not (folder / WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_INDEX).is_file():
+        raise StoreError(f"{folder}: not a mix folder (no {WEIGHTS_FILE} nor {WEIGHTS_INDEX})")
+    try:
+        files = weight_files(folder)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{folder}/{WEIGHTS_INDEX}: not a safetensors index (no 'weight_map' of tensor names to "
+                         f"shard files): {exc}") from None
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise StoreError(f"{folder}: shard(s) {', '.join(missing[:3])} named by {WEIGHTS_INDEX} are missing")
     return folder
+
+
+def read_tensors(folder: str | Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a model folder, whole file or shards (each shard opened once, only the tensors it
+    holds read); a name the folder lacks is refused by name."""
+    folder, wanted = Path(folder), set(names)
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in wanted.intersection(sf.keys()):
+                out[k] = sf.get_tensor(k)
+    if missing := sorted(wanted - set(out)):
+        raise ExpertmixError(f"{folder}: tensor(s) {', '.join(missing[:3])} not in its weights")
+    return out

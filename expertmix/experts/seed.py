@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 ARCHITECTURES = ("llama", "qwen2", "cohere")
@@ -42,11 +42,19 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, intermediate_
 
 def build_seed(out: str | Path, tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 0,
                **config_kwargs) -> Path:
-    """Save a randomly initialised model of ``arch`` with ``tokenizer`` to ``out``."""
-    torch.manual_seed(seed)
-    config = tiny_config(arch, vocab_size=len(tokenizer), **config_kwargs)
-    model = AutoModelForCausalLM.from_config(config)
+    """Save a randomly initialised model of ``arch`` with ``tokenizer`` to ``out``.
+
+    The embedding has a row for every token of the tokenizer as the folder loads it: the architecture's own
+    tokenizer class may add one on load (Qwen2's adds ``<|endoftext|>``), which training would refuse as a
+    tokenizer that does not fit the model."""
     out = Path(out)
-    model.save_pretrained(out)
+    config = tiny_config(arch, vocab_size=len(tokenizer), **config_kwargs)
+    config.save_pretrained(out)  # AutoTokenizer picks the tokenizer class from it
     tokenizer.save_pretrained(out)
+    loaded = len(AutoTokenizer.from_pretrained(out))
+    if loaded > config.vocab_size:
+        config = tiny_config(arch, vocab_size=loaded, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
     return out

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoints import require_context, require_float_weights, require_model_weights
+from ..checkpoints import require_context, require_float_weights, require_model_weights, require_tokenizer_fits
 from ..errors import ExpertmixError
 from ..fsutil import atomic_dir, holds_folder, lock_folder, release_folder, remove_tree, write_json_atomic
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
@@ -280,6 +280,9 @@ class DataSource:
     path: Path
 
 
+OUT_FIELD = "out"  # a ResumableJob's output folder: OUT.partial sits beside it
+
+
 class ResumableJob:
     """For job configs with ``out`` and ``resume``: work happens in ``OUT.partial``, keyed by the settings."""
 
@@ -316,6 +319,7 @@ class ResumableJob:
         run_file = work / "run.json"
         if run_file.is_file():
             previous = _with_defaults(json.loads(run_file.read_text()), self.fingerprint_defaults(), fingerprint)
+            previous.pop(OUT_FIELD, None)  # older records hold the output folder's absolute path
             previous.setdefault("data_contents", fingerprint.get("data_contents"))  # older records: not hashed
             if previous != fingerprint:
                 raise ExpertmixError(f"--resume: the run in {work} was started with other settings "
@@ -338,8 +342,9 @@ def resumable_job(job: Callable[..., T]) -> Callable[..., T]:
     """For a job whose first argument is a :class:`ResumableJob`: its ``OUT.partial`` folder is held for the call
     (see ``fsutil.lock_folder``). When the job fails (refuses its input, or crashes) before any checkpoint exists,
     the folder this call made is removed, so the corrected command starts afresh instead of being told to resume a
-    run with nothing to resume. Interruptions keep it for ``--resume``, as does every failure after a checkpoint
-    and every failure of a run that an earlier call started."""
+    run with nothing to resume; every failure after a checkpoint, and every failure of a run that an earlier call
+    started, keeps it. An interruption (Ctrl-C, SIGTERM) keeps the checkpoints and says how to resume; one before
+    any checkpoint removes the folder it holds (nothing in it could be resumed) and says that nothing was kept."""
 
     @functools.wraps(job)
     def run(cfg: ResumableJob, *args, **kwargs) -> T:
@@ -351,6 +356,11 @@ def resumable_job(job: Callable[..., T]) -> Callable[..., T]:
             if has_checkpoints(work):
                 exc.add_note(f"interrupted: the checkpoints in {work} are kept; rerun the same command with --resume "
                              f"to continue from the last one")
+            elif not work.exists() or holds_folder(work):  # never a folder another process holds
+                release_folder(work)
+                remove_tree(work)
+                exc.add_note(f"interrupted before the first checkpoint: nothing was kept (no {work} is left); rerun "
+                             f"the same command, without --resume, to start over")
             raise
         except Exception:
             if made_here and holds_folder(work) and not has_checkpoints(work):
@@ -391,11 +401,14 @@ class ExpertTrainConfig(ResumableJob):
 
 
 def run_fingerprint(cfg) -> dict:
-    """A job's settings as JSON, less ``resume`` and the budget: what a resumed run must keep. Paths are absolute
-    (``data.jsonl`` and ``./data.jsonl`` are one file), and every data source's contents are hashed
-    (``data_contents``): a file rewritten between the interruption and ``--resume`` is a change of data."""
+    """A job's settings as JSON, less ``resume``, the budget and the output folder: what a resumed run must keep.
+    Input paths are absolute (``data.jsonl`` and ``./data.jsonl`` are one file), and every data source's contents
+    are hashed (``data_contents``): a file rewritten between the interruption and ``--resume`` is a change of data.
+    ``out`` is left out: ``OUT.partial`` is found beside ``--out``, so a work folder moved or renamed (with its
+    parent or alone) resumes wherever ``--out`` now puts it."""
     d = asdict(cfg)
     d.pop("resume")
+    d.pop(OUT_FIELD, None)
     settings = d.get("settings")
     if isinstance(settings, dict):
         for budget in ("max_steps", "max_tokens", "save_steps", "logging_steps", "progress"):
@@ -475,14 +488,25 @@ def _saved_dtype(model_dir: Path) -> torch.dtype:
 
 
 def peft_wrap(model, kind: str, r: int, alpha: int):
-    """Wrap ``model`` in the PEFT adapter an expert of ``kind`` ('lora' or 'ia3') trains."""
+    """Wrap ``model`` in the PEFT adapter an expert of ``kind`` ('lora' or 'ia3') trains, on the modules
+    :func:`~expertmix.experts.adapter.default_targets` finds in it (peft's own table lacks e.g. Cohere)."""
     from peft import IA3Config, LoraConfig, get_peft_model
 
+    from .adapter import default_targets, feedforward_targets
+
+    targets = default_targets(model, kind)
     if kind == "lora":
-        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
     else:
-        cfg = IA3Config(task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+        cfg = IA3Config(task_type="CAUSAL_LM", target_modules=targets,
+                        feedforward_modules=feedforward_targets(model, targets))
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError: name the modules tried and the model's own
+        from .adapter import linear_module_names
+
+        raise ExpertmixError(f"--peft {kind}: target modules {targets} do not fit this {model.config.model_type} "
+                             f"model (its linear layers: {', '.join(linear_module_names(model))}): {exc}") from exc
 
 
 @resumable_job
@@ -507,10 +531,11 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         raise ExpertmixError("no training data given (--data)")
     prune_spec = parse_prune_spec(cfg.prune) if cfg.prune else None
     shares = parse_mix_spec(cfg.mix) if cfg.mix else None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    require_tokenizer_fits(tokenizer, cfg.base, f"train --base {cfg.base}")  # before any folder or model
     cfg.start_work_dir()
     torch.manual_seed(cfg.settings.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     save_dtype = _saved_dtype(cfg.base)
     # by its absolute path: a PEFT expert's adapter_config.json records it as its base, read from anywhere later
     model = AutoModelForCausalLM.from_pretrained(Path(cfg.base).resolve(), dtype=torch.float32)

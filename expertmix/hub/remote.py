@@ -94,8 +94,9 @@ class RemoteRegistry:
             raise StoreError(f"{what}: {_server_message(exc)}") from exc
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
-            raise StoreError(f"{what}: registry {self.url} answered {status}: {_server_message(exc)}"
-                             f"{self._token_hint(status)}") from exc
+            message = _server_message(exc)
+            raise StoreError(f"{what}: registry {self.url} answered {status}: {message}"
+                             f"{self._token_hint(status, message)}") from exc
         except (httpx.HTTPError, http.client.HTTPException, OSError) as exc:
             raise StoreError(f"{what}: talking to the registry {self.url} failed ({exc})") from exc
         except HfUriError as exc:
@@ -106,8 +107,9 @@ class RemoteRegistry:
                 raise StoreError(f"{what}: talking to the registry {self.url} failed ({exc})") from exc
             raise
 
-    def _token_hint(self, status: object) -> str:
-        if status != 401:
+    def _token_hint(self, status: object, message: str) -> str:
+        """What to do about a 401, unless the registry's message already says (a revoked token)."""
+        if status != 401 or "revoked" in message:
             return ""
         if self.token:
             return f" (the registry does not know this token: check ${TOKEN_ENV} or --token)"
@@ -122,7 +124,7 @@ class RemoteRegistry:
         if resp.status_code >= 400:
             msg = resp.headers.get("X-Error-Message") or resp.text[:300]
             raise StoreError(f"{what}: registry {self.url} answered {resp.status_code}: {msg}"
-                             f"{self._token_hint(resp.status_code)}")
+                             f"{self._token_hint(resp.status_code, msg)}")
         return resp.json()
 
     def _repo_id(self, name: str) -> str:

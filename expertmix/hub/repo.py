@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import StoreError
 from ..fsutil import atomic_path
 from .card import CARD_FILE, EMBEDDING_FILE, ExpertCard, read_card
+from .content import check_folder_file
 
 if TYPE_CHECKING:  # torch is imported where it is used: the registry server starts without it
     import torch
@@ -21,8 +22,9 @@ FORBIDDEN_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".jobli
 
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # Refs resolve before commit ids, so a tag or branch named like a commit id (or a 7+ digit prefix of one) would
-# hide the revision it names: such names are refused.
-COMMIT_LIKE_RE = re.compile(r"^[0-9a-fA-F]{7,}$")
+# hide the revision it names: such names are refused. Commit ids are lowercase hex, here and on a registry server
+# (which imports this), and refs are matched by exact case, so an uppercase name such as "CAFE123" hides none.
+COMMIT_LIKE_RE = re.compile(r"^[0-9a-f]{7,}$")
 
 
 def is_tag(tag: str) -> bool:
@@ -35,8 +37,8 @@ def validate_tag(tag: str) -> str:
     if not is_tag(tag) or tag == "main":
         raise StoreError(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-' (no '/'), and not 'main'")
     if COMMIT_LIKE_RE.match(tag):
-        raise StoreError(f"invalid tag {tag!r}: it looks like a revision id (or a prefix of one), which it would "
-                         f"hide; choose a name with a letter beyond a-f, e.g. v1")
+        raise StoreError(f"invalid tag {tag!r}: it looks like a revision id (7 or more lowercase hex digits, or a "
+                         f"prefix of one), which it would hide; choose a name with a letter beyond a-f, e.g. v1")
     return tag
 
 
@@ -103,7 +105,8 @@ def _hidden(rel: Path) -> bool:
 
 
 def validate_expert_folder(folder: str | Path) -> ExpertFolder:
-    """Check a folder is a complete expert repo (card, weights, embedding) before it is shared."""
+    """Check a folder is a complete expert repo (card, weights, embedding) whose files hold no pickle, before it is
+    shared."""
     folder = Path(folder)
     if not folder.is_dir():
         raise StoreError(f"{folder}: not a folder")
@@ -114,9 +117,12 @@ def validate_expert_folder(folder: str | Path) -> ExpertFolder:
                          f"any Hub client")
     card = read_card(folder)
     info = card.expert
-    for p in folder.rglob("*"):
-        if p.is_file() and not _hidden(p.relative_to(folder)) and p.suffix.lower() in FORBIDDEN_SUFFIXES:
+    shared = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+    for p in shared:
+        if p.suffix.lower() in FORBIDDEN_SUFFIXES:
             raise StoreError(f"{p}: pickled weight files are refused; weights must be safetensors")
+    for p in shared:  # a pickle under any name (compressed, in a zip, an .npy of objects), broken safetensors
+        check_folder_file(p)
     if info.kind == "dense":
         needed = ["config.json"]
         if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import StoreError
-from ..fsutil import atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from ..fsutil import UMASK, atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .card import ExpertCard, ExpertInfo, parse_card
 from .repo import (
     is_tag,
@@ -134,11 +134,10 @@ class LocalStore:
         sha = sha256_file(src)
         dest = self._blob(sha)
         if not dest.exists():
-            with atomic_path(dest) as tmp:
+            with atomic_path(dest, mode=0o444 & ~UMASK) as tmp:  # read-only: blobs are written once
                 shutil.copyfile(src, tmp)
                 if sha256_file(tmp) != sha:  # the source changed while we copied it
                     raise StoreError(f"{src}: file changed while it was being published")
-                os.chmod(tmp, 0o444)
         return FileEntry(path="", sha256=sha, size=dest.stat().st_size)
 
     def publish(self, folder: str | Path, name: str | None = None, tag: str | None = None) -> ExpertEntry:
@@ -147,6 +146,9 @@ class LocalStore:
         name = validate_publish_name(expert.card.expert.name if name is None else name)
         if tag:
             validate_tag(tag)
+            if other := next((r for r in self._refs(name) if r != tag and r.casefold() == tag.casefold()), None):
+                raise StoreError(f"tag '{tag}': '{name}' already has the ref '{other}', and names that differ only in "
+                                 f"case share one file on some systems; choose another --tag (nothing was published)")
         self._check_layout(name)
         files = []
         for p in expert.files:
@@ -171,9 +173,19 @@ class LocalStore:
         return self.show(f"{name}@{revision}")
 
     # -- reading -----------------------------------------------------------------------------------
+    def _refs(self, name: str) -> list[str]:
+        """The ref names of an expert, as written (by exact case)."""
+        try:
+            return [e.name for e in os.scandir(self._repo(name) / "refs") if e.is_file()]
+        except FileNotFoundError:
+            return []
+
     def _read_ref(self, name: str, ref: str) -> str | None:
-        path = self._repo(name) / "refs" / ref
-        return path.read_text().strip() if path.is_file() else None
+        """The revision ``ref`` names, matched by exact case: on a case-insensitive filesystem (macOS, Windows)
+        ``refs/V1`` would otherwise open ``refs/v1``."""
+        if ref not in self._refs(name):
+            return None
+        return (self._repo(name) / "refs" / ref).read_text().strip()
 
     def _manifest(self, name: str, revision: str) -> dict:
         path = self._repo(name) / "revisions" / f"{revision}.json"

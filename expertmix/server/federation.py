@@ -342,7 +342,7 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
         )
         write_expert_repo(out, model, tokenizer, ExpertCard(expert=info, tags=["federated"]), embedding, embedder,
                           embedded, _saved_dtype(Path(cfg.base)))
-        record.expert = str(out)
+        record.expert = store.relative(out)  # inside the work folder: relative, so a moved one still finds it
         store.save_record(record)
         log(INFO, "[expertmix] expert written to %s", out)
     published = None
@@ -355,4 +355,4 @@ def _finish(cfg: FederationConfig, store: FederationStore, record: FederationRec
     result = {"expert": str(out), "published": published, "registry": cfg.registry or None,
               "rounds": record.rounds_done}
     store.finish(result)
-    return result
+    return store.result()

@@ -6,6 +6,7 @@ Layout of ``WORK``::
     state.json                     settings key, rounds done, the round log, node summaries, the checkpoint
     checkpoints/round-0003.safetensors   the global state after round 3 (the last two are kept)
     result.json                    written last: where the expert is and what was published
+                                   (the expert's folder relative to WORK when inside it: a moved WORK still finds it)
     failure.json                   why the last run stopped without an expert (cleared when a run starts)
 
 Each file is replaced atomically and the weights are written before ``state.json`` points at them, so a
@@ -109,7 +110,21 @@ class FederationStore:
         write_json_atomic(self.root / STATE_FILE, record.__dict__)
 
     def finish(self, result: dict) -> None:
-        write_json_atomic(self.result_file, result)
+        """Record the federation's result; its ``expert`` folder relative to the work folder when inside it."""
+        write_json_atomic(self.result_file, {**result, "expert": self.relative(result["expert"])})
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` as the record keeps it: relative to the work folder when inside it (a work folder moved or
+        restored elsewhere still finds it), absolute otherwise."""
+        path = Path(path).absolute()
+        try:
+            return path.relative_to(self.root.absolute()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def located(self, recorded: str) -> Path:
+        """A path the record keeps (see :meth:`relative`) as an absolute path from where the work folder is now."""
+        return self.root.absolute() / recorded
 
     def state(self) -> dict | None:
         """The record as last saved (rounds done, the round log), or None before the first round; for watchers."""
@@ -120,7 +135,11 @@ class FederationStore:
             return None
 
     def result(self) -> dict | None:
-        return json.loads(self.result_file.read_text()) if self.result_file.is_file() else None
+        """The recorded result (None before the federation has finished), its ``expert`` an absolute path."""
+        if not self.result_file.is_file():
+            return None
+        result = json.loads(self.result_file.read_text())
+        return {**result, "expert": str(self.located(result["expert"]))}
 
     def record_failure(self, message: str) -> None:
         """Why the run stopped without an expert, for the coordinator to show as one line."""

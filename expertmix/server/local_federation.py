@@ -37,7 +37,7 @@ from ..checkpoints import require_context, require_float_weights
 from ..client.local_optimizer import moments_file
 from ..client.settings import FederationConfig, NodeConfig
 from ..errors import ExpertmixError
-from ..fsutil import lock_folder, release_folder, write_json_atomic, write_text_atomic
+from ..fsutil import lock_folder, release_folder, remove_tree, write_json_atomic, write_text_atomic
 from ..hub.repo import validate_name
 from .federation_state import FederationStore
 
@@ -293,25 +293,37 @@ def run_local_federation(fed: LocalFederation, log: Callable[[str], None] = prin
         if n.valid is not None and not Path(n.valid).exists():
             raise ExpertmixError(f"node {n.name}: validation data {n.valid} does not exist")
     work = Path(cfg.work_dir).resolve()
+    made_here = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     lock_folder(work)  # one coordinator per work folder: a second would run a second federation into it
+    refused = True
     try:
+        _refuse_before_start(fed, work)
+        refused = False
         return _run_locked(fed, work, log, progress, on_started)
     finally:
         release_folder(work)
+        if refused and made_here:  # refused before anything started: leave no folder behind (never one given)
+            remove_tree(work)
 
 
-def _run_locked(fed: LocalFederation, work: Path, log: Callable[[str], None], progress: bool,
-                on_started: Callable[[Processes], None] | None) -> dict:
+def _refuse_before_start(fed: LocalFederation, work: Path) -> None:
+    """The checks that need the work folder's record, made before any process starts or any file is written."""
     cfg = fed.config
     store = FederationStore(work)
     if (done := store.result()) is not None:
         raise ExpertmixError(f"the federation in {work} has already finished (expert at {done['expert']}); "
                              f"choose another --work-dir")
     store.check(cfg)  # other settings are refused here, before any process starts or any file is rewritten
-    done = store.state() or {}
-    if cfg.out_dir.exists() and not done.get("expert"):  # refused now, not after every round has trained
+    if cfg.out_dir.exists() and not (store.state() or {}).get("expert"):  # now, not after every round has trained
         raise ExpertmixError(f"--out {cfg.out_dir} already exists; choose another --out or remove it")
+
+
+def _run_locked(fed: LocalFederation, work: Path, log: Callable[[str], None], progress: bool,
+                on_started: Callable[[Processes], None] | None) -> dict:
+    cfg = fed.config
+    store = FederationStore(work)
+    done = store.state() or {}
     if done.get("rounds_done"):
         log(f"resuming the federation in {work} after round {done['rounds_done']} of {cfg.rounds}")
     flwr_home, logs = work / "flower", work / "logs"

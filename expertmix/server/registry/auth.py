@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from ...errors import StoreError
 from .db import init_db
 from .errors import HubError
-from .models import Token
+from .models import RevokedToken, Token
 from .naming import check_namespace
 
 TOKEN_PREFIX = "emx_"
@@ -29,6 +29,7 @@ class Principal:
 
     namespace: str
     label: str = ""
+    token_id: int | None = None
 
 
 def issue_token(db: Session, namespace: str, label: str = "") -> str:
@@ -58,7 +59,7 @@ def list_tokens(database_url: str, namespace: str | None = None) -> list[dict]:
     """The tokens of a registry (of one namespace): id, namespace, label and creation time, never the secret."""
     factory = init_db(database_url, create=False)
     with factory() as db:
-        stmt = select(Token).order_by(Token.id)
+        stmt = select(Token).where(Token.id.not_in(select(RevokedToken.token_id))).order_by(Token.id)
         if namespace is not None:
             stmt = stmt.where(Token.namespace == namespace)
         return [{"id": t.id, "namespace": t.namespace, "label": t.label,
@@ -66,17 +67,31 @@ def list_tokens(database_url: str, namespace: str | None = None) -> list[dict]:
 
 
 def revoke_token(database_url: str, token_id: int) -> dict:
-    """Delete token ``token_id`` (as ``list_tokens`` numbers them): requests bearing it are refused from now on."""
+    """Revoke token ``token_id`` (as ``list_tokens`` numbers them): requests bearing it, and the upload URLs it was
+    given, are refused from now on with a 401 that says it was revoked."""
     factory = init_db(database_url, create=False)
     with factory() as db:
         row = db.get(Token, token_id)
-        if row is None:
-            known = ", ".join(str(t) for t in db.scalars(select(Token.id).order_by(Token.id))) or "none"
-            raise StoreError(f"no token with id {token_id} in the registry (ids: {known})")
-        gone = {"id": row.id, "namespace": row.namespace, "label": row.label}
-        db.delete(row)
+        revoked = db.get(RevokedToken, token_id) if row is not None else None
+        if row is None or revoked is not None:
+            active = select(Token.id).where(Token.id.not_in(select(RevokedToken.token_id))).order_by(Token.id)
+            known = ", ".join(str(t) for t in db.scalars(active)) or "none"
+            when = f" (it was revoked at {revoked.revoked_at.isoformat(timespec='seconds')})" if revoked else ""
+            raise StoreError(f"no token with id {token_id} in the registry{when}; active ids: {known}")
+        db.add(RevokedToken(token_id=row.id))
         db.commit()
-        return gone
+        return {"id": row.id, "namespace": row.namespace, "label": row.label}
+
+
+def revoked_message(token_id: int) -> str:
+    """The 401 message for a revoked token (or an upload URL it was given)."""
+    return (f"this token (id {token_id}) was revoked by the registry operator; ask them for a new one "
+            f"(`expertmix token create`)")
+
+
+def is_revoked(db: Session, token_id: int | None) -> bool:
+    """Whether token ``token_id`` was revoked (None: no token, never revoked)."""
+    return token_id is not None and db.get(RevokedToken, token_id) is not None
 
 
 def principal_for(db: Session, authorization: str | None) -> Principal | None:
@@ -89,7 +104,9 @@ def principal_for(db: Session, authorization: str | None) -> Principal | None:
     row = db.scalar(select(Token).where(Token.token_hash == hash_token(token.strip())))
     if row is None:
         raise HubError(401, "Invalid credentials in Authorization header")
-    return Principal(namespace=row.namespace, label=row.label)
+    if is_revoked(db, row.id):
+        raise HubError(401, revoked_message(row.id))
+    return Principal(namespace=row.namespace, label=row.label, token_id=row.id)
 
 
 def require_writer(principal: Principal | None, namespace: str) -> Principal:

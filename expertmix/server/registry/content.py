@@ -1,107 +1,66 @@
-"""Content checks on uploaded files: pickles are refused, safetensors headers must be well formed."""
+"""HTTP face of the content checks in ``expertmix.hub.content``: a refused file is a 400 that names it."""
 
 from __future__ import annotations
 
-import json
-import pickletools
-import re
-import struct
 from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
+from ...hub import content
+from ...hub.content import HEAD_BYTES, MAX_SAFETENSORS_HEADER, ContentError
 from .errors import HubError
-from .storage import BlobStorage, read_range
+from .storage import BlobStorage, StagedBlob, read_range
 
 Reader = Callable[[int, int], bytes]  # (start, length) -> bytes
 
-MAX_SAFETENSORS_HEADER = 100 << 20
-
-
-HEAD_BYTES = 512  # how much of a file the content checks read
-_IMPORTS = {"GLOBAL", "STACK_GLOBAL", "INST"}  # opcodes that import (and so can run) code when unpickled
-_MEMO = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "MARK"}
-
-
-_IMPORTED = re.compile(r"^[A-Za-z_][\w.]* [A-Za-z_][\w.]*$")  # GLOBAL/INST's "module name"
-
-
-def _is_headerless_pickle(head: bytes) -> bool:
-    """Protocol 0 and 1 pickles carry no header: bytes that parse as pickle opcodes, to their STOP (or over most of
-    a cut head), memoize, and import code by a ``module name`` pair. Text rarely gets far: most letters are no
-    opcode, or take arguments it lacks, and its lines are no ``module name``."""
-    seen: set[str] = set()
-    end = 0
-    try:
-        for op, arg, pos in pickletools.genops(head):
-            if op.name in ("GLOBAL", "INST") and not _IMPORTED.match(str(arg)):
-                return False
-            seen.add(op.name)
-            end = pos
-            if op.name == "STOP":
-                break
-        else:
-            return False
-    except ValueError as exc:  # not a pickle, or a head cut mid-opcode
-        if len(head) < HEAD_BYTES or end < HEAD_BYTES // 2 or "unknown" in str(exc):
-            return False
-    return bool(seen & _IMPORTS) and bool(seen & _MEMO)
-
 
 def refuse_pickle(path: str, head: bytes) -> None:
-    """Refuse bytes that are a pickle (any protocol) or a torch zip archive (which holds one), whatever the file is
-    named."""
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 or _is_headerless_pickle(head[:HEAD_BYTES]):
-        raise HubError(400, f"{path}: content is a Python pickle; weights must be safetensors")
-    if head.startswith(b"PK\x03\x04") and b".pkl" in head[:512]:
-        raise HubError(400, f"{path}: content is a torch.save archive (a pickle); use safetensors")
+    """Refuse the first bytes of a file (an upload's sample or head) that already show a pickle importing and
+    calling code, plain, compressed or in a torch.save archive, whatever the file is named."""
+    problem = content.head_problem(head[:HEAD_BYTES])
+    if problem:
+        raise HubError(400, f"{path}: {problem}")
+
+
+def check_staged(label: str, staged: StagedBlob) -> None:
+    """Whole-file content check of an upload on disk, before it is placed at its content address."""
+    staged.close()  # flushed; placing it closes it again harmlessly
+    check_path(label, staged.path)
+
+
+def check_path(label: str, path: Path) -> None:
+    """Whole-file content check of a file on the server's disk."""
+    try:
+        content.check_file(path, name=label)
+    except ContentError as exc:
+        raise HubError(400, str(exc)) from exc
 
 
 def check_safetensors(path: str, read: Reader, size: int) -> None:
-    """Check a .safetensors blob's header: length, JSON, dtypes, shapes and offsets that fit the file.
-
-    Hand-written rather than ``safetensors.safe_open`` because blobs may live on remote storage; reading the
-    header (8 bytes + JSON) is enough and never loads tensor data.
-    """
-    if size < 8:
-        raise HubError(400, f"{path}: not a safetensors file ({size} bytes, shorter than its header length)")
-    (n,) = struct.unpack("<Q", read(0, 8))
-    if n > min(size - 8, MAX_SAFETENSORS_HEADER):
-        raise HubError(400, f"{path}: not a safetensors file (header length {n} does not fit "
-                            f"a {size}-byte file)")
-    try:
-        header = json.loads(read(8, n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HubError(400, f"{path}: safetensors header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise HubError(400, f"{path}: safetensors header is not a JSON object")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise HubError(400, f"{path}: safetensors __metadata__ must map strings to strings")
-            continue
-        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
-              and isinstance(info.get("shape"), list)
-              and all(isinstance(d, int) and d >= 0 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(o, int) for o in info["data_offsets"])
-              and 0 <= info["data_offsets"][0] <= info["data_offsets"][1] <= data_len)
-        if not ok:
-            raise HubError(400, f"{path}: safetensors entry {name!r} is malformed or points outside the file")
-
-
-def check_content(path: str, read: Reader, size: int) -> None:
-    """All content checks for one committed file, reading through ``read``."""
-    refuse_pickle(path, read(0, HEAD_BYTES))
-    if PurePosixPath(path).suffix.lower() == ".safetensors":
-        check_safetensors(path, read, size)
+    """Check a .safetensors blob's header: length, JSON, dtypes, shapes and offsets that fit the file."""
+    problem = content.safetensors_problem(read, size)
+    if problem:
+        raise HubError(400, f"{path}: {problem}")
 
 
 def check_bytes(path: str, data: bytes) -> None:
-    """Content checks for a file held in memory."""
-    check_content(path, lambda start, length: data[start:start + length], len(data))
+    """All content checks for a committed file held in memory."""
+    try:
+        content.check_bytes(path, data)
+    except ContentError as exc:
+        raise HubError(400, str(exc)) from exc
+    if PurePosixPath(path).suffix.lower() == ".safetensors":
+        check_safetensors(path, lambda start, length: data[start:start + length], len(data))
 
 
 def check_blob(path: str, storage: BlobStorage, sha: str, size: int) -> None:
-    """Content checks for a stored blob."""
-    check_content(path, lambda start, length: read_range(storage, sha, start, length), size)
+    """All content checks for a committed file stored as a blob, read forward from storage."""
+    with storage.open(sha) as f:
+        problem = content.pickle_problem(f)
+    if problem:
+        raise HubError(400, f"{path}: {problem}")
+    if PurePosixPath(path).suffix.lower() == ".safetensors":
+        check_safetensors(path, lambda start, length: read_range(storage, sha, start, length), size)
+
+
+__all__ = ["HEAD_BYTES", "MAX_SAFETENSORS_HEADER", "check_blob", "check_bytes", "check_path", "check_safetensors",
+           "check_staged", "refuse_pickle"]

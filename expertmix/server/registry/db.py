@@ -7,13 +7,14 @@ from contextlib import closing
 from pathlib import Path
 from urllib.request import pathname2url
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import Column, Integer, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateIndex
 
 from ...errors import StoreError
-from .models import Base
+from .models import Base, Repo
 
 
 def make_engine(url: str) -> Engine:
@@ -76,6 +77,38 @@ def _require_registry(tables: set[str], where: str) -> None:
                          f"--database (--init makes it a new registry)")
 
 
+# Columns added to existing tables by later versions: (table, column); each is nullable, so adding it is safe.
+ADDED_COLUMNS = [("upload_grants", Column("token_id", Integer, nullable=True))]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns later versions gave existing tables (ALTER TABLE ADD COLUMN: SQLite and PostgreSQL)."""
+    inspector = inspect(engine)
+    for table, column in ADDED_COLUMNS:
+        if column.name in {c["name"] for c in inspector.get_columns(table)}:
+            continue
+        kind = column.type.compile(dialect=engine.dialect)
+        prep = engine.dialect.identifier_preparer
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {prep.quote(table)} ADD COLUMN {prep.quote(column.name)} {kind}"))
+
+
+def _refuse_case_duplicates(engine: Engine) -> None:
+    """Repo ids are case-insensitive: a registry made before that with repos differing only in case is named, so
+    the operator can rename one, rather than failing on the unique index with a database message."""
+    lower_ns, lower_name = func.lower(Repo.namespace), func.lower(Repo.name)
+    stmt = (select(lower_ns, lower_name).group_by(lower_ns, lower_name).having(func.count() > 1))
+    with engine.connect() as conn:
+        clashes = conn.execute(stmt).all()
+        if not clashes:
+            return
+        names = [f"{r.namespace}/{r.name}" for r in conn.execute(
+            select(Repo.namespace, Repo.name).where(func.lower(Repo.namespace) == clashes[0][0],
+                                                    func.lower(Repo.name) == clashes[0][1]))]
+    raise StoreError(f"the registry database holds repos whose ids differ only in case ({', '.join(names)}); "
+                     f"repo ids are case-insensitive: delete or rename all but one")
+
+
 def init_db(url: str, create: bool = True) -> sessionmaker[Session]:
     """Create the tables if missing and return a session factory.
 
@@ -93,9 +126,14 @@ def init_db(url: str, create: bool = True) -> sessionmaker[Session]:
         if not create and sqlite_file is None:
             _require_registry(set(inspect(engine).get_table_names()), engine.url.render_as_string(hide_password=True))
         Base.metadata.create_all(engine)
-        for table in Base.metadata.sorted_tables:  # indexes added since a table was made
-            for index in table.indexes:
-                index.create(engine, checkfirst=True)
+        _add_missing_columns(engine)
+        _refuse_case_duplicates(engine)
+        # Indexes added since a table was made; IF NOT EXISTS (SQLite and PostgreSQL) because reflection does not
+        # see expression indexes such as the case-insensitive repo id.
+        with engine.begin() as conn:
+            for table in Base.metadata.sorted_tables:
+                for index in table.indexes:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
     except DBAPIError as exc:  # unreachable server, wrong password, unwritable file: one line, password hidden
         reason = str(exc.orig or exc).strip().splitlines()[0]
         raise StoreError(f"cannot open the registry database {engine.url.render_as_string(hide_password=True)}: "

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import ExpertmixError
 
@@ -58,6 +61,36 @@ async def validation_error_handler(_request: Request, exc: RequestValidationErro
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'payload'}: {err.get('msg')}")
     return error_response(400, "malformed request: " + "; ".join(parts))
+
+
+async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route, method not allowed) in the Hub's shape rather than ``{"detail"}``."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message = f"{where}: no such endpoint on this registry"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        message = f"{where}: method {request.method} is not allowed here" + (f" (allowed: {allowed})" if allowed
+                                                                              else "")
+    else:
+        message = f"{where}: {exc.detail}"
+    return error_response(exc.status_code, message, headers=dict(exc.headers or {}))
+
+
+DB_UNAVAILABLE = "database unavailable"
+
+
+def database_unavailable(exc: Exception, extra: dict | None = None) -> JSONResponse:
+    """503 for a database that cannot be reached or answer in time (the client may retry), one log line."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300] if str(exc).strip() else \
+        type(exc).__name__
+    logging.getLogger("expertmix.registry").warning("%s: %s", DB_UNAVAILABLE, reason)
+    return error_response(503, f"{DB_UNAVAILABLE}: the registry cannot reach its database right now; retry later",
+                          headers={"Retry-After": "5"}, extra=extra)
+
+
+async def database_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    return database_unavailable(exc)
 
 
 async def expertmix_error_handler(_request: Request, exc: ExpertmixError) -> JSONResponse:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -36,6 +37,14 @@ class Token(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RevokedToken(Base):
+    """A revoked token: its row in ``tokens`` stays (so its id is never reused) and requests bearing it get 401."""
+
+    __tablename__ = "revoked_tokens"
+    token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id", ondelete="CASCADE"), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Repo(Base):
@@ -117,6 +126,7 @@ class UploadGrant(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the token that asked; revoking it ends this
 
 
 class ExpertRecord(Base):
@@ -145,5 +155,7 @@ class ExpertLanguage(Base):
     language: Mapped[str] = mapped_column(String(32), primary_key=True)
 
 
+# Repo ids are case-insensitive, as on the Hub: Alice/Expert and alice/expert are one repo.
+Index("uq_repos_lower_id", func.lower(Repo.namespace), func.lower(Repo.name), unique=True)
 Index("ix_expert_languages_language", ExpertLanguage.language)
 Index("ix_commit_files_sha256", CommitFile.sha256)

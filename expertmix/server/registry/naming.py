@@ -38,8 +38,22 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+FULL_REF_RE = re.compile(r"^refs/(heads|tags|pr)/(.*)$")
+
+
+def strip_full_ref(revision: str) -> str:
+    """``refs/heads/NAME`` and ``refs/tags/NAME`` name NAME, as on the Hub; ``refs/pr/N`` is refused (400)."""
+    m = FULL_REF_RE.match(revision)
+    if m is None:
+        return revision
+    if m.group(1) == "pr":
+        raise HubError(400, f"revision {revision!r}: pull-request refs are not supported by this registry")
+    return m.group(2)
+
+
 def check_revision(revision: str) -> str:
-    """A branch, tag or commit id: no slashes, no '..'."""
+    """A branch, tag or commit id (``refs/heads/NAME`` and ``refs/tags/NAME`` name NAME): no slashes, no '..'."""
+    revision = strip_full_ref(revision)
     if not REVISION_RE.match(revision) or ".." in revision:
         raise HubError(400, f"invalid revision {revision!r}: use a branch, a tag or a commit id")
     return revision
@@ -50,6 +64,8 @@ def check_ref_name(name: str, kind: str) -> str:
     so it would hide the commits it names)."""
     if "/" in name:
         raise HubError(400, f"invalid {kind} name {name!r}: this registry's {kind} names hold no '/'")
+    if name == "refs":
+        raise HubError(400, f"invalid {kind} name 'refs': it would read as the start of a full ref (refs/heads/...)")
     check_revision(name)
     if COMMIT_LIKE_RE.match(name):
         raise HubError(400, f"{kind} name {name!r} looks like a commit id (or a prefix of one); choose another")

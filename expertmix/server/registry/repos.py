@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from .auth import Principal, can_read
+from .auth import Principal, can_read, require_writer
 from .errors import HubError, repo_not_found, revision_not_found
 from .models import BlobHolder, Commit, CommitFile, Ref, Repo
 from .naming import COMMIT_RE, check_repo_id, check_revision
@@ -35,7 +35,9 @@ def iso(dt: datetime | None) -> str | None:
 
 
 def get_repo(db: Session, namespace: str, name: str) -> Repo | None:
-    return db.scalar(select(Repo).where(Repo.namespace == namespace, Repo.name == name))
+    """The repo ``namespace/name`` in any letter case (repo ids are case-insensitive, as on the Hub)."""
+    return db.scalar(select(Repo).where(func.lower(Repo.namespace) == namespace.lower(),
+                                        func.lower(Repo.name) == name.lower()))
 
 
 def visible_repo(db: Session, namespace: str, name: str, principal: Principal | None) -> Repo:
@@ -47,13 +49,14 @@ def visible_repo(db: Session, namespace: str, name: str, principal: Principal | 
     return repo
 
 
-def writable_repo(db: Session, namespace: str, name: str) -> Repo:
-    """The repo to write to (the caller already checked the token's namespace)."""
+def writable_repo(db: Session, namespace: str, name: str, principal: Principal | None) -> Repo:
+    """The repo to write to; the token must be for its namespace as stored (lookups ignore case, tokens do not)."""
     repo_id = check_repo_id(namespace, name)
     repo = get_repo(db, namespace, name)
-    if repo is None:
+    if repo is None or not can_read(principal, repo.namespace, repo.private):
         raise HubError(404, f"Repository {repo_id} not found: create it first (huggingface_hub create_repo)",
                        "RepoNotFound")
+    require_writer(principal, repo.namespace)
     return repo
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ...errors import ExpertmixError
 from ...hub.store import expertmix_home
@@ -26,8 +27,11 @@ class RegistrySettings(BaseModel):
     blobs_url: str = Field(default_factory=lambda: str(default_root() / "blobs"),
                            description="a folder (content-addressed blobs on disk) or any fsspec URL")
     max_upload_bytes: int = Field(default=20 << 30, gt=0, description="largest file accepted in one upload")
-    max_commit_bytes: int = Field(default=64 << 20, gt=0,
-                                  description="largest commit payload (inline small files travel in it)")
+    max_commit_bytes: int = Field(default=2 << 30, gt=0,
+                                  description="largest commit payload (inline small files travel in it); it is "
+                                              "spooled to disk, never held in memory whole")
+    max_commit_line_bytes: int = Field(default=64 << 20, gt=0,
+                                       description="largest line of a commit payload (one inline file, base64)")
     inline_max_bytes: int = Field(default=1 << 20, ge=0,
                                   description="text files up to this size travel inline in the commit; "
                                               "larger or binary files go through the LFS upload")
@@ -37,6 +41,18 @@ class RegistrySettings(BaseModel):
                                    description="hash whole-file downloads; cut them short on a mismatch")
     public_url: str | None = Field(default=None,
                                    description="URL clients reach the server at (default: the request's)")
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        """Links handed to clients must be ones they can follow: an http(s) URL with a host."""
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host "
+                             f"(e.g. https://registry.example.org)")
+        return value.rstrip("/")
 
     @classmethod
     def from_env(cls, **overrides) -> RegistrySettings:

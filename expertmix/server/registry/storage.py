@@ -91,6 +91,8 @@ class BlobStorage(Protocol):
 
     def sweep(self) -> int: ...
 
+    def check_writable(self) -> None: ...
+
     def describe(self) -> str: ...
 
 
@@ -116,6 +118,20 @@ class _StagingMixin:
             if not blob._file.closed:
                 blob._file.close()
             path.unlink(missing_ok=True)
+
+    def _probe(self, folder: Path, what: str) -> None:
+        """Create and remove a file in ``folder``; StoreError naming it when that fails."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise StoreError(f"{what} {folder} is not writable ({exc.strerror or exc}): fix its permissions or "
+                             f"give --blobs another folder") from exc
+
+    def check_writable(self) -> None:
+        """Fail at startup, not at the first upload, when staging files cannot be written."""
+        self._probe(self.staging_dir, "the blob staging folder")
 
     def sweep(self) -> int:
         """Remove staging files left by killed uploads (older than a day); returns how many."""
@@ -146,6 +162,11 @@ class LocalBlobStorage(_StagingMixin):
 
     def _path(self, sha: str) -> Path:
         return self.root / "sha256" / check_sha(sha)[:2] / sha
+
+    def check_writable(self) -> None:
+        """Fail at startup, not at the first upload, when the blob folder (or its staging folder) is read-only."""
+        self._probe(self.root / "sha256", "the blob folder")
+        self._probe(self.staging_dir, "the blob staging folder")
 
     def exists(self, sha: str) -> bool:
         return self._path(sha).is_file()

@@ -135,6 +135,11 @@ def resolve_file(namespace: str, name: str, revision: str, path: str, request: R
                  db: DbSession, principal: CurrentPrincipal, state: State) -> Response:
     commit, sha, size = _lookup(namespace, name, revision, path, db, principal)
     db.close()  # release the connection before a long stream
+    if not state.storage.exists(sha):
+        log.error("blob %s of %s/%s@%s (%s) is missing from storage %s", sha, namespace, name, commit, path,
+                  state.storage.describe())
+        raise HubError(500, f"{namespace}/{name}@{commit}: the stored bytes of {path!r} (blob {sha}) are missing "
+                            f"from the registry's storage; the registry operator must restore them from a backup")
     headers = {"X-Repo-Commit": commit, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"',
                "X-Linked-Size": str(size), "Accept-Ranges": "bytes", "Cache-Control": "no-transform",
                "Content-Disposition": f'attachment; filename="{SAFE_NAME_RE.sub("_", path.rsplit("/")[-1])}"'}

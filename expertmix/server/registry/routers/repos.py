@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -100,10 +100,17 @@ def create_repo(body: CreateRepo, db: DbSession, principal: CurrentPrincipal,
         raise HubError(401, "creating a repo needs a token")
     repo_id = check_repo_id(namespace, body.name)
     require_writer(principal, namespace)
-    if get_repo(db, namespace, body.name) is not None:
+    existing = get_repo(db, namespace, body.name)
+    if existing is not None:
         # The body names the repo's URL: huggingface_hub's create_repo(exist_ok=True) reads it from the 409.
-        raise HubError(409, f"You already created this model repo: {repo_id}",
-                       extra={"url": f"{base}/{repo_id}"})
+        if existing.repo_id == repo_id:
+            raise HubError(409, f"You already created this model repo: {repo_id}",
+                           extra={"url": f"{base}/{repo_id}"})
+        if can_read(principal, existing.namespace, existing.private):
+            raise HubError(409, f"{repo_id}: the repo {existing.repo_id} already exists (repo ids are "
+                                f"case-insensitive)", extra={"url": f"{base}/{existing.repo_id}"})
+        raise HubError(409, f"{repo_id}: a repo whose id differs only in case already exists (repo ids are "
+                            f"case-insensitive)")
     repo = Repo(namespace=namespace, name=body.name, private=_private(body.private, body.visibility))
     db.add(repo)
     try:
@@ -127,8 +134,9 @@ def delete_repo(body: DeleteRepo, db: DbSession,
     repo_id = check_repo_id(namespace, body.name)
     require_writer(principal, namespace)
     repo = get_repo(db, namespace, body.name)
-    if repo is None:
+    if repo is None or not can_read(principal, repo.namespace, repo.private):
         raise repo_not_found(repo_id)
+    require_writer(principal, repo.namespace)
     db.execute(delete(Repo).where(Repo.id == repo.id))  # commits, files, refs and index rows cascade
     db.commit()
     return {}
@@ -140,6 +148,7 @@ def update_settings(namespace: str, name: str, body: RepoSettings, db: DbSession
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
+    require_writer(principal, repo.namespace)
     if body.private is not None or body.visibility is not None:
         repo.private = _private(body.private, body.visibility)
     db.commit()
@@ -160,20 +169,60 @@ def model_info(db: Session, repo: Repo, commit: Commit | None) -> dict[str, Any]
     if record is not None:
         card = ExpertCard.model_validate(json.loads(record.card_json))
         data = card.card_data().to_dict()  # the front matter as the README has it, as the Hub serves it
-        info.update(library_name=data["library_name"], tags=data["tags"], cardData=data, expert=data["expert"])
+        info.update(library_name=data["library_name"], tags=data["tags"], cardData=data, expert=data["expert"],
+                    pipeline_tag=EXPERT_PIPELINE)
     return info
+
+
+# Query parameters of GET /api/models this registry understands; others (the Hub's apps, inference, num_parameters,
+# library, ...) are refused by name rather than ignored, which would answer a filtered question with everything.
+LIST_PARAMS = {"search", "author", "filter", "sort", "direction", "limit", "full", "config", "cardData", "expand",
+               "pipeline_tag", "gated"}
+# Sort keys: repos here have no download or like counts (0 for all, so those keep the id order).
+SORT_KEYS = {"lastModified": lambda i: i["lastModified"] or "", "createdAt": lambda i: i["createdAt"] or "",
+             "id": lambda i: i["id"].lower(), "downloads": lambda i: 0, "likes": lambda i: 0,
+             "trendingScore": lambda i: 0}
+EXPERT_PIPELINE = "text-generation"
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _list_options(q) -> tuple[str | None, bool, int]:
+    """The sort key, its direction (descending?) and the limit of a /api/models query; 400 for what is not served."""
+    unknown = sorted(set(q.keys()) - LIST_PARAMS)
+    if unknown:
+        raise HubError(400, f"list models: filter {unknown[0]!r} is not supported by this registry (supported: "
+                            f"{', '.join(sorted(LIST_PARAMS))})")
+    sort = q.get("sort") or None
+    if sort is not None and sort not in SORT_KEYS:
+        raise HubError(400, f"list models: sort={sort!r} is not supported (use one of {', '.join(SORT_KEYS)})")
+    direction = q.get("direction")
+    if direction not in (None, "", "-1", "1"):
+        raise HubError(400, f"list models: direction={direction!r} must be -1 (descending) or 1 (ascending)")
+    descending = direction == "-1" if direction else sort not in (None, "id")  # the Hub sorts counts high first
+    try:
+        limit = int(q.get("limit") or 0)
+    except ValueError as exc:
+        raise HubError(400, f"limit={q.get('limit')!r}: not an integer") from exc
+    return sort, descending, limit
 
 
 @router.get("/api/models")
 def list_models(request: Request, db: DbSession,
                 principal: CurrentPrincipal) -> list[dict]:
     q = request.query_params
+    sort, descending, limit = _list_options(q)
+    gated = (q.get("gated") or "").lower()
+    if gated and gated not in TRUE + FALSE:
+        raise HubError(400, f"list models: gated={q.get('gated')!r} must be true or false")
+    if gated in TRUE:
+        return []  # nothing here is gated
+    pipeline = q.get("pipeline_tag")
     stmt = select(Repo).order_by(Repo.namespace, Repo.name)
     if q.get("author"):
-        stmt = stmt.where(Repo.namespace == q["author"])
+        stmt = stmt.where(func.lower(Repo.namespace) == q["author"].lower())
     if q.get("search"):  # a substring: '%' and '_' are themselves, not SQL wildcards
-        stmt = stmt.where(or_(Repo.name.contains(q["search"], autoescape=True),
-                              Repo.namespace.contains(q["search"], autoescape=True)))
+        stmt = stmt.where(or_(Repo.name.icontains(q["search"], autoescape=True),
+                              Repo.namespace.icontains(q["search"], autoescape=True)))
     wanted_tags = set(q.getlist("filter"))  # the Hub's filter: repos carrying every one of these tags
     out = []
     for repo in db.scalars(stmt):
@@ -182,12 +231,12 @@ def list_models(request: Request, db: DbSession,
         ref = db.get(Ref, (repo.id, DEFAULT_BRANCH))
         commit = db.get(Commit, ref.commit_oid) if ref else None
         info = model_info(db, repo, commit)
-        if wanted_tags <= set(info["tags"]):
+        if wanted_tags <= set(info["tags"]) and (not pipeline or info.get("pipeline_tag") == pipeline):
             out.append(info)
-    try:
-        limit = int(q.get("limit") or 0)
-    except ValueError as exc:
-        raise HubError(400, f"limit={q.get('limit')!r}: not an integer") from exc
+    if sort is not None:
+        out.sort(key=SORT_KEYS[sort], reverse=descending)
+    elif descending:
+        out.reverse()
     return out[:limit] if limit > 0 else out
 
 
@@ -303,6 +352,7 @@ def create_tag(namespace: str, name: str, revision: str, body: CreateTag, db: Db
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
+    require_writer(principal, repo.namespace)
     commit = resolve(db, repo, revision)
     tag = check_ref_name(body.tag, "tag")
     if db.get(Ref, (repo.id, tag)) is not None:
@@ -322,6 +372,7 @@ def delete_tag(namespace: str, name: str, tag: str, db: DbSession,
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
+    require_writer(principal, repo.namespace)
     ref = db.get(Ref, (repo.id, check_revision(tag)))
     if ref is None or ref.kind != "tag":
         raise HubError(404, f"no tag {tag!r} in {repo.repo_id}", "RevisionNotFound")
@@ -337,6 +388,7 @@ def create_branch(namespace: str, name: str, branch: str, db: DbSession, princip
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
+    require_writer(principal, repo.namespace)
     branch = check_ref_name(branch, "branch")
     if body is not None and body.emptyBranch:
         raise HubError(400, "empty branches are not supported by this registry; start from a revision")
@@ -359,6 +411,7 @@ def delete_branch(namespace: str, name: str, branch: str, db: DbSession, princip
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
     repo = visible_repo(db, namespace, name, principal)
+    require_writer(principal, repo.namespace)
     ref = db.get(Ref, (repo.id, check_revision(branch)))
     if branch == DEFAULT_BRANCH:
         raise HubError(403, f"{DEFAULT_BRANCH!r} is the default branch of {repo.repo_id} and cannot be deleted")

@@ -9,9 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import secrets
+import tempfile
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -22,18 +25,20 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from ....errors import StoreError
-from ..auth import require_writer
-from ..commits import apply_commit, parse_payload
-from ..content import refuse_pickle
+from ..auth import is_revoked, require_writer, revoked_message
+from ..commits import CommitRequest, apply_commit, parse_payload
+from ..content import check_staged, refuse_pickle
 from ..deps import BaseUrl, CurrentPrincipal, DbSession, RegistryState, Settings, State, Storage
 from ..errors import HubError
 from ..index import parse_expert_card
 from ..models import Blob, BlobHolder, Commit, CommitFile, UploadGrant
 from ..naming import check_path, check_repo_id, check_revision
 from ..repos import commit_files, get_ref, may_use_blob, writable_repo
-from ..storage import BlobMismatch, BlobTooLarge, check_sha
+from ..storage import BlobMismatch, BlobStorage, BlobTooLarge, check_sha
 
 router = APIRouter()
+log = logging.getLogger("expertmix.registry")
+SPOOL_IN_MEMORY = 1 << 20  # a commit payload up to this size stays in memory; a larger one goes to a file
 LFS_JSON = "application/vnd.git-lfs+json"
 WRITE_BATCH = 4 << 20
 XET_MESSAGE = ("this registry does not speak the Xet protocol: set HF_HUB_DISABLE_XET=1 in the uploading "
@@ -85,17 +90,24 @@ def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)  # SQLite hands datetimes back without a zone
 
 
-async def read_limited(request: Request, limit: int, what: str) -> bytes:
-    """The whole request body, refusing (413) more than ``limit`` bytes before reading them all."""
+async def spool_body(request: Request, into: BinaryIO, limit: int, what: str) -> int:
+    """Copy the request body into ``into`` (a spooled file), refusing (413) more than ``limit`` bytes, whether the
+    body declares its length or not; returns its size. ClientDisconnect passes through to the caller."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HubError(413, f"{what} of {declared} bytes is over the limit of {limit} bytes")
-    buf = bytearray()
+        raise HubError(413, f"{what} of {declared} bytes is over the limit of {limit} bytes (max_commit_bytes)")
+    size, buf = 0, bytearray()
     async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HubError(413, f"{what} is over the limit of {limit} bytes (max_commit_bytes)")
         buf += chunk
-        if len(buf) > limit:
-            raise HubError(413, f"{what} is over the limit of {limit} bytes")
-    return bytes(buf)
+        if len(buf) >= WRITE_BATCH:
+            await run_in_threadpool(into.write, bytes(buf))
+            buf.clear()
+    if buf:
+        await run_in_threadpool(into.write, bytes(buf))
+    return size
 
 
 @router.post("/api/validate-yaml")
@@ -120,7 +132,7 @@ def preupload(namespace: str, name: str, revision: str, body: PreuploadBody, req
               settings: Settings) -> dict:
     check_repo_id(namespace, name)
     require_writer(principal, namespace)
-    repo = writable_repo(db, namespace, name)
+    repo = writable_repo(db, namespace, name, principal)
     if request.query_params.get("create_pr"):
         raise HubError(400, "pull requests are not supported by this registry")
     ref = get_ref(db, repo, check_revision(revision))
@@ -150,8 +162,8 @@ def lfs_batch(namespace: str, name: str, body: LfsBatch, db: DbSession,
               principal: CurrentPrincipal, storage: Storage,
               settings: Settings, base: BaseUrl) -> Response:
     check_repo_id(namespace, name)
-    require_writer(principal, namespace)
-    writable_repo(db, namespace, name)
+    writer = require_writer(principal, namespace)
+    writable_repo(db, namespace, name, principal)
     if body.operation != "upload":
         raise HubError(400, "LFS downloads are not served here: use /{repo}/resolve/{revision}/{path}")
     if body.hash_algo != "sha256":
@@ -177,7 +189,7 @@ def lfs_batch(namespace: str, name: str, body: LfsBatch, db: DbSession,
         secret = secrets.token_urlsafe(32)
         expires = _now() + timedelta(seconds=settings.upload_ttl_s)
         db.add(UploadGrant(grant_hash=hashlib.sha256(secret.encode()).hexdigest(), namespace=namespace,
-                           sha256=obj.oid, size=obj.size, expires_at=expires))
+                           sha256=obj.oid, size=obj.size, expires_at=expires, token_id=writer.token_id))
         objects.append({"oid": obj.oid, "size": obj.size, "authenticated": True, "actions": {
             "upload": {"href": f"{base}/api/lfs/upload/{secret}", "expires_in": settings.upload_ttl_s},
             "verify": {"href": f"{base}/api/lfs/verify/{namespace}/{name}"}}})
@@ -191,6 +203,8 @@ def _find_grant(state: RegistryState, secret: str) -> UploadGrant:
         grant = db.get(UploadGrant, hashlib.sha256(secret.encode()).hexdigest())
         if grant is None or _aware(grant.expires_at) < _now():
             raise HubError(403, "upload URL is unknown or expired: ask the LFS batch endpoint for a new one")
+        if is_revoked(db, grant.token_id):
+            raise HubError(401, f"upload URL refused: {revoked_message(grant.token_id)}")
         return grant
 
 
@@ -235,6 +249,7 @@ async def lfs_upload(secret: str, request: Request, state: State) -> Response:
             if buf:
                 await run_in_threadpool(staged.write, bytes(buf))
             staged.verify(grant.sha256, grant.size)
+            await run_in_threadpool(check_staged, f"blob {grant.sha256}", staged)  # the whole file
         except BlobTooLarge as exc:
             raise HubError(413, f"blob {grant.sha256}: {exc} (the declared size)") from exc
         except BlobMismatch as exc:
@@ -257,21 +272,46 @@ def lfs_verify(namespace: str, name: str, body: LfsVerify, db: DbSession,
     return {"oid": blob.sha256, "size": blob.size}
 
 
+def _spool_dir(storage: BlobStorage) -> str | None:
+    """Spool commit payloads beside the blob staging files (a disk meant for uploads), else the temp folder."""
+    staging = getattr(storage, "staging_dir", None)
+    if staging is None:
+        return None
+    staging.mkdir(parents=True, exist_ok=True)
+    return str(staging)
+
+
 @router.post("/api/models/{namespace}/{name}/commit/{revision}")
 async def commit(namespace: str, name: str, revision: str, request: Request, db: DbSession,
                  principal: CurrentPrincipal, state: State,
-                 base: BaseUrl) -> dict:
+                 base: BaseUrl) -> Response:
     check_repo_id(namespace, name)
     branch = check_revision(revision)
     writer = require_writer(principal, namespace)
-    repo = await run_in_threadpool(writable_repo, db, namespace, name)
+    repo = await run_in_threadpool(writable_repo, db, namespace, name, principal)
     if request.query_params.get("create_pr"):
         raise HubError(400, "pull requests are not supported by this registry")
-    body = await read_limited(request, state.settings.max_commit_bytes, "commit payload")
-    req = parse_payload(body, state.settings.max_upload_bytes)
-    made = await run_in_threadpool(apply_commit, db, state.storage, repo, branch, req, writer.namespace)
-    return {"commitUrl": f"{base}/{repo.repo_id}/commit/{made.oid}", "commitOid": made.oid,
-            "pullRequestUrl": None}
+    repo_pk, repo_id = repo.id, repo.repo_id
+    await run_in_threadpool(db.rollback)  # no transaction (nor lock) stays open while the body streams in
+    settings, storage = state.settings, state.storage
+    with ExitStack() as stack:
+        spool = stack.enter_context(tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by the stack
+            max_size=SPOOL_IN_MEMORY, dir=await run_in_threadpool(_spool_dir, storage)))
+        try:
+            await spool_body(request, spool, settings.max_commit_bytes, "commit payload")
+        except ClientDisconnect:
+            log.info("commit to %s: the client went away mid-payload; nothing was committed", repo_id)
+            return Response(status_code=400)
+        spool.seek(0)
+
+        def parse() -> CommitRequest:
+            return parse_payload(spool, settings.max_upload_bytes, settings.max_commit_line_bytes,
+                                 lambda limit: stack.enter_context(storage.staged(limit)))
+
+        req = await run_in_threadpool(parse)
+        made = await run_in_threadpool(apply_commit, db, storage, repo_pk, repo_id, branch, req, writer.namespace)
+    return JSONResponse({"commitUrl": f"{base}/{repo_id}/commit/{made.oid}", "commitOid": made.oid,
+                         "pullRequestUrl": None})
 
 
 @router.api_route("/api/models/{namespace}/{name}/xet-write-token/{revision}", methods=["GET", "POST"])
