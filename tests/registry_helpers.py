@@ -129,6 +129,11 @@ def serve(tmp: Path, database_url: str, blobs: str | None = None, max_upload_byt
         log.close()
 
 
+def auth(token: str | None) -> dict:
+    """The Authorization header a stock Hub client sends with ``token`` (none without one)."""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def plain_http_uploads(monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> None:
     """What every process that uploads to the registry with huggingface_hub must do (it has no Xet);
     also a private HF_HOME and no Hugging Face token, so nothing of the user's leaks into a test."""

@@ -21,7 +21,7 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
-from registry_helpers import DATABASES, blob_path, cli, database, make_expert, plain_http_uploads, serve
+from registry_helpers import DATABASES, auth, blob_path, cli, database, make_expert, plain_http_uploads, serve
 
 MAX_COMMIT = 3_000_000
 MAX_LINE = 1_000_000
@@ -40,10 +40,6 @@ def registry(request, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _uploads(monkeypatch, tmp_path):
     plain_http_uploads(monkeypatch, tmp_path / "hf-home")
-
-
-def auth(token: str | None) -> dict:
-    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def ndjson(*items) -> bytes:

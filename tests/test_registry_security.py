@@ -26,7 +26,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
-from registry_helpers import DATABASES, blob_path, cli, database, free_port, plain_http_uploads, serve
+from registry_helpers import DATABASES, auth, blob_path, cli, database, free_port, plain_http_uploads, serve
 from safetensors.torch import save_file
 
 LIMIT = 1_000_000
@@ -42,10 +42,6 @@ def registry(request, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _uploads(monkeypatch, tmp_path):
     plain_http_uploads(monkeypatch, tmp_path / "hf-home")
-
-
-def auth(token: str | None) -> dict:
-    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def new_repo(registry, name: str) -> str:
