@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         results[name]["train_reward_first_last"] = (summary["first_steps"].get("reward"),
                                                     summary["last_steps"].get("reward"))
         print(f"{name}: held-out reward {results[name]['reward']:.4f}, KL {results[name]['kl']:.3f} "
-              f"({timings[name]:.0f}s)", file=sys.stderr)
+              f"({timings[name]:.1f}s)", file=sys.stderr)
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     for name, res in list(results.items())[1:]:
         print(f"| {name} | " + " | ".join(f"{res['per_language'][lang]['reward'] - base[lang]['reward']:+.3f}"
                                           for lang in LANGUAGES) + " |")
-    print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print("pairs per language: "
           + ", ".join(f"{k} {v['pairs']}/{v['prompts']}" for k, v in pair_summary.items()))
     if args.json:

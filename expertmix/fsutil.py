@@ -77,9 +77,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def _flock(fd: int) -> bool | None:
+def flock_nowait(fd: int) -> bool | None:
     """A non-blocking exclusive flock on ``fd``: True held, False held by another process, None where the
-    filesystem has no locks (some network mounts)."""
+    platform or filesystem has no locks (some network mounts)."""
+    if fcntl is None:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -95,7 +97,7 @@ def _lock(folder: Path) -> tuple[int, bool | None]:
     if fcntl is None:
         return -1, None
     fd = os.open(folder, os.O_RDONLY)
-    held = _flock(fd)
+    held = flock_nowait(fd)
     if held is False:
         os.close(fd)
         return -1, False
@@ -197,7 +199,7 @@ def lock_folder(folder: Path) -> None:
         _HELD_FOLDERS[key] = -1
         return
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    held = _flock(fd)
+    held = flock_nowait(fd)
     if held is False:
         holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)

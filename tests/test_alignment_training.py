@@ -218,6 +218,57 @@ def test_prefs_generate_says_when_the_margin_left_no_pair(llama_seed, prompt_fil
     assert not (tmp_path / "q.jsonl").exists()
 
 
+def test_interrupted_prefs_generate_goes_on_and_a_new_margin_reuses_the_samples(llama_seed, prompt_file, tmp_path,
+                                                                                 monkeypatch):
+    """Sampling k completions per prompt is the long part: every batch is journalled beside --out, so Ctrl-C keeps
+    what was sampled, the same command goes on from there, and the pairs equal one whole run's."""
+    import expertmix.alignment.preferences as preferences
+    from expertmix.journal import Journal
+
+    reward_file = tmp_path / "rewards.py"  # samples of different lengths: every prompt makes a pair
+    reward_file.write_text("def length(prompts, completions, **columns):\n"
+                           "    return [float(len(c)) for c in completions]\n")
+    base = ["prefs", "generate", "--policy", str(llama_seed), "--prompts", str(prompt_file), "--reward",
+            f"{reward_file}:length", "--k", "3", "--max-new-tokens", "8", "--batch-size", "3"]
+    whole = tmp_path / "whole.jsonl"
+    assert CliRunner().invoke(main, [*base, "--out", str(whole)]).exit_code == 0
+
+    out, partial = tmp_path / "p.jsonl", tmp_path / "p.jsonl.partial"
+    real_add = Journal.add
+
+    def interrupted(self, key, value):
+        if len(self.done) == 2:
+            raise KeyboardInterrupt
+        real_add(self, key, value)
+
+    monkeypatch.setattr(Journal, "add", interrupted)
+    res = CliRunner().invoke(main, [*base, "--out", str(out)])
+    assert res.exit_code == 1 and not out.exists() and partial.is_file()
+    assert "2 batches of prompts sampled kept in" in " ".join(res.output.split())
+    monkeypatch.setattr(Journal, "add", real_add)
+    sampled = []
+    real_sample = preferences.sample_completions
+    monkeypatch.setattr(preferences, "sample_completions", lambda *a, **kw: sampled.append(1) or real_sample(*a, **kw))
+    res = CliRunner().invoke(main, [*base, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(sampled) == 1  # 8 prompts in batches of 3: two batches came from the journal
+    assert out.read_text() == whole.read_text() and not partial.exists()
+
+    # a margin that leaves no pair keeps the samples: the rerun with a lower one samples nothing
+    strict = tmp_path / "strict.jsonl"
+    res = CliRunner().invoke(main, [*base, "--min-margin", "1000", "--out", str(strict)])
+    assert res.exit_code == 1 and "strict.jsonl.partial" in "".join(res.output.split())
+    sampled.clear()
+    res = CliRunner().invoke(main, [*base, "--min-margin", "0", "--out", str(strict)])
+    assert res.exit_code == 0 and sampled == [] and strict.read_text() == whole.read_text()
+    # other settings would mix two runs' samples: refused by name, the journal kept
+    monkeypatch.setattr(Journal, "add", interrupted)
+    assert CliRunner().invoke(main, [*base, "--out", str(tmp_path / "r.jsonl")]).exit_code == 1
+    res = CliRunner().invoke(main, [*base[:-2], "--batch-size", "4", "--out", str(tmp_path / "r.jsonl")])
+    assert res.exit_code == 1 and "other settings (batch_size)" in " ".join(res.output.split())
+    assert (tmp_path / "r.jsonl.partial").is_file()
+
+
 def test_quickstart_alignment_stage_scores_arithmetic_and_resumes(llama_seed, tmp_path):
     from expertmix.alignment.align import align_quickstart_stage
 

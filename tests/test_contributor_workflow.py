@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,7 +197,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_s
     out = tmp_path / "resumed"
     args = [sys.executable, "-m", "expertmix", "train", "--base", str(llama_seed), "--data", str(corpus["prose"]),
             "--domain", "prose", "--out", str(out), "--max-steps", "100000", "--seq-len", "32", "--batch-size", "2",
-            "--save-steps", "3"]
+            "--save-steps", "3", "--prune", "middle:0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "train.log"
     with open(log, "wb") as sink:
@@ -211,7 +212,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_s
         # two processes would overwrite each other's checkpoints.
         twice = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
                     "--max-steps", "7", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume",
-                    ok=False)
+                    "--prune", "middle:0.5", ok=False)
         assert twice.exit_code == 1 and f"in use by another expertmix process (pid {proc.pid})" in twice.output
         assert proc.poll() is None
         proc.send_signal(signal.SIGKILL)
@@ -219,14 +220,19 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, llama_s
     assert list(checkpoints.glob("checkpoint-*")), f"no checkpoint appeared before the kill:\n{log.read_text()[-3000:]}"
     assert not out.exists()  # a killed run leaves no half-written expert
     again = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
-                "--max-steps", "100000", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", ok=False)
+                "--max-steps", "100000", "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--prune",
+                "middle:0.5", ok=False)
     assert again.exit_code == 1 and "--resume" in again.output
     from expertmix.experts.training import last_complete_checkpoint
 
     resume_from = Path(last_complete_checkpoint(checkpoints))
     target = int(resume_from.name.split("-")[1]) + 6
-    run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
-        "--max-steps", str(target), "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume")
+    resumed = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out", out,
+                  "--max-steps", str(target), "--seq-len", "32", "--batch-size", "2", "--save-steps", "3", "--resume",
+                  "--prune", "middle:0.5")
+    # the pruning scores were journalled: the resumed run scores no document twice
+    assert re.search(r"pruning: \d+ documents scored before the interruption", resumed.output), resumed.output
+    assert (out / "pruning_scores.jsonl").is_file() and not list(out.glob("*.partial"))
     card = read_card(out).expert
     assert card.training["resumed_from"] == resume_from.name
     assert card.training["steps"] == target

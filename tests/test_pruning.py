@@ -238,3 +238,72 @@ def test_prune_file_reports_missing_reference_model_as_one_error(tmp_path):
     data.write_text(json.dumps({"text": "hello there"}) + "\n")
     with pytest.raises(ExpertmixError, match="no-such-model: no such folder; prune's --reference needs a model"):
         prune_file(data, tmp_path / "out.jsonl", tmp_path / "no-such-model", "top:0.5", progress=False)
+
+
+def test_an_interrupted_prune_keeps_its_scores_and_the_same_command_scores_only_the_rest(reference, tmp_path,
+                                                                                        monkeypatch):
+    """Scoring a large file with a large reference takes hours: Ctrl-C between batches keeps every batch scored
+    (``OUT.partial``) and rerunning the command goes on from there, with the same result as one whole run."""
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+    from expertmix.journal import Journal
+
+    docs, _ = graded_docs(14)  # 42 documents: 6 batches of 8
+    data = tmp_path / "data.jsonl"
+    # (numbered: the journal is keyed by the scored tokens, so twin documents would share one entry)
+    data.write_text("".join(json.dumps({"text": f"{d.text} {i}"}) + "\n" for i, d in enumerate(docs)),
+                    encoding="utf-8")
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "kept.jsonl"
+    partial = tmp_path / "kept.jsonl.partial"
+    assert CliRunner().invoke(main, ["prune", "--data", str(data), "--reference", str(reference), "--keep",
+                                     "middle:0.5", "--out", str(whole)]).exit_code == 0
+
+    real_add, calls = Journal.add_many, []
+
+    def interrupted(self, items):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(len(items))
+        real_add(self, items)
+
+    monkeypatch.setattr(Journal, "add_many", interrupted)
+    args = ["prune", "--data", str(data), "--reference", str(reference), "--keep", "middle:0.5", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and not out.exists() and partial.is_file()
+    said = "".join(res.output.split())  # the console folds long paths
+    assert f"16scoreddocumentskeptin{partial}:rerunthesamecommand" in said
+    monkeypatch.setattr(Journal, "add_many", real_add)
+    with open(partial, "a") as f:
+        f.write('{"key": "cut sho')  # a kill mid-write leaves half a line: dropped, not an error
+
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{\n"):])["scores_reused"] == 16 and not partial.exists()
+    assert out.read_text() == whole.read_text()
+    assert out.with_name("kept.scores.jsonl").read_text() == whole.with_name("whole.scores.jsonl").read_text()
+
+    # a rerun with another reference (its weights rewritten) would mix two runs' scores: refused by name
+    monkeypatch.setattr(Journal, "add_many", interrupted)
+    calls.clear()
+    again = tmp_path / "again.jsonl"
+    assert CliRunner().invoke(main, [*args[:-1], str(again)]).exit_code == 1
+    weights = next(reference.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    res = CliRunner().invoke(main, [*args[:-1], str(again)])
+    assert res.exit_code == 1 and "holds an interrupted run with other settings (reference)" in res.output
+    assert not again.exists() and again.with_name("again.jsonl.partial").is_file()
+
+
+def test_a_prune_that_fails_before_scoring_leaves_no_journal(tmp_path, llama_seed):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello there"}) + "\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in llama_seed.iterdir():
+        if f.name != "config.json":
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ExpertmixError):
+        prune_file(data, tmp_path / "out.jsonl", broken, "top:0.5", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "d.jsonl"]

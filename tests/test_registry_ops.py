@@ -136,15 +136,23 @@ def test_repo_ids_are_case_insensitive_like_the_hub(registry):
     assert Path(hf_hub_download("ACME/expert", "a.txt", endpoint=registry.url)).read_text() == "one\n"
     api.upload_file(path_or_fileobj=b"two\n", path_in_repo="b.txt", repo_id="acme/EXPERT")
     assert api.list_repo_files("acme/expert") == ["a.txt", "b.txt"]
-    # another namespace that differs only in case is another principal: it may not write to acme's repo
-    other = HfApi(endpoint=registry.url, token=registry.token("Acme"))
-    with pytest.raises(HfHubHTTPError) as err:
-        other.upload_file(path_or_fileobj=b"x\n", path_in_repo="x.txt", repo_id="Acme/expert")
-    assert err.value.response.status_code == 403 and "not 'acme'" in str(err.value)
-    with pytest.raises(HfHubHTTPError) as err:
-        other.create_repo("Acme/EXPERT")
-    assert err.value.response.status_code == 409
     assert [m.id for m in api.list_models(author="ACME", search="EXPERT")] == ["acme/expert"]
+    # namespaces ignore case too: the acme token writes under any spelling, and new repos take acme's
+    shouty = HfApi(endpoint=registry.url, token=registry.token("acme"))
+    shouty.upload_file(path_or_fileobj=b"x\n", path_in_repo="x.txt", repo_id="ACME/Expert")
+    assert api.list_repo_files("acme/expert") == ["a.txt", "b.txt", "x.txt"]
+    assert shouty.create_repo("ACME/secret", private=True).repo_id == "acme/secret"
+    shouty.upload_file(path_or_fileobj=b"s\n", path_in_repo="s.txt", repo_id="Acme/Secret")
+    assert Path(hf_hub_download("ACME/SECRET", "s.txt", endpoint=registry.url,
+                                token=registry.token("acme"))).read_text() == "s\n"
+    assert httpx.get(f"{registry.url}/api/models/acme/secret").status_code == 404  # still private to others
+    # so a second spelling of a namespace gets no token: it would write to the first one's repos
+    res = cli("token", "create", "--namespace", "Acme", "--database", registry.database_url, check=False)
+    assert res.returncode == 1 and "'Acme' is spelled 'acme' on this registry" in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr
+    listed = json.loads(cli("token", "list", "--namespace", "ACME", "--database", registry.database_url,
+                            "--json").stdout)
+    assert {t["namespace"] for t in listed} == {"acme"}
 
 
 def test_a_revoked_token_is_401_saying_so_and_its_upload_urls_stop_working(registry, tmp_path):

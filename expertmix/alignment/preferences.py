@@ -18,8 +18,16 @@ import torch
 from rich.progress import Progress
 
 from ..errors import DataError, ExpertmixError
-from ..experts.data import iter_jsonl_records, language_key, language_names, row_language, with_language_codes
+from ..experts.data import (
+    data_digest,
+    iter_jsonl_records,
+    language_key,
+    language_names,
+    row_language,
+    with_language_codes,
+)
 from ..fsutil import write_text_atomic
+from ..journal import Journal, weights_identity
 from .policy import load_policy, sample_completions, score_samples
 from .rewards import BUILTIN_REWARDS, RewardFn, load_reward, score
 
@@ -170,17 +178,19 @@ def write_preferences(path: str | Path, pairs: Sequence[PreferencePair]) -> None
 
 def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], reward: RewardFn, k: int = 4,
                          max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 8,
-                         min_margin: float = 0.0, seed: int = 0, progress: bool = True) -> tuple[list, dict]:
+                         min_margin: float = 0.0, seed: int = 0, progress: bool = True,
+                         journal: Journal | None = None) -> tuple[list, dict]:
     """Sample ``k`` completions per prompt, score them, keep best and worst as a pair if they differ.
 
-    A pair needs a score gap above ``min_margin``; prompts whose samples tie are skipped.
+    A pair needs a score gap above ``min_margin``; prompts whose samples tie are skipped. Each batch of prompts
+    samples from its own seed, so with an open ``journal`` (one policy, prompt file and set of options) the
+    batches it holds are reused and an interrupted run's rerun gives the pairs one whole run gives.
 
     Returns the pairs and a per-language summary (prompts, pairs, exact ties and gaps within ``min_margin``
     skipped, the largest gap, mean scores).
     """
     if k < 2:
         raise DataError(f"k must be at least 2 to form a pair, got {k}")
-    torch.manual_seed(seed)
     pairs: list[PreferencePair] = []
     stats: dict[str, Counter] = defaultdict(Counter)
     all_scores: dict[str, list[float]] = defaultdict(list)
@@ -188,11 +198,19 @@ def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], rew
         task = bar.add_task("sampling completions", total=len(records))
         for start in range(0, len(records), batch_size):
             batch = list(records[start:start + batch_size])
-            prompts = [r.prompt for r in batch]
-            s = sample_completions(policy, tokenizer, prompts, k, max_new_tokens, temperature, batch_size * k)
-            scores, _ = score_samples(reward, prompts, prompt_columns(batch), s)
+            key = str(start)
+            if journal is not None and key in journal.done:
+                texts, scores = journal.done[key]["texts"], journal.done[key]["scores"]
+            else:
+                prompts = [r.prompt for r in batch]
+                torch.manual_seed(seed * 1_000_003 + start)  # the batch's own stream: a resumed run samples alike
+                s = sample_completions(policy, tokenizer, prompts, k, max_new_tokens, temperature, batch_size * k)
+                texts = list(s.texts)
+                scores, _ = score_samples(reward, prompts, prompt_columns(batch), s)
+                if journal is not None:
+                    journal.add(key, {"texts": texts, "scores": list(scores)})
             for j, rec in enumerate(batch):
-                rows = list(zip(s.texts[j * k:(j + 1) * k], scores[j * k:(j + 1) * k], strict=True))
+                rows = list(zip(texts[j * k:(j + 1) * k], scores[j * k:(j + 1) * k], strict=True))
                 lang = rec.language or "unknown"
                 all_scores[lang].extend(sc for _, sc in rows)
                 stats[lang]["prompts"] += 1
@@ -225,15 +243,32 @@ def generate_preference_file(policy: str | Path, prompts: str | Path, reward: st
     records = filter_languages(read_prompts(prompts), languages, prompts)
     reward_fn = load_reward(reward)
     check_reward_fields(reward_fn, records, prompts)
-    model, tokenizer = load_policy(policy)
-    pairs, summary = generate_preferences(model, tokenizer, records, reward_fn, k, **options)
+    # Sampling takes long: each batch's samples and scores are journalled beside --out, so the same command goes on
+    # after an interruption. --min-margin only picks pairs from them: a rerun with another margin samples nothing.
+    journal = Journal(out, {"job": "preference pairs", "policy": weights_identity(policy),
+                            "prompts": str(Path(prompts).resolve()), "prompts_contents": data_digest(prompts),
+                            "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", str(reward)),
+                            "k": k, "languages": sorted(languages or []),
+                            **{name: value for name, value in sorted(options.items())
+                               if name not in ("progress", "min_margin")}},
+                      "batches of prompts sampled")
+    journal.open()
+    try:
+        model, tokenizer = load_policy(policy)
+        pairs, summary = generate_preferences(model, tokenizer, records, reward_fn, k, journal=journal, **options)
+    except BaseException as exc:
+        journal.stopped(exc)
+        raise
     if not pairs:
         gap = max(s["largest_gap"] for s in summary.values())
         if gap > 0:
+            journal.close()
             raise DataError(f"{prompts}: no prompt's best and worst samples differ by more than --min-margin "
                             f"{options.get('min_margin', 0.0)} (largest gap {gap:.4g}); no pair to write (lower "
-                            f"--min-margin or raise --k)")
+                            f"--min-margin: the samples are kept in {journal.path} and reused; or raise --k)")
+        journal.finish()  # every sample tied: a rerun needs another --k or reward, which samples afresh
         raise DataError(f"{prompts}: every prompt's {k} samples scored the same; no pair to write "
                         f"(raise --k or check the reward)")
     write_preferences(out, pairs)
+    journal.finish()
     return summary

@@ -9,6 +9,7 @@ scored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -25,10 +26,12 @@ from tqdm.auto import tqdm
 from ..checkpoints import require_model_weights
 from ..errors import DataError, ExpertmixError
 from ..fsutil import atomic_path
-from .data import IGNORE_INDEX, JSONL_SUFFIXES, Document, read_documents, tokenize_documents
+from ..journal import Journal, weights_identity
+from .data import IGNORE_INDEX, JSONL_SUFFIXES, Document, data_digest, read_documents, tokenize_documents
 
 Where = Literal["bottom", "middle", "top"]
 WHERES: tuple[str, ...] = get_args(Where)
+SCORE_TOKENS = 512  # tokens of each document a reference model scores
 SPEC_SYNTAX = "WHERE:FRACTION with WHERE one of bottom, middle, top and 0 < FRACTION <= 1 (e.g. middle:0.5)"
 
 
@@ -92,13 +95,15 @@ def scoring_windows(docs: Sequence[Document], tokenizer: Any, max_tokens: int) -
 
 
 @torch.no_grad()
-def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_tokens: int = 512,
-                    batch_size: int = 8, progress: bool = True) -> list[float]:
+def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_tokens: int = SCORE_TOKENS,
+                    batch_size: int = 8, progress: bool = True, journal: Journal | None = None) -> list[float]:
     """Each document's perplexity under ``model``: exp of mean token NLL over its first ``max_tokens`` tokens
     (an instruction row's: over its targets, see :func:`scoring_windows`).
 
     Documents are batched by similar length with right padding and an attention mask; a document with no
-    token to score (plain text of fewer than two tokens, a row without targets) gets +inf.
+    token to score (plain text of fewer than two tokens, a row without targets) gets +inf. With an open
+    ``journal`` (one reference model, one ``max_tokens``), scores it holds are reused and new ones recorded
+    batch by batch, keyed by the scored tokens, so an interrupted run loses at most one batch.
     """
     # Hand-written rather than `evaluate`'s perplexity metric: that one loads its own model by hub id,
     # and we score with the caller's (already loaded, possibly local) reference model.
@@ -110,9 +115,17 @@ def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_to
     if not docs:
         return scores
     windows = scoring_windows(docs, tokenizer, max_tokens)
+    keys = [_window_key(ids, first) for ids, first in windows] if journal is not None else []
+    order = []
+    for i, (ids, first) in enumerate(windows):
+        if len(ids) <= first:
+            continue
+        if journal is not None and keys[i] in journal.done:
+            scores[i] = float(journal.done[keys[i]])
+        else:
+            order.append(i)
     # Longest first so memory problems show at once; similar lengths share a batch to waste little padding.
-    order = sorted((i for i, (ids, first) in enumerate(windows) if len(ids) > first),
-                   key=lambda i: -len(windows[i][0]))
+    order.sort(key=lambda i: -len(windows[i][0]))
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -137,11 +150,28 @@ def score_documents(docs: Sequence[Document], model: Any, tokenizer: Any, max_to
             mean_nll = (nll * target_mask).sum(1) / target_mask.sum(1)
             for i, v in zip(idx, mean_nll.tolist(), strict=True):
                 scores[i] = math.exp(v)
+            if journal is not None:
+                journal.add_many({keys[i]: scores[i] for i in idx})
             bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
     return scores
+
+
+def _window_key(ids: Sequence[int], first: int) -> str:
+    """A scored window's identity in a journal: the same tokens from the same position score the same."""
+    return hashlib.sha1(json.dumps([first, list(ids)]).encode()).hexdigest()
+
+
+def scoring_journal(out: str | Path, data: str | Path | None, reference: str | Path, max_tokens: int,
+                    text_field: str | None = None) -> Journal:
+    """The progress journal of scoring ``data`` with ``reference`` for output ``out`` (``OUT.partial``): a rerun
+    with the same data, model and window reuses what was scored; the band kept may change."""
+    return Journal(out, {"job": "perplexity scores", "reference": weights_identity(reference),
+                         "max_tokens": max_tokens, "text_field": text_field,
+                         **({"data": str(Path(data).resolve()), "data_contents": data_digest(data)} if data else {})},
+                   "scored documents")
 
 
 def select(scores: Sequence[float], spec: PruneSpec) -> list[int]:
@@ -222,7 +252,7 @@ def _band(values: Sequence[float]) -> dict[str, float] | None:
 
 
 def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir: str | Path,
-               spec: PruneSpec | str, text_field: str | None = None, *, max_tokens: int = 512,
+               spec: PruneSpec | str, text_field: str | None = None, *, max_tokens: int = SCORE_TOKENS,
                batch_size: int = 8, device: str | None = None, progress: bool = True) -> dict:
     """Prune a data file by a reference model's perplexity; write the kept documents and the scores beside."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -241,20 +271,27 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
                         f"or remove it")
     require_model_weights(reference_model_dir, "prune's --reference")  # a folder, not a download: one line
     docs = read_documents(data_path, text_field=text_field)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    journal = scoring_journal(out_path, data_path, reference_model_dir, max_tokens, text_field)
+    resumed = len(journal.open())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(reference_model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(reference_model_dir), dtype=dtype).to(device)
-    except (OSError, ValueError) as exc:
-        raise ExpertmixError(f"cannot load the reference model from {reference_model_dir}: {exc}") from exc
-    kept, records = prune_documents(docs, model, tokenizer, spec, max_tokens=max_tokens,
-                                    batch_size=batch_size, progress=progress)
-    write_scores(scores_path, records)
-    _write_jsonl(out_path, [document_record(d) for d in kept])
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(reference_model_dir))
+            model = AutoModelForCausalLM.from_pretrained(str(reference_model_dir), dtype=dtype).to(device)
+        except (OSError, ValueError) as exc:
+            raise ExpertmixError(f"cannot load the reference model from {reference_model_dir}: {exc}") from exc
+        kept, records = prune_documents(docs, model, tokenizer, spec, max_tokens=max_tokens,
+                                        batch_size=batch_size, progress=progress, journal=journal)
+        write_scores(scores_path, records)
+        _write_jsonl(out_path, [document_record(d) for d in kept])
+    except BaseException as exc:
+        journal.stopped(exc)  # what was scored is kept: a rerun of the same command scores only what is left
+        raise
+    journal.finish()
     scored = [r["perplexity"] for r in records if r["perplexity"] is not None]
     return {"spec": str(spec), "reference_model": str(reference_model_dir), "data": str(data_path),
             "out": str(out_path), "scores": str(scores_path), "documents": len(docs), "kept": len(kept),
-            "unscorable": len(docs) - len(scored), "max_tokens": max_tokens,
+            "unscorable": len(docs) - len(scored), "max_tokens": max_tokens, "scores_reused": resumed,
             "perplexity_all": _band(scored),
             "perplexity_kept": _band([r["perplexity"] for r in records if r["kept"]])}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -29,6 +30,7 @@ from ..fsutil import atomic_dir, holds_folder, lock_folder, release_folder, remo
 from ..hub.card import DataInfo, EmbeddingInfo, ExpertCard, ExpertInfo
 from ..hub.fingerprint import architecture_of, fingerprint_tokenizer, fingerprint_weights
 from ..hub.repo import save_domain_embedding, validate_name
+from ..journal import journal_path
 from .data import Document, data_digest, held_out_split, pack, read_documents, tokenize_documents
 
 Blocks = dict[str, torch.Tensor]
@@ -242,28 +244,33 @@ def _whole_json(path: Path) -> bool:
 
 
 @torch.no_grad()
-def perplexity(model, blocks: Blocks, batch_size: int = 8) -> float:
+def perplexity(model, blocks: Blocks, batch_size: int = 8, progress: str | None = None) -> float:
     """Token-weighted perplexity of ``model`` on packed blocks (labels -100 are skipped)."""
-    nll, count = token_nll(model, blocks, batch_size)
+    nll, count = token_nll(model, blocks, batch_size, progress)
     return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()
-def token_nll(model, blocks: Blocks, batch_size: int = 8) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over packed blocks and the number of tokens scored."""
+def token_nll(model, blocks: Blocks, batch_size: int = 8, progress: str | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over packed blocks and the number of tokens scored; ``progress``
+    labels a progress bar over the blocks (shown on a terminal only), since a whole validation file takes a while."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, blocks["input_ids"].shape[0], batch_size):
+    n = blocks["input_ids"].shape[0]
+    bar = tqdm(total=n, desc=progress, unit="block", disable=None if progress else True, leave=False)
+    for start in range(0, n, batch_size):
         ids = blocks["input_ids"][start:start + batch_size].to(device)
         labels = blocks["labels"][start:start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
         total += float(loss)
         count += int((target != -100).sum())
+        bar.update(ids.shape[0])
+    bar.close()
     model.train(was_training)
     return total, count
 
@@ -517,7 +524,7 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
     """
     from .embedding import DEFAULT_EMBEDDER, domain_embedding, load_embedder
     from .mixing import mix_sources, parse_mix_spec
-    from .pruning import parse_prune_spec, prune_documents, write_scores
+    from .pruning import SCORE_TOKENS, parse_prune_spec, prune_documents, scoring_journal, write_scores
 
     out, work = Path(cfg.out), cfg.work_dir
     name = validate_name(cfg.name or cfg.domain)
@@ -566,12 +573,20 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         ref_dir = cfg.prune_reference or cfg.base
         ref = model if ref_dir == cfg.base else AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
         records_all = []
-        for k, docs in train_sources.items():
-            kept, records = prune_documents(docs, ref, tokenizer, prune_spec)
-            log(f"pruning {k}: kept {len(kept)} of {len(docs)} documents ({prune_spec.where} {prune_spec.fraction})")
-            train_sources[k] = kept
-            records_all += [{"source_name": k, **r} for r in records]
-        write_scores(work / "pruning_scores.jsonl", records_all)
+        # the scores are journalled in the work folder: --resume scores only what is left
+        journal = scoring_journal(work / "pruning_scores.jsonl", None, ref_dir, SCORE_TOKENS)
+        if reused := len(journal.open()):
+            log(f"pruning: {reused} documents scored before the interruption")
+        try:
+            for k, docs in train_sources.items():
+                kept, records = prune_documents(docs, ref, tokenizer, prune_spec, journal=journal)
+                log(f"pruning {k}: kept {len(kept)} of {len(docs)} documents "
+                    f"({prune_spec.where} {prune_spec.fraction})")
+                train_sources[k] = kept
+                records_all += [{"source_name": k, **r} for r in records]
+            write_scores(work / "pruning_scores.jsonl", records_all)
+        finally:
+            journal.close()  # kept until training ends: a resumed run prunes from it
         pruning_info = {"where": prune_spec.where, "fraction": prune_spec.fraction,
                         "reference": str(ref_dir if ref_dir != cfg.base else cfg.base_id or Path(cfg.base).name),
                         "scores_file": "pruning_scores.jsonl"}
@@ -591,12 +606,15 @@ def train_expert(cfg: ExpertTrainConfig, log=print) -> Path:
         f"{valid_blocks['input_ids'].shape[0]} validation blocks")
 
     # -- training -----------------------------------------------------------------------------------
-    ppl_before = perplexity(model, valid_blocks, cfg.settings.batch_size)
+    bar = "validation" if cfg.settings.progress else None
+    ppl_before = perplexity(model, valid_blocks, cfg.settings.batch_size, bar)
     log(f"validation perplexity before: {ppl_before:.3f}")
     train_model = peft_wrap(model, cfg.kind, cfg.lora_r, cfg.lora_alpha) if cfg.kind != "dense" else model
     trainable, total = parameter_counts(train_model)
     metrics = fit(train_model, train_blocks, None, cfg.settings, work / "checkpoints", resume=cfg.resume)
-    ppl_after = perplexity(train_model, valid_blocks, cfg.settings.batch_size)
+    if prune_spec is not None:
+        journal_path(work / "pruning_scores.jsonl").unlink(missing_ok=True)
+    ppl_after = perplexity(train_model, valid_blocks, cfg.settings.batch_size, bar)
     log(f"validation perplexity after: {ppl_after:.3f}")
 
     # -- domain embedding ---------------------------------------------------------------------------

@@ -6,13 +6,13 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ...errors import StoreError
 from .db import init_db
 from .errors import HubError
-from .models import RevokedToken, Token
+from .models import Repo, RevokedToken, Token
 from .naming import check_namespace
 
 TOKEN_PREFIX = "emx_"
@@ -32,9 +32,28 @@ class Principal:
     token_id: int | None = None
 
 
+def same_namespace(a: str, b: str) -> bool:
+    """Namespaces ignore letter case, like repo ids (and user names on the Hub): ``acme`` and ``ACME`` are one."""
+    return a.lower() == b.lower()
+
+
+def namespace_spelling(db: Session, namespace: str) -> str | None:
+    """How this registry already spells ``namespace`` (a token's or a repo's), in any letter case; None if new."""
+    for column in (Token.namespace, Repo.namespace):
+        found = db.scalar(select(column).where(func.lower(column) == namespace.lower()).limit(1))
+        if found is not None:
+            return found
+    return None
+
+
 def issue_token(db: Session, namespace: str, label: str = "") -> str:
-    """Create a token that may write to ``namespace``; the clear text is returned once and never stored."""
+    """Create a token that may write to ``namespace``; the clear text is returned once and never stored. A second
+    spelling of a namespace is refused: namespaces ignore case, so it would write to the first one's repos."""
     check_namespace(namespace)
+    spelled = namespace_spelling(db, namespace)
+    if spelled is not None and spelled != namespace:
+        raise StoreError(f"namespace {namespace!r} is spelled {spelled!r} on this registry (namespaces ignore "
+                         f"letter case); use --namespace {spelled}")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     db.add(Token(namespace=namespace, token_hash=hash_token(token), label=label))
     db.commit()
@@ -61,7 +80,7 @@ def list_tokens(database_url: str, namespace: str | None = None) -> list[dict]:
     with factory() as db:
         stmt = select(Token).where(Token.id.not_in(select(RevokedToken.token_id))).order_by(Token.id)
         if namespace is not None:
-            stmt = stmt.where(Token.namespace == namespace)
+            stmt = stmt.where(func.lower(Token.namespace) == namespace.lower())
         return [{"id": t.id, "namespace": t.namespace, "label": t.label,
                  "created": t.created_at.isoformat(timespec="seconds")} for t in db.scalars(stmt)]
 
@@ -110,15 +129,15 @@ def principal_for(db: Session, authorization: str | None) -> Principal | None:
 
 
 def require_writer(principal: Principal | None, namespace: str) -> Principal:
-    """401 without a token, 403 with a token for another namespace."""
+    """401 without a token, 403 with a token for another namespace (in any letter case it is the same one)."""
     if principal is None:
         raise HubError(401, f"writing to namespace {namespace!r} needs a token: create one with "
                             f"`expertmix token create --namespace {namespace}` and pass it as a Bearer token")
-    if principal.namespace != namespace:
+    if not same_namespace(principal.namespace, namespace):
         raise HubError(403, f"this token writes to namespace {principal.namespace!r}, not {namespace!r}")
     return principal
 
 
 def can_read(principal: Principal | None, namespace: str, private: bool) -> bool:
     """Public repos are readable by all; private ones only with a token for their namespace."""
-    return not private or (principal is not None and principal.namespace == namespace)
+    return not private or (principal is not None and same_namespace(principal.namespace, namespace))

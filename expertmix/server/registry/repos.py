@@ -50,7 +50,7 @@ def visible_repo(db: Session, namespace: str, name: str, principal: Principal | 
 
 
 def writable_repo(db: Session, namespace: str, name: str, principal: Principal | None) -> Repo:
-    """The repo to write to; the token must be for its namespace as stored (lookups ignore case, tokens do not)."""
+    """The repo to write to, in any letter case; the token must be for its namespace."""
     repo_id = check_repo_id(namespace, name)
     repo = get_repo(db, namespace, name)
     if repo is None or not can_read(principal, repo.namespace, repo.private):
@@ -68,7 +68,8 @@ def may_use_blob(db: Session, sha256: str, namespace: str) -> bool:
         return True
     readable = (select(CommitFile.id).join(Commit, CommitFile.commit_oid == Commit.oid)
                 .join(Repo, Commit.repo_id == Repo.id)
-                .where(CommitFile.sha256 == sha256, or_(Repo.private.is_(False), Repo.namespace == namespace))
+                .where(CommitFile.sha256 == sha256,
+                       or_(Repo.private.is_(False), func.lower(Repo.namespace) == namespace.lower()))
                 .limit(1))
     return db.scalar(readable) is not None
 

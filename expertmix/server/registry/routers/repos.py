@@ -98,8 +98,10 @@ def create_repo(body: CreateRepo, db: DbSession, principal: CurrentPrincipal,
     namespace = body.organization or (principal.namespace if principal else None)
     if namespace is None:
         raise HubError(401, "creating a repo needs a token")
+    check_repo_id(namespace, body.name)
+    # the token holder's spelling of the namespace, as the Hub files a repo under its owner's name
+    namespace = require_writer(principal, namespace).namespace
     repo_id = check_repo_id(namespace, body.name)
-    require_writer(principal, namespace)
     existing = get_repo(db, namespace, body.name)
     if existing is not None:
         # The body names the repo's URL: huggingface_hub's create_repo(exist_ok=True) reads it from the 409.

@@ -181,14 +181,14 @@ def lfs_batch(namespace: str, name: str, body: LfsBatch, db: DbSession,
                                 f"{settings.max_upload_bytes} bytes")
         blob = db.get(Blob, obj.oid)
         if blob is not None and blob.size == obj.size and storage.exists(obj.oid) \
-                and may_use_blob(db, obj.oid, namespace):
+                and may_use_blob(db, obj.oid, writer.namespace):
             objects.append({"oid": obj.oid, "size": obj.size})  # already here: nothing to upload
             continue
         # Otherwise the bytes are asked for, whether or not they are stored: a writer proves it holds them, and
         # the answer does not tell whether another namespace's private file exists.
         secret = secrets.token_urlsafe(32)
         expires = _now() + timedelta(seconds=settings.upload_ttl_s)
-        db.add(UploadGrant(grant_hash=hashlib.sha256(secret.encode()).hexdigest(), namespace=namespace,
+        db.add(UploadGrant(grant_hash=hashlib.sha256(secret.encode()).hexdigest(), namespace=writer.namespace,
                            sha256=obj.oid, size=obj.size, expires_at=expires, token_id=writer.token_id))
         objects.append({"oid": obj.oid, "size": obj.size, "authenticated": True, "actions": {
             "upload": {"href": f"{base}/api/lfs/upload/{secret}", "expires_in": settings.upload_ttl_s},
@@ -265,9 +265,9 @@ async def lfs_upload(secret: str, request: Request, state: State) -> Response:
 def lfs_verify(namespace: str, name: str, body: LfsVerify, db: DbSession,
                principal: CurrentPrincipal) -> dict:
     check_repo_id(namespace, name)
-    require_writer(principal, namespace)
+    writer = require_writer(principal, namespace)
     blob = db.get(Blob, body.oid)
-    if blob is None or blob.size != body.size or not may_use_blob(db, body.oid, namespace):
+    if blob is None or blob.size != body.size or not may_use_blob(db, body.oid, writer.namespace):
         raise HubError(404, f"blob {body.oid} ({body.size} bytes) was not received intact; upload it again")
     return {"oid": blob.sha256, "size": blob.size}
 
