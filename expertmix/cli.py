@@ -783,7 +783,7 @@ def quantize(mix, scheme, group_size, out, keep_float):
                                  param_hint="--group-size")
     skip = tuple(x.strip() for x in keep_float.split(",") if x.strip()) if keep_float is not None else DEFAULT_SKIP
     spec = QuantSpec(scheme=scheme, group_size=group_size, skip=skip)
-    report = quantize_mix(mix, out, spec, log=_log)
+    report = quantize_mix(mix, out, spec, log=_log, progress=True)
     what = "mix" if (Path(mix) / "mix.json").is_file() else "model"
     stdout.print(f"quantized {what} written to {report.out}: {report.tensors} weight tensors, "
                  f"{report.source_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB "

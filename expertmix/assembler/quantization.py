@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -267,10 +268,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def replace_modules(model: nn.Module, spec: QuantSpec, quantize: bool = True) -> int:
-    """Swap every quantizable module for its quantized twin (``quantize=False``: empty codes, to be loaded)."""
+def replace_modules(model: nn.Module, spec: QuantSpec, quantize: bool = True,
+                    replaced: Callable[[nn.Module, nn.Module], None] | None = None, progress: bool = False) -> int:
+    """Swap every quantizable module for its quantized twin (``quantize=False``: empty codes, to be loaded);
+    ``replaced(old, new)`` sees each pair before the float module is let go, so memory holds one float copy."""
     count = 0
-    for name, m in quantizable_modules(model, spec):
+    modules = quantizable_modules(model, spec)
+    for name, m in tqdm(modules, desc="quantizing", unit="layer", disable=not progress or None, leave=False):
         if isinstance(m, nn.Linear):
             new = QuantizedLinear.from_linear(m, spec) if quantize else \
                 QuantizedLinear(m.in_features, m.out_features, m.bias is not None, spec)
@@ -278,6 +282,8 @@ def replace_modules(model: nn.Module, spec: QuantSpec, quantize: bool = True) ->
             e, two_i, h = m.gate_up_proj.shape
             new = QuantizedExperts.from_experts(m, spec) if quantize else \
                 QuantizedExperts(e, h, two_i // 2, spec, act=getattr(m, "act_fn", F.silu))
+        if replaced is not None:
+            replaced(m, new)
         _replace(model, name, new)
         count += 1
     return count
@@ -346,13 +352,16 @@ def keeps_tied_head_float(model: nn.Module, spec: QuantSpec) -> QuantSpec:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
-    """Quantize ``model`` in place and record the ``quantization_config`` that reloads it."""
+def quantize_model(model: nn.Module, spec: QuantSpec,
+                   replaced: Callable[[nn.Module, nn.Module], None] | None = None,
+                   progress: bool = False) -> nn.Module:
+    """Quantize ``model`` in place and record the ``quantization_config`` that reloads it (``replaced``: see
+    :func:`replace_modules`)."""
     if getattr(model.config, "quantization_config", None) is not None:
         raise ExpertmixError("the model is already quantized (its config has a quantization_config)")
     spec = keeps_tied_head_float(model, spec)
     model.float()
-    count = replace_modules(model, spec)
+    count = replace_modules(model, spec, replaced=replaced, progress=progress)
     if count == 0:
         raise ExpertmixError("the model has no linear layers or fused experts to quantize")
     q_config = WeightOnlyConfig(spec.scheme, spec.group_size, spec.skip)
@@ -385,9 +394,10 @@ def weights_bytes(folder: str | Path) -> int:
                if p.is_file() and (p.suffix in (".safetensors", ".onnx") or p.name.endswith(".onnx.data")))
 
 
-def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callable[[str], None] = lambda _: None
-                 ) -> QuantizeReport:
-    """Load a mix (or any causal LM folder), quantize it and write a loadable checkpoint to ``out``."""
+def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callable[[str], None] = lambda _: None,
+                 progress: bool = False) -> QuantizeReport:
+    """Load a mix (or any causal LM folder), quantize it layer by layer (one float copy in memory) and write a
+    loadable checkpoint to ``out``."""
     mix, out = Path(mix), Path(out)
     require_float_weights(mix, "quantize")
     if out.exists():
@@ -401,17 +411,19 @@ def quantize_mix(mix: str | Path, out: str | Path, spec: QuantSpec, log: Callabl
                 f"(--keep-float {','.join(tied.skip)})")
             spec = tied
         check_skip(model, spec)
-        float_weights = {name: _float_weight(m, spec) for name, m in quantizable_modules(model, spec)}
-        widths = sorted({w.shape[-1] for weights in float_weights.values() for w in weights.values()})
+        widths = sorted({w.shape[-1] for _, m in quantizable_modules(model, spec)
+                         for w in _quantized_weights(m, spec).values()})
         if spec.scheme == "int4" and spec.group_size is not None and widths:
             shortest = widths[0]
             if spec.group_size > shortest:  # every row padded to a whole group: int4 bigger than int8
                 raise ExpertmixError(f"--group-size {spec.group_size} is longer than the shortest rows to quantize "
                                      f"({shortest} inputs): each row would be padded to a whole group; use at most "
                                      f"{shortest}")
-        quantize_model(model, spec)
-        stats = _relative_errors(model, float_weights)
-        del float_weights
+        errors: list[float] = []
+        quantize_model(model, spec, replaced=lambda old, new: errors.extend(_relative_errors(old, new, spec)),
+                       progress=progress)
+        stats = {"tensors": float(len(errors)), "mean_relative_error": sum(errors) / max(len(errors), 1),
+                 "max_relative_error": max(errors, default=0.0)}
         groups = {str(width): spec.group_for(width) for width in widths} if spec.scheme == "int4" else {}
         log(f"quantized {stats['tensors']:.0f} weight tensors to {spec.scheme}"
             + (f" (groups of {spec.group_size})" if spec.scheme == "int4" and spec.group_size is not None else "")
@@ -446,25 +458,24 @@ def check_skip(model: nn.Module, spec: QuantSpec) -> None:
                              f"module-name parts (not dotted paths), e.g. {some}")
 
 
-def _float_weight(m: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
+def _quantized_weights(m: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The float weights of ``m`` that ``spec`` quantizes, by name."""
     if isinstance(m, nn.Linear):
-        return {"weight": m.weight.detach().float().clone()}
-    return {w: getattr(m, w).detach().float().clone() for w in EXPERT_WEIGHTS if w not in spec.skip}
+        return {"weight": m.weight}
+    return {w: getattr(m, w) for w in EXPERT_WEIGHTS if w not in spec.skip}
 
 
-def _relative_errors(model: nn.Module, float_weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+def _relative_errors(old: nn.Module, new: nn.Module, spec: QuantSpec) -> list[float]:
+    """Each quantized weight's relative error (Frobenius norm of the difference over the weight's)."""
     errors = []
-    for name, weights in float_weights.items():
-        m = model.get_submodule(name)
-        for w_name, w in weights.items():
-            if isinstance(m, QuantizedLinear):
-                deq = m.dequantized_weight()
-            else:
-                deq = torch.stack([m.expert_weight(w_name, e, torch.float32) for e in range(m.num_experts)])
-            errors.append(float((deq - w).norm() / w.norm().clamp_min(1e-12)))
-    return {"tensors": float(len(errors)), "mean_relative_error": sum(errors) / max(len(errors), 1),
-            "max_relative_error": max(errors, default=0.0)}
+    for w_name, w in _quantized_weights(old, spec).items():
+        w = w.detach().float()
+        if isinstance(new, QuantizedLinear):
+            deq = new.dequantized_weight()
+        else:
+            deq = torch.stack([new.expert_weight(w_name, e, torch.float32) for e in range(new.num_experts)])
+        errors.append(float((deq - w).norm() / w.norm().clamp_min(1e-12)))
+    return errors
 
 
 def load_quantized(folder: str | Path) -> nn.Module:
