@@ -164,6 +164,10 @@ def train(base, data, domain, out, name, base_id, kind, valid, valid_fraction, t
     m = read_card(path).expert.metrics
     stdout.print(f"expert written to {path}  (validation perplexity {m['valid_perplexity_before']:.2f} → "
               f"{m['valid_perplexity_after']:.2f})", highlight=False)
+    if m["valid_perplexity_after"] > m["valid_perplexity_before"]:
+        console.print(f"warning: validation perplexity rose: the expert fits its validation data worse than its base. "
+                      f"Early steps at a high rate often do this; train longer (--max-steps/--max-tokens) or lower "
+                      f"--lr (now {lr:g})", highlight=False)
 
 
 @main.command()

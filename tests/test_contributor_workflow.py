@@ -507,3 +507,16 @@ def test_train_refuses_a_tokenizer_with_more_tokens_than_the_seed_has_embedding_
     assert f"train --base {seed}: the tokenizer does not fit the model: it has {rows + 2} tokens but the model's " \
            f"embedding has {rows} rows" in message
     assert not out.exists() and not out.with_name("e.partial").exists()
+
+
+def test_training_that_raises_validation_perplexity_says_so_and_what_to_try(tmp_path, llama_seed, corpus, home):
+    """A few steps at a high rate can leave an expert worse than its base: the summary line alone reads as
+    success, so the command warns, naming the rate."""
+    res = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out",
+              tmp_path / "hot", "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1")
+    before, after = (float(x) for x in re.search(r"validation perplexity ([\d.]+) → ([\d.]+)", res.output).groups())
+    assert after > before
+    assert "warning: validation perplexity rose" in res.output and "--lr (now 1)" in " ".join(res.output.split())
+    calm = run("train", "--base", llama_seed, "--data", corpus["prose"], "--domain", "prose", "--out",
+               tmp_path / "calm", "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-7")
+    assert "warning" not in calm.output
