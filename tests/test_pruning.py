@@ -307,3 +307,24 @@ def test_a_prune_that_fails_before_scoring_leaves_no_journal(tmp_path, llama_see
     with pytest.raises(ExpertmixError):
         prune_file(data, tmp_path / "out.jsonl", broken, "top:0.5", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "d.jsonl"]
+
+
+def test_a_second_prune_to_the_same_out_while_the_first_runs_is_refused(reference, tmp_path):
+    """Two processes appending to one journal would interleave their lines: the second is refused until the
+    first ends (the kernel's lock, so a killed first run leaves none)."""
+    from click.testing import CliRunner
+
+    from expertmix.cli import main
+    from expertmix.experts.pruning import scoring_journal
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in graded_docs(2)[0]), encoding="utf-8")
+    out = tmp_path / "kept.jsonl"
+    first = scoring_journal(out, data, reference, 512)
+    first.open()
+    args = ["prune", "--data", str(data), "--reference", str(reference), "--keep", "top:0.5", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "is in use by another expertmix process" in " ".join(res.output.split())
+    first.close()
+    assert CliRunner().invoke(main, args).exit_code == 0 and out.is_file()
+    assert not out.with_name("kept.jsonl.partial").exists()

@@ -215,10 +215,15 @@ def prune_documents(docs: Sequence[Document], model: Any, tokenizer: Any, spec: 
     return [docs[i] for i in sorted(kept)], records
 
 
-def _write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
-    with atomic_path(path, ".jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+def _dump_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")  # datasets rows may hold dates
+
+
+def _write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
+    with atomic_path(path, ".jsonl") as tmp:
+        _dump_jsonl(tmp, rows)
 
 
 def write_scores(path: str | Path, records: Sequence[dict]) -> None:
@@ -283,8 +288,10 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
             raise ExpertmixError(f"cannot load the reference model from {reference_model_dir}: {exc}") from exc
         kept, records = prune_documents(docs, model, tokenizer, spec, max_tokens=max_tokens,
                                         batch_size=batch_size, progress=progress, journal=journal)
-        write_scores(scores_path, records)
-        _write_jsonl(out_path, [document_record(d) for d in kept])
+        # both written whole before either appears: an interruption while writing leaves neither, and the journal
+        with atomic_path(scores_path, ".jsonl") as scores_tmp, atomic_path(out_path, ".jsonl") as out_tmp:
+            _dump_jsonl(scores_tmp, records)
+            _dump_jsonl(out_tmp, [document_record(d) for d in kept])
     except BaseException as exc:
         journal.stopped(exc)  # what was scored is kept: a rerun of the same command scores only what is left
         raise
