@@ -180,7 +180,7 @@ def prune(data, reference, keep, out, text_field):
     """Perplexity-prune a dataset; writes the kept documents and every document's score."""
     from .experts.pruning import parse_prune_spec, prune_file
 
-    summary = prune_file(data, out, reference, parse_prune_spec(keep), text_field=text_field)
+    summary = prune_file(data, out, reference, parse_prune_spec(keep), text_field=text_field, log=_log)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -454,7 +454,7 @@ def prefs_generate(policy, prompts, reward, k, out, languages, max_new_tokens, t
 
     summary = generate_preference_file(policy, prompts, reward, out, k, list(languages) or None,
                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                       min_margin=min_margin, batch_size=batch_size, seed=seed)
+                                       min_margin=min_margin, batch_size=batch_size, seed=seed, log=_log)
     table = _table("language", "prompts", "pairs", "ties", "below margin", "mean score",
                    title=f"preference pairs → {out}")
     for lang, s in summary.items():

@@ -252,6 +252,7 @@ def test_interrupted_prefs_generate_goes_on_and_a_new_margin_reuses_the_samples(
     res = CliRunner().invoke(main, [*base, "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert len(sampled) == 1  # 8 prompts in batches of 3: two batches came from the journal
+    assert "resuming: 2 batches of prompts were sampled before" in res.output
     assert out.read_text() == whole.read_text() and not partial.exists()
 
     # a margin that leaves no pair keeps the samples: the rerun with a lower one samples nothing

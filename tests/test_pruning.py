@@ -279,7 +279,8 @@ def test_an_interrupted_prune_keeps_its_scores_and_the_same_command_scores_only_
 
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output[res.output.index("{\n"):])["scores_reused"] == 16 and not partial.exists()
+    assert json.loads(res.output[res.output.index("{\n"):])["scores_reused"] == 16
+    assert "resuming: 16 documents were scored before the interruption" in res.output and not partial.exists()
     assert out.read_text() == whole.read_text()
     assert out.with_name("kept.scores.jsonl").read_text() == whole.with_name("whole.scores.jsonl").read_text()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +233,8 @@ def generate_preferences(policy, tokenizer, records: Sequence[PromptRecord], rew
 
 
 def generate_preference_file(policy: str | Path, prompts: str | Path, reward: str | RewardFn, out: str | Path,
-                             k: int = 4, languages: Sequence[str] | None = None, **options) -> dict:
+                             k: int = 4, languages: Sequence[str] | None = None,
+                             log: Callable[[str], None] = lambda _: None, **options) -> dict:
     """``expertmix prefs generate``: load the policy, make pairs from the prompt file, write them to ``out``.
 
     Returns the per-language summary; ``options`` go to :func:`generate_preferences`.
@@ -252,7 +253,8 @@ def generate_preference_file(policy: str | Path, prompts: str | Path, reward: st
                             **{name: value for name, value in sorted(options.items())
                                if name not in ("progress", "min_margin")}},
                       "batches of prompts sampled")
-    journal.open()
+    if done := len(journal.open()):
+        log(f"resuming: {done} batches of prompts were sampled before ({journal.path})")
     try:
         model, tokenizer = load_policy(policy)
         pairs, summary = generate_preferences(model, tokenizer, records, reward_fn, k, journal=journal, **options)

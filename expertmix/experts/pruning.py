@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -258,7 +258,8 @@ def _band(values: Sequence[float]) -> dict[str, float] | None:
 
 def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir: str | Path,
                spec: PruneSpec | str, text_field: str | None = None, *, max_tokens: int = SCORE_TOKENS,
-               batch_size: int = 8, device: str | None = None, progress: bool = True) -> dict:
+               batch_size: int = 8, device: str | None = None, progress: bool = True,
+               log: Callable[[str], None] = lambda _: None) -> dict:
     """Prune a data file by a reference model's perplexity; write the kept documents and the scores beside."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -277,7 +278,8 @@ def prune_file(data_path: str | Path, out_path: str | Path, reference_model_dir:
     require_model_weights(reference_model_dir, "prune's --reference")  # a folder, not a download: one line
     docs = read_documents(data_path, text_field=text_field)
     journal = scoring_journal(out_path, data_path, reference_model_dir, max_tokens, text_field)
-    resumed = len(journal.open())
+    if resumed := len(journal.open()):
+        log(f"resuming: {resumed} documents were scored before the interruption ({journal.path})")
     try:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
