@@ -274,7 +274,9 @@ def replace_modules(model: nn.Module, spec: QuantSpec, quantize: bool = True,
     ``replaced(old, new)`` sees each pair before the float module is let go, so memory holds one float copy."""
     count = 0
     modules = quantizable_modules(model, spec)
-    for name, m in tqdm(modules, desc="quantizing", unit="layer", disable=not progress or None, leave=False):
+    bar = tqdm(total=len(modules), desc="quantizing", unit="layer", disable=not progress or None, leave=False)
+    for i in range(len(modules)):
+        (name, m), modules[i] = modules[i], None  # the list keeps no float layer alive once it is replaced
         if isinstance(m, nn.Linear):
             new = QuantizedLinear.from_linear(m, spec) if quantize else \
                 QuantizedLinear(m.in_features, m.out_features, m.bias is not None, spec)
@@ -285,7 +287,10 @@ def replace_modules(model: nn.Module, spec: QuantSpec, quantize: bool = True,
         if replaced is not None:
             replaced(m, new)
         _replace(model, name, new)
+        del m, new
         count += 1
+        bar.update()
+    bar.close()
     return count
 
 
